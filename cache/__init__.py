@@ -1,0 +1,1 @@
+"""The zarr feature store: layout, codecs, validity key, resumable writer, streaming reader."""

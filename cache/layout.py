@@ -1,0 +1,93 @@
+"""The store's layout: one group per split, packed real tokens per layer, block = one shard.
+
+A block is a run of consecutive samples whose tokens fit in `block_tokens`; it owns exactly one
+shard of every layer array, so a block's write never touches another block's data. Inside a
+block, samples are laid out longest first (the order forward batches run in), so each batch's
+tokens land as one contiguous slice. Where a sample's tokens are is in `token_start`/`length`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CODECS = ("lz4", "zstd", "none")
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def key_sha256(key: dict) -> str:
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()
+
+
+def layer_array_name(index: int) -> str:
+    return f"layer_{index:02d}"
+
+
+@dataclass
+class BlockPlan:
+    """Where each sample of a split goes: its block, its token start, and the samples of each block."""
+
+    block_tokens: int
+    token_start: np.ndarray  # [N] int64
+    block_samples: list[np.ndarray]  # per block: sample indices, longest first (the write order)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_samples)
+
+
+def plan_blocks(lengths: np.ndarray, block_tokens: int) -> BlockPlan:
+    if len(lengths) and lengths.max() > block_tokens:
+        raise ValueError(f"a sample of {lengths.max()} tokens does not fit a block of {block_tokens}")
+    token_start = np.zeros(len(lengths), dtype=np.int64)
+    blocks, first, used = [], 0, 0
+    for i, n in enumerate(lengths):
+        if used + n > block_tokens:
+            blocks.append(np.arange(first, i))
+            first, used = i, 0
+        used += n
+    if len(lengths):
+        blocks.append(np.arange(first, len(lengths)))
+    ordered = []
+    for b, samples in enumerate(blocks):
+        samples = samples[np.argsort(-lengths[samples], kind="stable")]
+        starts = np.concatenate([[0], np.cumsum(lengths[samples])[:-1]]) + b * block_tokens
+        token_start[samples] = starts
+        ordered.append(samples)
+    return BlockPlan(block_tokens, token_start, ordered)
+
+
+def codec_pipeline(codec: str, lossy: str | None):
+    """(filters, compressors) for the layer arrays. Every chunk carries a crc32c checksum."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    compressors = {
+        "lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+        "zstd": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+        "none": [],
+    }[codec] + [Crc32cCodec()]
+    filters = []
+    if lossy:
+        import warnings
+
+        from zarr.codecs import numcodecs as zarr_numcodecs
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "numcodecs codecs are not in the zarr v3 spec": known, intended
+            filters = [zarr_numcodecs.BitRound(keepbits=parse_lossy(lossy))]
+    return filters, compressors
+
+
+def parse_lossy(lossy: str) -> int:
+    kind, _, bits = lossy.partition(":")
+    if kind != "bitround" or not bits.isdigit() or not 1 <= int(bits) <= 23:
+        raise ValueError(f"unknown --lossy {lossy!r}; use bitround:N with N mantissa bits to keep (7 is about bfloat16)")
+    return int(bits)

@@ -1,0 +1,109 @@
+"""Writing a store: refuse mismatched settings, pre-allocate arrays, write whole blocks, resume.
+
+Crash safety: a block's shards are written whole, then its `done` flag (one chunk per block);
+`status: complete` is written last. A rerun rewrites every block whose flag is not set.
+"""
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .errors import InputError
+from .layout import BlockPlan, key_sha256, layer_array_name
+
+
+def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Group, str]:
+    """Returns (root group, state) with state 'complete', 'resume' or 'new'."""
+    sha = key_sha256(key)
+    if Path(path).exists():
+        try:
+            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            existing = root.attrs.get("key_sha256")
+        except Exception:
+            existing, root = None, None
+        if existing == sha:
+            return root, "complete" if root.attrs.get("status") == "complete" else "resume"
+        if not overwrite:
+            differing = _differing_settings(root.attrs.get("key", {}) if root is not None else {}, key)
+            raise InputError(f"{path} holds a cache made with other settings ({differing}); "
+                             "pass --overwrite to replace it, or --out for a new store")
+        shutil.rmtree(path)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs.update({"key": key, "key_sha256": sha, "status": "incomplete"})
+    return root, "new"
+
+
+def _differing_settings(old: dict, new: dict) -> str:
+    names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "differs in: " + ", ".join(names) if old else "not a cachetune store"
+
+
+class SplitWriter:
+    def __init__(self, group: zarr.Group, plan: BlockPlan, layers: list[int]):
+        self.group, self.plan, self.layers = group, plan, layers
+        self.arrays = [group[layer_array_name(i)] for i in layers]
+        self.done = group["done"]
+
+    def pending_blocks(self) -> list[int]:
+        return [b for b, flag in enumerate(self.done[:]) if not flag]
+
+    def write_block(self, block: int, buffer: np.ndarray) -> None:
+        """buffer: [K, block_tokens, D], the whole block, zeros in the unused tail."""
+        rows = slice(block * self.plan.block_tokens, (block + 1) * self.plan.block_tokens)
+        for array, data in zip(self.arrays, buffer):
+            array[rows] = data
+        self.done[block] = 1
+
+
+def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, np.ndarray], layers: list[int],
+                  hidden_size: int, dtype: str, chunk_tokens: int, filters, compressors) -> SplitWriter:
+    """Create a split's arrays once; a split whose creation did not finish is made again."""
+    if name in root and root[name].attrs.get("ready"):
+        return SplitWriter(root[name], plan, layers)
+    group = root.create_group(name, overwrite=True)
+    for field, values in meta.items():
+        group.create_array(field, data=values, chunks=(max(len(values), 1),), compressors=compressors[-1:])
+    group.create_array("token_start", data=plan.token_start, chunks=(max(len(plan.token_start), 1),))
+    group.create_array("done", shape=(plan.num_blocks,), dtype="uint8", chunks=(1,), fill_value=0)
+    rows = max(plan.num_blocks, 1) * plan.block_tokens
+    for index in layers:
+        group.create_array(layer_array_name(index), shape=(rows, hidden_size), dtype=dtype,
+                           chunks=(chunk_tokens, hidden_size), shards=(plan.block_tokens, hidden_size),
+                           filters=filters, compressors=compressors, fill_value=0)
+    group.attrs.update({"num_samples": len(plan.token_start), "num_blocks": plan.num_blocks,
+                        "block_tokens": plan.block_tokens, "ready": True})
+    return SplitWriter(group, plan, layers)
+
+
+class BackgroundWriter:
+    """Runs writes on one thread so compression and I/O overlap the next forward pass."""
+
+    def __init__(self, depth: int = 2):
+        self.tasks: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (task := self.tasks.get()) is not None:
+            if self.error is None:
+                try:
+                    task[0](*task[1:])
+                except BaseException as error:  # re-raised on the caller's thread
+                    self.error = error
+
+    def submit(self, function, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        self.tasks.put((function, *args))
+
+    def close(self) -> None:
+        self.tasks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

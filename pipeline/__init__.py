@@ -1,0 +1,1 @@
+"""cachetune's face: the `pipeline` command line, data sources and reports."""

@@ -1,0 +1,1 @@
+"""The two stages: extract (stage one) and fit / evaluate / predict (stage two)."""

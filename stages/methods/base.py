@@ -1,0 +1,57 @@
+"""What every side network shares: the cache's shape facts, the config base class, pooling."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Facts about the cached features a side network is built for."""
+
+    hidden_size: int  # D
+    num_layers: int  # L; hidden_states has L + 1 entries, 0 = embeddings
+    num_labels: int  # classes, or 1 for regression
+    pooling: str  # "cls" or "mean": the backbone family's own pooling
+    backbone_path: str  # local folder of the backbone, for methods that load frozen layers
+    cached_layers: tuple[int, ...]  # hidden_states indices present in the cache
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureSpec":
+        return cls(**{**data, "cached_layers": tuple(data["cached_layers"])})
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options. Subclasses set `method` and add fields with defaults."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MethodConfig":
+        data = dict(data)
+        name = data.pop("method", cls.method)
+        if name != cls.method:
+            raise ValueError(f"config is for method {name!r}, not {cls.method!r}")
+        return cls(**data)
+
+
+def pool(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, T, D] -> [B, D] by the first token (cls) or the mean over real tokens (mean)."""
+    if mode == "cls":
+        return x[:, 0]
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)

@@ -1,0 +1,34 @@
+"""linear: the floor every method must beat. z = pooled H_L; a linear head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import FeatureSpec, MethodConfig, pool
+from .registry import register_method
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    method = "linear"
+    dropout: float = 0.0
+
+
+class LinearProbe(nn.Module):
+    def __init__(self, config: LinearConfig, spec: FeatureSpec):
+        super().__init__()
+        self.spec = spec
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(spec.hidden_size, spec.num_labels)
+
+    @staticmethod
+    def required_layers(config: LinearConfig, spec: FeatureSpec) -> list[int]:
+        return [spec.num_layers]
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(pool(features[:, -1], mask, self.spec.pooling)))
+
+
+register_method(LinearConfig, LinearProbe, "linear probe on the pooled last layer (the baseline)")
