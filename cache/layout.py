@@ -76,13 +76,9 @@ def codec_pipeline(codec: str, lossy: str | None):
     }[codec] + [Crc32cCodec()]
     filters = []
     if lossy:
-        import warnings
-
         from zarr.codecs import numcodecs as zarr_numcodecs
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "numcodecs codecs are not in the zarr v3 spec": known, intended
-            filters = [zarr_numcodecs.BitRound(keepbits=parse_lossy(lossy))]
+        filters = [zarr_numcodecs.BitRound(keepbits=parse_lossy(lossy))]
     return filters, compressors
 
 

@@ -21,7 +21,7 @@ class Batch:
     features: torch.Tensor  # [B, K, T, D] float32
     mask: torch.Tensor  # [B, T] bool
     labels: torch.Tensor  # [B] int64 or float32
-    index: np.ndarray  # [B] sample positions within the split
+    index: np.ndarray  # [B] sample indices within the split
 
 
 def open_store(path: str) -> zarr.Group:
@@ -34,8 +34,21 @@ def open_store(path: str) -> zarr.Group:
     return root
 
 
+def read_checked(array: zarr.Array, rows: slice) -> np.ndarray:
+    """Read rows; a chunk whose checksum fails raises an error that names the array."""
+    try:
+        return array[rows]
+    except ValueError as error:
+        if "checksum" not in str(error).lower():
+            raise
+        raise InputError(f"cache array {array.path} is corrupt (crc32c checksum mismatch near rows "
+                         f"{rows.start}..{rows.stop}); re-extract with --overwrite") from None
+
+
 class CacheReader:
-    def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False):
+    def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False,
+                 limit: int | None = None):
+        """limit: serve only a seeded random subset of this many samples (for quick or scaled runs)."""
         self.root = open_store(path)
         if split not in self.root:
             raise InputError(f"the cache at {path} has no {split!r} split; it has: {', '.join(sorted(self.root.group_keys()))}")
@@ -51,22 +64,25 @@ class CacheReader:
         self.lengths = self.group["length"][:].astype(np.int64)
         self.token_start = self.group["token_start"][:]
         self.labels = self.group["label"][:]
-        block_of = self.token_start // self.block_tokens
-        self.block_samples = [np.flatnonzero(block_of == b) for b in range(int(self.group.attrs["num_blocks"]))]
-        self.memory = [array[:] for array in self.arrays] if in_memory else None
+        self.samples = np.arange(len(self.lengths))
+        if limit is not None and limit < len(self.samples):
+            self.samples = np.sort(np.random.default_rng(0).permutation(len(self.samples))[:limit])
+        block_of = self.token_start[self.samples] // self.block_tokens
+        blocks = [self.samples[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
+        self.block_samples = [samples for samples in blocks if len(samples)]
+        self.memory = [read_checked(array, slice(None)) for array in self.arrays] if in_memory else None
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.samples)
 
-    def _read_block(self, block: int) -> tuple[np.ndarray, int]:
-        """[K, used tokens, D] for one block, and the block's first token row."""
-        samples = self.block_samples[block]
-        first = block * self.block_tokens
-        used = int((self.token_start[samples] + self.lengths[samples]).max() - first)
-        rows = slice(first, first + used)
+    def _read_block(self, position: int) -> tuple[np.ndarray, int]:
+        """[K, tokens, D] covering the served samples of one block, and the first token row read."""
+        samples = self.block_samples[position]
+        first = int(self.token_start[samples].min())
+        rows = slice(first, int((self.token_start[samples] + self.lengths[samples]).max()))
         if self.memory is not None:
             return np.stack([m[rows] for m in self.memory]), first
-        return np.stack([array[rows] for array in self.arrays]), first
+        return np.stack([read_checked(array, rows) for array in self.arrays]), first
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 4):
         rng = np.random.default_rng(seed)
@@ -74,8 +90,9 @@ class CacheReader:
         for group_start in range(0, len(order), buffer_blocks):
             blocks = order[group_start:group_start + buffer_blocks]
             data = {}
-            for block in blocks:
-                data[block] = self._read_block(block)
+            for position in blocks:
+                tokens, first = self._read_block(position)
+                data.update({int(sample): (tokens, first) for sample in self.block_samples[position]})
             samples = np.concatenate([self.block_samples[b] for b in blocks])
             samples = rng.permutation(samples) if shuffle else np.sort(samples)
             for first in range(0, len(samples), batch_size):
@@ -85,8 +102,7 @@ class CacheReader:
         lengths = self.lengths[samples]
         features = np.zeros((len(samples), len(self.layers), int(lengths.max()), self.arrays[0].shape[1]), np.float32)
         for row, sample in enumerate(samples):
-            block = int(self.token_start[sample] // self.block_tokens)
-            tokens, first = data[block]
+            tokens, first = data[int(sample)]
             start = int(self.token_start[sample] - first)
             features[row, :, :lengths[row]] = tokens[:, start:start + lengths[row]]
         mask = torch.arange(features.shape[2])[None, :] < torch.from_numpy(lengths)[:, None]

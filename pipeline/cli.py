@@ -11,6 +11,13 @@ import click
 from cache.errors import InputError
 
 DEFAULT_CACHE = os.path.join("artifacts", "features.zarr")
+DEFAULT_MODELS = os.path.join("artifacts", "models")
+
+
+def _method_names() -> list[str]:
+    from stages.methods import method_names
+
+    return method_names()
 
 
 def user_errors(function):
@@ -109,3 +116,155 @@ def info(path, as_json):
     ratio = facts["ratio_to_padded_fp32"]
     click.echo(f"size       {facts['bytes_on_disk'] / 1e6:.1f} MB on disk; padded float32 at max length would be "
                f"{facts['bytes_padded_fp32'] / 1e6:.1f} MB (ratio {ratio:.3f})" if ratio else f"size {facts['bytes_on_disk']} bytes")
+
+
+@main.command()
+def methods():
+    """List the registered side networks, one line each."""
+    from stages.methods import get_method, method_names
+
+    for name in method_names():
+        click.echo(f"{name:10s} {get_method(name).summary}")
+
+
+class MethodChoice(click.Choice):
+    """Choices taken from the registry when first needed, so --help stays fast."""
+
+    def __init__(self):
+        super().__init__([])
+
+    def convert(self, value, param, ctx):
+        self.choices = _method_names()
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "[" + "|".join(_method_names()) + "]"
+
+
+@main.command()
+@click.option("--method", type=MethodChoice(), default="sherl", show_default=True, help="Side network; see `pipeline methods`.")
+@click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True, help="Store written by `pipeline extract`.")
+@click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
+@click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="A method option, e.g. --set r=4; repeat for more.")
+@click.option("--config", "config_file", default=None, help="YAML or JSON file of method options (--set wins).")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True, help="Share of steps with linear warm-up; then linear decay to 0.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--buffer-blocks", type=int, default=4, show_default=True, help="Cache blocks in the shuffle buffer (memory vs randomness).")
+@click.option("--in-memory", is_flag=True, help="Load the needed layers into RAM once (faster for small caches).")
+@click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size.")
+@click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction (methods with frozen layers).")
+@user_errors
+def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, weight_decay, warmup_ratio, seed,
+        buffer_blocks, in_memory, max_train_samples, backbone_path):
+    """Stage two: train a side network on the cached features.
+
+    Keeps the epoch with the best validation metric, reports test metrics, and writes
+    config.json, model.safetensors and metrics.json to the model folder.
+    """
+    from pathlib import Path
+
+    from pipeline.method_options import collect_options
+    from stages.fit import FitSettings, fit as run_fit
+    from stages.methods import config_from_options
+
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise InputError("--epochs and --batch-size must be at least 1 and --lr positive")
+    try:
+        config = config_from_options(method, collect_options(pairs, config_file))
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                           seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples)
+    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
+    metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+    click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
+               f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
+               f"peak memory {metrics['peak_memory_mb']:.0f} MB above start")
+    click.echo(f"saved to {out_dir}")
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "(no test split)"
+
+
+@main.command()
+@click.argument("model_dir")
+@click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@user_errors
+def evaluate(model_dir, cache_path, split, batch_size):
+    """Metrics of a saved side network on a cached split (printed as JSON)."""
+    from cache.reader import CacheReader, open_store
+    from stages.evaluate import evaluate_split
+    from stages.side_model import load_side_model
+
+    side = load_side_model(model_dir)
+    key = open_store(cache_path).attrs["key"]
+    trained = side.info["cache_key"]
+    for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length"):
+        if key.get(field) != trained.get(field):
+            raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than the one "
+                             f"{model_dir} was trained on; extract with the same backbone and settings")
+    reader = CacheReader(cache_path, split, side.layers)
+    metrics = evaluate_split(side.model, reader, side.info["task"], side.spec.num_labels, batch_size)
+    click.echo(json.dumps({"split": split, "samples": len(reader), **metrics}, indent=2))
+
+
+@main.command()
+@click.argument("model_dir")
+@click.option("--text", "texts", multiple=True, help="A text to classify; repeat for more.")
+@click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
+@click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction.")
+@user_errors
+def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone_path):
+    """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
+    from stages.predict import load_matching_backbone, logits_to_records, predict_texts
+    from stages.side_model import load_side_model
+
+    if bool(texts) == bool(data):
+        raise InputError("give either --text (one or more) or --data FILE")
+    pairs = None
+    if data:
+        from pathlib import Path
+
+        from pipeline.data import _read_table
+
+        frame = _read_table(Path(data)) if Path(data).exists() else None
+        if frame is None:
+            raise InputError(f"--data {data}: file not found")
+        for column in [text_column] + ([text_pair_column] if text_pair_column else []):
+            if column not in frame.columns:
+                raise InputError(f"{data}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
+        texts = frame[text_column].astype(str).tolist()
+        pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
+    side = load_side_model(model_dir, backbone_path)
+    logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs)
+    records = [{"text": t, **r} for t, r in zip(texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
+    _write_records(records, out)
+
+
+def _write_records(records: list[dict], out: str | None) -> None:
+    if out and out.endswith(".csv"):
+        import csv
+
+        with open(out, "w", newline="") as stream:
+            flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
+                     **{f"p_{name}": p for name, p in r.get("probabilities", {}).items()}} for r in records]
+            writer = csv.DictWriter(stream, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+        return
+    lines = "\n".join(json.dumps(r) for r in records) + "\n"
+    if out:
+        with open(out, "w") as stream:
+            stream.write(lines)
+    else:
+        click.echo(lines, nl=False)

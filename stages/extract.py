@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cache.errors import InputError
 from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
@@ -16,6 +15,7 @@ from cache.writer import BackgroundWriter, open_store_for_write, prepare_split
 
 from .backbones import Backbone
 from .layer_selection import parse_layers
+from .progress import progress_bar
 
 SPLITS = ("train", "validation", "test")
 
@@ -114,7 +114,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print) -
         pending = writer.pending_blocks()
         todo = sum(len(plan.block_samples[b]) for b in pending)
         _run_blocks(model, backbone.tokenizer, encoded, plan, pending, layers, writer, settings,
-                    tqdm(total=todo, desc=f"extract {split}", unit="sample", dynamic_ncols=True))
+                    progress_bar(total=todo, desc=f"extract {split}", unit="sample"))
     root.attrs["status"] = "complete"
     return "written"
 

@@ -1,0 +1,130 @@
+"""Load a few frozen encoder layers of a Hugging Face backbone, never the whole model.
+
+Layer l (1-based) maps hidden_states[l - 1] to hidden_states[l]. Only those layers' weights are read
+from the checkpoint (plus, for MPNet, the encoder's shared relative_attention_bias), and the layers are
+run with the attention mask the backbone's own encoder would build.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+
+# model_type -> (module, layer class), and the attention AutoModel picks by default (MPNet has only eager).
+_FAMILIES = {
+    "bert": ("transformers.models.bert.modeling_bert", "BertLayer", "sdpa"),
+    "roberta": ("transformers.models.roberta.modeling_roberta", "RobertaLayer", "sdpa"),
+    "xlm-roberta": ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaLayer", "sdpa"),
+    "mpnet": ("transformers.models.mpnet.modeling_mpnet", "MPNetLayer", "eager"),
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+def _mpnet_position_bias(relative_attention_bias: nn.Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    """MPNetEncoder.compute_position_bias itself, run on a stand-in that holds only the shared embedding."""
+    encoder = SimpleNamespace(relative_attention_bias=relative_attention_bias,
+                              relative_position_bucket=MPNetEncoder.relative_position_bucket)
+    return MPNetEncoder.compute_position_bias(encoder, hidden)
+
+
+class FrozenLayers(nn.Module):
+    """The requested pretrained layers, frozen and always in eval mode. Gradients still flow to the input.
+
+    Parameter names mirror the checkpoint's without its `[prefix.]encoder.`: `layer.{l-1}.…` and, for MPNet,
+    `relative_attention_bias.weight`.
+    """
+
+    def __init__(self, config, indices: list[int]):
+        super().__init__()
+        self.config = config
+        self.indices = list(indices)
+        module, name, _ = _FAMILIES[config.model_type]
+        layer_class = getattr(importlib.import_module(module), name)
+        self.layer = nn.ModuleDict({str(i - 1): layer_class(config) for i in self.indices})
+        self.relative_attention_bias = None
+        if config.model_type == "mpnet":
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenLayers":
+        return super().train(False)
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D], mask [B, T] bool (True = real token) -> [B, T, D]."""
+        attention_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
+        if self.relative_attention_bias is not None:
+            # MPNetEncoder computes the bias once from its input and passes it to every layer.
+            bias = _mpnet_position_bias(self.relative_attention_bias, hidden)
+            for layer in self.layer.values():
+                hidden = layer(hidden, attention_mask, bias)[0]
+        else:
+            for layer in self.layer.values():
+                hidden = layer(hidden, attention_mask)
+        return hidden
+
+
+def _open_checkpoint(folder: str):
+    """(name -> tensor, set of names) over the folder's weights, reading one tensor at a time where it can."""
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        from safetensors import safe_open
+
+        handle = safe_open(path, framework="pt")
+        return handle.get_tensor, set(handle.keys())
+    path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return state.__getitem__, set(state)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def _checkpoint_key(name: str, keys: set[str]) -> str:
+    """The checkpoint key for a module name, allowing a model prefix (bert., mpnet., …) and old LayerNorm names."""
+    aliases = [name]
+    if ".LayerNorm." in name:
+        aliases.append(name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"))
+    for alias in aliases:
+        wanted = "encoder." + alias
+        found = [key for key in keys if key == wanted or key.endswith("." + wanted)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"checkpoint has several keys for {wanted!r}: {sorted(found)}")
+    raise KeyError(f"checkpoint has no weights for encoder.{name}")
+
+
+def load_frozen_layers(backbone_path: str, indices: list[int], attn_implementation: str | None = None) -> FrozenLayers:
+    """Build only encoder layers `indices` (1-based) of the backbone at `backbone_path` and load their weights."""
+    config = AutoConfig.from_pretrained(backbone_path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    indices = sorted(set(indices))
+    if not indices or indices[0] < 1 or indices[-1] > config.num_hidden_layers:
+        raise ValueError(f"layer indices must lie in 1..{config.num_hidden_layers}, got {indices}")
+    default_attention = _FAMILIES[config.model_type][2]
+    if default_attention == "eager" and attn_implementation not in (None, "eager"):
+        raise ValueError(f"{config.model_type} layers support only eager attention")
+    config._attn_implementation = attn_implementation or default_attention
+    with torch.device("meta"):
+        module = FrozenLayers(config, indices)
+    get_tensor, keys = _open_checkpoint(backbone_path)
+    state = {}
+    for name in module.state_dict():
+        tensor = get_tensor(_checkpoint_key(name, keys))
+        state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    module.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        raise RuntimeError("some layer tensors were not loaded from the checkpoint")
+    module.requires_grad_(False)
+    return module.eval()

@@ -1,0 +1,91 @@
+"""sherl: SHERL (ECCV 2024), BERT-encoder form.
+
+Early route: merge the early layers' features with redundancy-aware weights guided by the last early layer.
+Late route: run the backbone's last k layers, frozen, on the merged features; gradients flow through them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..backbone_layers import load_frozen_layers
+from .base import FeatureSpec, MethodConfig, pool
+from .registry import register_method
+
+TRANSFORMS = ("linear_ln", "gated")
+
+
+@dataclass
+class SHERLConfig(MethodConfig):
+    method = "sherl"
+    r: int = 8  # reduction factor: side width h = D / r
+    transform: str = "linear_ln"  # per-layer transform: "linear_ln" (BERT form) or "gated" (T5 form)
+    late_layers: int = 1  # k: the last k pretrained layers run frozen in the late route
+    dropout: float = 0.1
+
+
+class GatedTransform(nn.Module):
+    """T5 form: u = ReLU(W_1 x); (W_2 u + u) * sigmoid(W_3 u)."""
+
+    def __init__(self, d_in: int, h: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(d_in, h), nn.Linear(h, h), nn.Linear(h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.relu(self.w1(x))
+        return (self.w2(u) + u) * torch.sigmoid(self.w3(u))
+
+
+def _check(config: SHERLConfig, spec: FeatureSpec) -> None:
+    if config.transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {config.transform!r}")
+    if not 1 <= config.late_layers <= spec.num_layers - 1:
+        raise ValueError(f"late_layers must lie in 1..{spec.num_layers - 1}, got {config.late_layers}")
+    if spec.hidden_size % config.r:
+        raise ValueError(f"r={config.r} does not divide the hidden size {spec.hidden_size}")
+
+
+class SHERL(nn.Module):
+    def __init__(self, config: SHERLConfig, spec: FeatureSpec):
+        super().__init__()
+        _check(config, spec)
+        self.spec = spec
+        D, h = spec.hidden_size, spec.hidden_size // config.r
+        early = spec.num_layers - config.late_layers + 1  # H_0 .. H_{L-k}
+        if config.transform == "linear_ln":
+            self.transforms = nn.ModuleList(nn.Sequential(nn.Linear(D, h), nn.LayerNorm(h)) for _ in range(early))
+        else:
+            self.transforms = nn.ModuleList(GatedTransform(D, h) for _ in range(early))
+        self.score = nn.Linear(h, 1)
+        self.out = nn.Sequential(nn.ReLU(), nn.Linear(h, D), nn.LayerNorm(D, eps=1e-12), nn.Dropout(config.dropout))
+        self.gate = nn.Parameter(torch.zeros(()))  # gamma; tanh(gamma / 0.1) = 0 at init
+        late = list(range(spec.num_layers - config.late_layers + 1, spec.num_layers + 1))
+        self.frozen = load_frozen_layers(spec.backbone_path, late)
+        self.head = nn.Linear(D, spec.num_labels)
+
+    @staticmethod
+    def required_layers(config: SHERLConfig, spec: FeatureSpec) -> list[int]:
+        _check(config, spec)
+        return list(range(spec.num_layers - config.late_layers + 1))
+
+    def merge(self, features: torch.Tensor) -> torch.Tensor:
+        """Early route: [B, n, T, D] -> merged side features [B, T, h], token by token."""
+        z = torch.stack([transform(features[:, l]) for l, transform in enumerate(self.transforms)], 2)  # [B, T, n, h]
+        s, guide = z[:, :, :-1], z[:, :, -1]
+        unit = F.normalize(s, dim=-1, eps=1e-6)
+        cosine = unit @ unit.transpose(-1, -2)  # [B, T, n-1, n-1]
+        eye = torch.eye(cosine.shape[-1], dtype=torch.bool, device=cosine.device)
+        redundancy = F.relu(cosine.masked_fill(eye, 1.0)).sum(-1)  # self-term is 1 even for a zero vector
+        scores = F.relu(self.score(s * guide.unsqueeze(2)).squeeze(-1)) / redundancy
+        weights = scores / (scores.sum(-1, keepdim=True) + 1e-6)
+        return (weights.unsqueeze(-1) * s).sum(2) + guide
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        restored = self.out(self.merge(features)) + torch.tanh(self.gate / 0.1) * features[:, -1]
+        return self.head(pool(self.frozen(restored, mask), mask, self.spec.pooling))
+
+
+register_method(SHERLConfig, SHERL, "SHERL: redundancy-aware merge of early layers, then the frozen last layer(s)")

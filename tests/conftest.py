@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny randomly initialised BERT folder and small labelled tables."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ("good great fine fun love best nice bad awful poor dull hate worst boring the a movie film plot "
+         "actor scene was is very not quite").split()
+
+
+def write_tiny_bert(folder, layers=2, hidden=32, seed=0):
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def write_table(path, rows, columns=("text", "label")):
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def sentiment_rows(count, seed=0):
+    """Short texts whose label follows from their words, so a side network can learn it."""
+    import random
+
+    rng = random.Random(seed)
+    positive, negative, neutral = WORDS[:7], WORDS[7:14], WORDS[14:]
+    rows = []
+    for i in range(count):
+        label = i % 2
+        words = rng.sample(positive if label else negative, 2) + rng.sample(neutral, rng.randint(1, 8))
+        rng.shuffle(words)
+        rows.append((" ".join(words), "pos" if label else "neg"))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def tiny_table(tmp_path):
+    return write_table(tmp_path / "data.csv", sentiment_rows(120))

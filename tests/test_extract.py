@@ -1,0 +1,200 @@
+"""Stage one: cached features, resume after a crash, refusal of changed settings, checksums."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from cache.errors import InputError
+from cache.layout import layer_array_name
+from cache.reader import CacheReader
+from pipeline.cli import main
+from pipeline.data import load_dataset
+from stages.backbones import load_backbone
+from stages.extract import ExtractSettings, extract
+
+SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
+
+
+def run_extract(model_folder, table, out, **overrides):
+    settings = ExtractSettings(out=str(out), **{**SMALL, **overrides})
+    return extract(load_backbone(str(model_folder)), load_dataset(str(table)), settings, log=lambda *_: None)
+
+
+def direct_hidden_states(model_folder, texts, max_length):
+    backbone = load_backbone(str(model_folder))
+    batch = backbone.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = backbone.model(**batch, output_hidden_states=True).hidden_states
+    return torch.stack(hidden, 1), batch["attention_mask"].bool()
+
+
+def store_arrays(path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {f"{split}/{name}": root[split][name][:] for split in root.group_keys() for name in root[split].array_keys()}
+
+
+def assert_matches_direct(model_folder, table, store, max_length, atol):
+    dataset = load_dataset(str(table))
+    for split in ("train", "test"):
+        reader = CacheReader(str(store), split)
+        texts = [dataset.texts[i] for i in reader.group["row"][:]]
+        expected, mask = direct_hidden_states(model_folder, texts, max_length)
+        seen = 0
+        for batch in reader.batches(batch_size=7):
+            for row, sample in enumerate(batch.index):
+                n = int(mask[sample].sum())
+                assert batch.mask[row].sum() == n
+                np.testing.assert_allclose(batch.features[row, :, :n], expected[sample, :, :n], atol=atol, rtol=1e-2)
+                seen += 1
+        assert seen == len(reader)
+        np.testing.assert_array_equal(reader.labels, dataset.labels[reader.group["row"][:]])
+
+
+def test_cached_features_equal_a_direct_forward(tiny_bert, tiny_table, tmp_path):
+    assert run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr") == "written"
+    assert_matches_direct(tiny_bert, tiny_table, tmp_path / "f.zarr", SMALL["max_length"], atol=5e-3)
+
+
+def test_float32_store_is_exact(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", dtype="float32")
+    assert_matches_direct(tiny_bert, tiny_table, tmp_path / "f.zarr", SMALL["max_length"], atol=1e-5)
+
+
+def test_rerun_is_a_no_op(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr")
+    assert run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr") == "complete"
+
+
+def test_crash_then_rerun_gives_identical_contents(tiny_bert, tiny_table, tmp_path, monkeypatch):
+    run_extract(tiny_bert, tiny_table, tmp_path / "clean.zarr")
+    from cache import writer
+
+    original, calls = writer.SplitWriter.write_block, []
+
+    def crash_on_third_block(self, block, buffer):
+        calls.append(block)
+        if len(calls) == 3:
+            self.arrays[0][block * self.plan.block_tokens:(block + 1) * self.plan.block_tokens] = buffer[0]
+            raise KeyboardInterrupt("simulated kill between the shards of one block")
+        original(self, block, buffer)
+
+    monkeypatch.setattr(writer.SplitWriter, "write_block", crash_on_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(tiny_bert, tiny_table, tmp_path / "crashed.zarr")
+    assert zarr.open_group(str(tmp_path / "crashed.zarr")).attrs["status"] == "incomplete"
+    with pytest.raises(InputError, match="incomplete"):
+        CacheReader(str(tmp_path / "crashed.zarr"), "train")
+    monkeypatch.setattr(writer.SplitWriter, "write_block", original)
+    assert run_extract(tiny_bert, tiny_table, tmp_path / "crashed.zarr") == "written"
+    clean, resumed = store_arrays(tmp_path / "clean.zarr"), store_arrays(tmp_path / "crashed.zarr")
+    assert clean.keys() == resumed.keys()
+    for name in clean:
+        np.testing.assert_array_equal(clean[name], resumed[name], err_msg=name)
+
+
+def test_changed_setting_is_refused_unless_overwrite(tiny_bert, tiny_table, tmp_path):
+    out = tmp_path / "f.zarr"
+    run_extract(tiny_bert, tiny_table, out)
+    with pytest.raises(InputError, match="max_length"):
+        run_extract(tiny_bert, tiny_table, out, max_length=16)
+    assert run_extract(tiny_bert, tiny_table, out, max_length=16, overwrite=True) == "written"
+
+
+def test_flipped_byte_is_detected_and_names_the_array(tiny_bert, tiny_table, tmp_path):
+    out = tmp_path / "f.zarr"
+    run_extract(tiny_bert, tiny_table, out, layers="last:1")
+    shard = sorted((out / "train" / layer_array_name(2) / "c").rglob("*"))
+    shard = [p for p in shard if p.is_file()][0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reader = CacheReader(str(out), "train")
+    with pytest.raises(InputError, match=f"train/{layer_array_name(2)}.*corrupt"):
+        list(reader.batches(batch_size=16))
+
+
+def test_lossy_bitround_and_zstd_round_trip_closely(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", codec="zstd", lossy="bitround:7")
+    assert_matches_direct(tiny_bert, tiny_table, tmp_path / "f.zarr", SMALL["max_length"], atol=5e-2)
+
+
+def test_reader_shuffles_by_seed_and_in_memory_matches_streaming(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", layers="0,2")
+    reader = CacheReader(str(tmp_path / "f.zarr"), "train", layers=[2])
+    first = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_blocks=2)])
+    again = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_blocks=2)])
+    other = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=2, buffer_blocks=2)])
+    np.testing.assert_array_equal(first, again)
+    assert sorted(first) == list(range(len(reader))) and not np.array_equal(first, other)
+    memory = CacheReader(str(tmp_path / "f.zarr"), "train", layers=[2], in_memory=True)
+    for streamed, loaded in zip(reader.batches(8), memory.batches(8)):
+        assert torch.equal(streamed.features, loaded.features) and streamed.features.shape[1] == 1
+    with pytest.raises(InputError, match="lacks layers"):
+        CacheReader(str(tmp_path / "f.zarr"), "train", layers=[1])
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing_file", "not found"),
+    ("missing_column", "no column 'text'"),
+    ("empty", "empty"),
+    ("unknown_label_column", "no column 'stars'"),
+    ("layer_out_of_range", "out of range"),
+    ("unreadable_model", "cannot load the backbone"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_complete_store(case, fragment, tiny_bert, tiny_table, tmp_path):
+    out = tmp_path / "f.zarr"
+    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", out, "--block-tokens", 128, "--chunk-tokens", 32]
+    if case == "missing_file":
+        args[4] = tmp_path / "nope.csv"
+    elif case == "missing_column":
+        args[4] = tmp_path / "other.csv"
+        args[4].write_text("sentence,label\nhi,1\n")
+    elif case == "empty":
+        args[4] = tmp_path / "empty.csv"
+        args[4].write_text("text,label\n")
+    elif case == "unknown_label_column":
+        args += ["--label-column", "stars"]
+    elif case == "layer_out_of_range":
+        args += ["--layers", "0,7"]
+    elif case == "unreadable_model":
+        broken = tmp_path / "broken-model"
+        broken.mkdir()
+        (broken / "config.json").write_text("{not json")
+        args[2] = broken
+    assert_one_line_error(cli(*args), fragment)
+    assert not out.exists() or zarr.open_group(str(out)).attrs.get("status") != "complete"
+
+
+def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr")
+    result = cli("info", tmp_path / "f.zarr")
+    assert result.exit_code == 0, result.output
+    assert "[complete]" in result.output and "padded float32" in result.output
+    assert_one_line_error(cli("info", tmp_path / "missing.zarr"), "no cache")
+
+
+@pytest.mark.real
+def test_real_minilm_on_movie_snippets_matches_a_direct_forward(tmp_path):
+    from pipeline.data import load_movies
+    from tests.conftest import write_table
+
+    texts, labels, names = load_movies()
+    table = write_table(tmp_path / "movies.csv", [(t, names[y]) for t, y in zip(texts[:48], labels[:48])])
+    from stages.backbones import resolve_backbone
+
+    run_extract(resolve_backbone("minilm"), table, tmp_path / "f.zarr", max_length=64, block_tokens=1024, chunk_tokens=256)
+    assert_matches_direct(resolve_backbone("minilm"), table, tmp_path / "f.zarr", 64, atol=2e-2)
