@@ -1,9 +1,12 @@
 """The store's layout: one group per split, packed real tokens per layer, block = one shard.
 
-A block is a run of consecutive samples whose tokens fit in `block_tokens`; it owns exactly one
-shard of every layer array, so a block's write never touches another block's data. Inside a
-block, samples are laid out longest first (the order forward batches run in), so each batch's
-tokens land as one contiguous slice. Where a sample's tokens are is in `token_start`/`length`.
+Per-sample arrays (row, length, label, token_start) keep the split's original order. A block is
+a group of samples whose tokens fit in `block_tokens`, taken from a seeded permutation of the
+split, so every block is a random subset: real files are often sorted by label, and a reader that
+shuffles whole blocks then still sees mixed batches. A block owns exactly one shard of every layer
+array, so its write never touches another block's data. Inside a block, samples are laid out
+longest first (the order forward batches run in), so each batch's tokens land as one contiguous
+slice. Where a sample's tokens are is in `token_start`/`length`.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CODECS = ("lz4", "zstd", "none")
 
 
@@ -42,18 +45,19 @@ class BlockPlan:
         return len(self.block_samples)
 
 
-def plan_blocks(lengths: np.ndarray, block_tokens: int) -> BlockPlan:
+def plan_blocks(lengths: np.ndarray, block_tokens: int, seed: int = 0) -> BlockPlan:
     if len(lengths) and lengths.max() > block_tokens:
         raise ValueError(f"a sample of {lengths.max()} tokens does not fit a block of {block_tokens}")
     token_start = np.zeros(len(lengths), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(lengths))
     blocks, first, used = [], 0, 0
-    for i, n in enumerate(lengths):
-        if used + n > block_tokens:
-            blocks.append(np.arange(first, i))
-            first, used = i, 0
-        used += n
+    for position, sample in enumerate(order):
+        if used + lengths[sample] > block_tokens:
+            blocks.append(order[first:position])
+            first, used = position, 0
+        used += lengths[sample]
     if len(lengths):
-        blocks.append(np.arange(first, len(lengths)))
+        blocks.append(order[first:])
     ordered = []
     for b, samples in enumerate(blocks):
         samples = samples[np.argsort(-lengths[samples], kind="stable")]

@@ -49,6 +49,9 @@ class CacheReader:
     def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False,
                  limit: int | None = None):
         """limit: serve only a seeded random subset of this many samples (for quick or scaled runs)."""
+        # One decode thread: zarr's default pool keeps a malloc arena per thread (~35 MB each here)
+        # and gains nothing for shard-at-a-time reads.
+        zarr.config.set({"threading.max_workers": 1})
         self.root = open_store(path)
         if split not in self.root:
             raise InputError(f"the cache at {path} has no {split!r} split; it has: {', '.join(sorted(self.root.group_keys()))}")
@@ -80,11 +83,12 @@ class CacheReader:
         samples = self.block_samples[position]
         first = int(self.token_start[samples].min())
         rows = slice(first, int((self.token_start[samples] + self.lengths[samples]).max()))
-        if self.memory is not None:
-            return np.stack([m[rows] for m in self.memory]), first
-        return np.stack([read_checked(array, rows) for array in self.arrays]), first
+        tokens = np.empty((len(self.arrays), rows.stop - rows.start, self.arrays[0].shape[1]), self.arrays[0].dtype)
+        for k, array in enumerate(self.arrays):
+            tokens[k] = self.memory[k][rows] if self.memory is not None else read_checked(array, rows)
+        return tokens, first
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 4):
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 2):
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
         for group_start in range(0, len(order), buffer_blocks):

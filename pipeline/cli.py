@@ -68,8 +68,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
-@click.option("--block-tokens", type=int, default=16384, show_default=True, help="Tokens per block (one shard, the unit of resume).")
-@click.option("--chunk-tokens", type=int, default=2048, show_default=True, help="Tokens per compressed chunk.")
+@click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
+@click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
 @user_errors
 def extract(backbone, data, text_column, text_pair_column, label_column, split_column, task, split_seed, layers,
             max_length, batch_size, dtype, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens):
@@ -153,7 +153,7 @@ class MethodChoice(click.Choice):
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--warmup-ratio", type=float, default=0.1, show_default=True, help="Share of steps with linear warm-up; then linear decay to 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--buffer-blocks", type=int, default=4, show_default=True, help="Cache blocks in the shuffle buffer (memory vs randomness).")
+@click.option("--buffer-blocks", type=int, default=2, show_default=True, help="Cache blocks in the shuffle buffer (memory vs randomness).")
 @click.option("--in-memory", is_flag=True, help="Load the needed layers into RAM once (faster for small caches).")
 @click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size.")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction (methods with frozen layers).")

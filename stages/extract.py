@@ -30,8 +30,8 @@ class ExtractSettings:
     codec: str = "lz4"
     lossy: str | None = None
     overwrite: bool = False
-    block_tokens: int = 16384  # tokens per block = per shard
-    chunk_tokens: int = 2048  # tokens per compressed chunk inside a shard
+    block_tokens: int = 8192  # tokens per block = per shard
+    chunk_tokens: int = 1024  # tokens per compressed chunk inside a shard
     device: str = "cpu"
 
 

@@ -30,7 +30,7 @@ class FitSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     seed: int = 0
-    buffer_blocks: int = 4  # blocks in the shuffle buffer: more = more random, more memory
+    buffer_blocks: int = 2  # blocks in the shuffle buffer: more = more random, more memory
     in_memory: bool = False  # load the selected layers into RAM once (small caches only)
     max_train_samples: int | None = None
 
