@@ -121,7 +121,9 @@ class Backbone:
 
 def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # one bar per weight tensor group: noise, not progress
     folder = resolve_backbone(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

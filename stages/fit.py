@@ -15,7 +15,7 @@ from cache.errors import InputError
 from cache.reader import CacheReader, open_store
 
 from .evaluate import evaluate_split
-from .memory import current_rss_mb, peak_rss_mb
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
 from .methods import FeatureSpec, MethodConfig, build_model, get_method
 from .metrics import primary_metric
 from .progress import progress_bar
@@ -65,6 +65,7 @@ def warmup_then_linear_decay(total_steps: int, warmup_ratio: float):
 
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
         backbone_path: str | None = None, show_progress: bool = True) -> dict:
+    reset_peak()
     rss_at_start = current_rss_mb()
     torch.manual_seed(settings.seed)
     root = open_store(cache_path)
@@ -117,8 +118,8 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
         "history": history, "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds), "train_samples": len(readers["train"]),
         "peak_rss_mb": peak, "rss_at_start_mb": rss_at_start, "peak_memory_mb": peak - rss_at_start,
-        "peak_memory_measured_as": "peak RSS of the fit process (getrusage ru_maxrss) minus its RSS when fit began "
-                                   "(after imports, before the cache, model or frozen layers were loaded)",
+        "peak_memory_measured_as": "peak RSS of the fit (Linux VmHWM, reset when fit began) minus the RSS when fit began "
+                                   "(after importing torch and zarr; the cache, model and frozen layers load later)",
         "settings": asdict(settings),
     }
     info = {"task": task, "label_names": attrs["label_names"], "cache_key": attrs["key"], "cache_key_sha256": attrs["key_sha256"],

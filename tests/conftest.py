@@ -12,7 +12,8 @@ WORDS = ("good great fine fun love best nice bad awful poor dull hate worst bori
          "actor scene was is very not quite").split()
 
 
-def write_tiny_bert(folder, layers=2, hidden=32, seed=0):
+def write_tiny_bert(folder, layers=2, hidden=32, seed=0, mean_pooling=True):
+    """A random BERT; with mean_pooling it is laid out like a sentence-transformers folder (as MiniLM is)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -24,6 +25,9 @@ def write_tiny_bert(folder, layers=2, hidden=32, seed=0):
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
     BertModel(config).eval().save_pretrained(folder)
+    if mean_pooling:
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     return folder
 
 

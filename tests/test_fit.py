@@ -1,0 +1,124 @@
+"""Stage two end to end on a tiny cache: training, saved models, evaluate, predict, refusals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cache.errors import InputError
+from cache.reader import CacheReader
+from pipeline.data import load_dataset
+from stages.evaluate import predict_split
+from stages.fit import FitSettings, fit
+from stages.methods import config_from_options
+from stages.predict import load_matching_backbone, predict_texts
+from stages.side_model import load_side_model
+from tests.test_extract import assert_one_line_error, cli, run_extract
+
+METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl": {"r": "4"}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_bert, tmp_path_factory):
+    from tests.conftest import sentiment_rows, write_table
+
+    folder = tmp_path_factory.mktemp("fit")
+    table = write_table(folder / "data.csv", sentiment_rows(160))
+    run_extract(tiny_bert, table, folder / "f.zarr")
+    return folder / "f.zarr", table
+
+
+def train(cache, method, out, epochs=4, seed=0, lr=3e-3, **options):
+    config = config_from_options(method, {**METHOD_OPTIONS[method], **options})
+    settings = FitSettings(epochs=epochs, batch_size=16, lr=lr, seed=seed, warmup_ratio=0.0)
+    return fit(str(cache), config, settings, out, show_progress=False)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_each_method_learns_and_round_trips(method, tiny_cache, tmp_path):
+    cache, _ = tiny_cache
+    metrics = train(cache, method, tmp_path / method, epochs=6, lr=3e-2 if method == "linear" else 1e-2)
+    losses = [epoch["train_loss"] for epoch in metrics["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    for name in ("config.json", "model.safetensors", "metrics.json"):
+        assert (tmp_path / method / name).exists()
+    saved = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert saved["trainable_parameters"] > 0 and saved["peak_memory_mb"] > 0 and "accuracy" in saved["test"]
+    assert not any(path.suffix in (".pt", ".pkl", ".bin") for path in (tmp_path / method).iterdir())
+
+    side = load_side_model(tmp_path / method)
+    reader = CacheReader(str(cache), "test", side.layers)
+    reloaded, labels = predict_split(side.model, reader)
+    accuracy = float(np.mean(reloaded.argmax(1) == labels))
+    assert accuracy == pytest.approx(saved["test"]["accuracy"])
+
+
+def test_sherl_model_folder_holds_no_frozen_weights(tiny_cache, tmp_path):
+    from safetensors import safe_open
+
+    train(tiny_cache[0], "sherl", tmp_path / "sherl", epochs=1)
+    with safe_open(str(tmp_path / "sherl" / "model.safetensors"), "pt") as handle:
+        assert not any(key.startswith("frozen.") for key in handle.keys())
+
+
+def test_same_seed_same_metrics(tiny_cache, tmp_path):
+    first = train(tiny_cache[0], "unipt", tmp_path / "a", epochs=2, seed=3)
+    second = train(tiny_cache[0], "unipt", tmp_path / "b", epochs=2, seed=3)
+    assert first["history"][-1]["train_loss"] == second["history"][-1]["train_loss"]
+    assert first["test"] == second["test"]
+
+
+def test_cache_without_the_needed_layers_is_refused(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "last.zarr", layers="last:1")
+    with pytest.raises(InputError, match=r"method 'sherl' needs layers \[0, 1\].*lacks \[0, 1\]"):
+        train(tmp_path / "last.zarr", "sherl", tmp_path / "m")
+    result = cli("fit", "--method", "lst", "--cache", tmp_path / "last.zarr", "--out", tmp_path / "m")
+    assert_one_line_error(result, "lacks")
+
+
+def test_predict_on_raw_text_matches_evaluate_on_the_cache(tiny_cache, tmp_path):
+    cache, table = tiny_cache
+    train(cache, "sherl", tmp_path / "sherl", epochs=2)
+    side = load_side_model(tmp_path / "sherl")
+    reader = CacheReader(str(cache), "test", side.layers)
+    cached, _ = predict_split(side.model, reader)
+    dataset = load_dataset(str(table))
+    texts = [dataset.texts[row] for row in reader.group["row"][:]]
+    raw = predict_texts(side, load_matching_backbone(side), texts, batch_size=5)
+    np.testing.assert_allclose(raw, cached, atol=1e-4)
+
+    result = cli("predict", tmp_path / "sherl", "--text", texts[0], "--text", texts[1])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["label"] for r in records] == [side.info["label_names"][i] for i in cached[:2].argmax(1)]
+    assert abs(sum(records[0]["probabilities"].values()) - 1) < 1e-5
+
+    evaluated = cli("evaluate", tmp_path / "sherl", "--cache", cache, "--split", "test")
+    assert evaluated.exit_code == 0, evaluated.output
+    saved = json.loads((tmp_path / "sherl" / "metrics.json").read_text())
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(saved["test"]["accuracy"])
+
+
+def test_fit_cli_errors_are_one_line(tiny_cache, tmp_path):
+    cache, _ = tiny_cache
+    assert_one_line_error(cli("fit", "--method", "lst", "--cache", cache, "--set", "width=3"), "valid options")
+    assert_one_line_error(cli("fit", "--cache", tmp_path / "none.zarr"), "no cache")
+    assert_one_line_error(cli("evaluate", tmp_path / "nothing", "--cache", cache), "not a saved side network")
+    result = cli("fit", "--method", "nope", "--cache", cache)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_methods_lists_the_registry():
+    result = cli("methods")
+    assert result.exit_code == 0
+    assert {line.split()[0] for line in result.output.splitlines()} >= set(METHOD_OPTIONS)
