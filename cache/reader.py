@@ -34,6 +34,13 @@ def open_store(path: str) -> zarr.Group:
     return root
 
 
+def subset_positions(count: int, limit: int | None) -> np.ndarray:
+    """Sorted positions of a seeded random subset of `limit` out of `count` (all when limit is None)."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(0).permutation(count)[:limit])
+
+
 def read_checked(array: zarr.Array, rows: slice) -> np.ndarray:
     """Read rows; a chunk whose checksum fails raises an error that names the array."""
     try:
@@ -67,9 +74,7 @@ class CacheReader:
         self.lengths = self.group["length"][:].astype(np.int64)
         self.token_start = self.group["token_start"][:]
         self.labels = self.group["label"][:]
-        self.samples = np.arange(len(self.lengths))
-        if limit is not None and limit < len(self.samples):
-            self.samples = np.sort(np.random.default_rng(0).permutation(len(self.samples))[:limit])
+        self.samples = subset_positions(len(self.lengths), limit)
         block_of = self.token_start[self.samples] // self.block_tokens
         blocks = [self.samples[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
         self.block_samples = [samples for samples in blocks if len(samples)]

@@ -46,17 +46,28 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def data_options(command):
+    """The backbone and data options shared by `extract` and `baseline`."""
+    options = [
+        click.option("--backbone", default="minilm", show_default=True,
+                     help="Built-in name (minilm, mpnet), a local model folder, or a hub id already in the local cache."),
+        click.option("--data", default="movies", show_default=True,
+                     help="Built-in name (movies, trec), a .csv/.tsv/.jsonl/.parquet file, or a folder of train/validation/test files."),
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--text-pair-column", default=None, help="Second text of a pair task (optional)."),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--split-column", default=None,
+                     help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made."),
+        click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True),
+        click.option("--split-seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.option("--backbone", default="minilm", show_default=True,
-              help="Built-in name (minilm, mpnet), a local model folder, or a hub id already in the local cache.")
-@click.option("--data", default="movies", show_default=True,
-              help="Built-in name (movies, trec), a .csv/.tsv/.jsonl/.parquet file, or a folder of train/validation/test files.")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--text-pair-column", default=None, help="Second text of a pair task (optional).")
-@click.option("--label-column", default="label", show_default=True)
-@click.option("--split-column", default=None, help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made.")
-@click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
+@data_options
 @click.option("--layers", default="all", show_default=True, help="all | last:K | comma list of hidden_states indices (0 = embeddings).")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per sample after truncation.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -268,3 +279,41 @@ def _write_records(records: list[dict], out: str | None) -> None:
             stream.write(lines)
     else:
         click.echo(lines, nl=False)
+
+
+@main.command()
+@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
+@data_options
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=None, help="[default: 5e-4 for lora, 5e-5 for full]")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-train-samples", type=int, default=None, help="Same seeded subset as `fit --max-train-samples`.")
+@click.option("--lora-r", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=int, default=16, show_default=True)
+@click.option("--lora-targets", default="query,value", show_default=True, help="Comma list of module names to adapt.")
+@click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
+@user_errors
+def baseline(method, backbone, data, text_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
+             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out):
+    """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
+
+    Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
+    """
+    from pathlib import Path
+
+    from pipeline.data import load_dataset
+    from stages.baseline import BaselineSettings, train_baseline
+
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column)
+    settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
+                                lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")])
+    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
+    metrics = train_baseline(backbone, dataset, settings, out_dir)
+    click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
+               f"{metrics['seconds_per_epoch']:.1f} s/epoch; peak memory {metrics['peak_memory_mb']:.0f} MB above start")
+    click.echo(f"saved to {out_dir}")

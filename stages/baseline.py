@@ -1,0 +1,152 @@
+"""Baselines that train the backbone itself: LoRA (Hugging Face PEFT) and full fine-tuning.
+
+Same data, split, subset, pooling, head, schedule and metrics.json format as `fit`, so reports
+put them side by side. Not cached: the backbone runs forward and backward every step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from cache.errors import InputError
+from cache.reader import subset_positions
+
+from .backbones import load_backbone
+from .fit import loss_of, warmup_then_linear_decay
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
+from .methods import pool
+from .metrics import primary_metric, task_metrics
+from .progress import progress_bar
+
+
+@dataclass
+class BaselineSettings:
+    method: str = "lora"  # lora | full
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float | None = None  # default: 5e-4 for lora, 5e-5 for full
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    max_length: int = 128
+    max_train_samples: int | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+class BackboneClassifier(torch.nn.Module):
+    def __init__(self, encoder, num_labels: int, pooling: str):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, batch) -> torch.Tensor:
+        hidden = self.encoder(**batch).last_hidden_state
+        return self.head(pool(hidden, batch["attention_mask"].bool(), self.pooling))
+
+
+def _wrap_lora(encoder, settings: BaselineSettings):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise InputError("the lora baseline needs PEFT: run `pip install -e \".[baseline]\"`") from None
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                        target_modules=settings.lora_targets)
+    try:
+        return get_peft_model(encoder, config)
+    except ValueError as error:
+        raise InputError(f"LoRA targets {settings.lora_targets}: {str(error).splitlines()[0]}; "
+                         "name modules of this backbone, e.g. --lora-targets query,value") from None
+
+
+def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int):
+    order = np.random.default_rng(seed).permutation(rows) if shuffle else rows
+    for first in range(0, len(order), settings.batch_size):
+        chunk = order[first:first + settings.batch_size]
+        texts = [dataset.texts[i] for i in chunk]
+        pairs = [dataset.pairs[i] for i in chunk] if dataset.pairs else None
+        batch = tokenizer(texts, pairs, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
+        yield dict(batch), torch.from_numpy(dataset.labels[chunk])
+
+
+@torch.no_grad()
+def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels) -> dict:
+    model.eval()
+    logits, labels = [], []
+    for batch, y in _batches(tokenizer, dataset, rows, settings, shuffle=False, seed=0):
+        logits.append(model(batch).float().numpy())
+        labels.append(y.numpy())
+    return task_metrics(np.concatenate(logits), np.concatenate(labels), task, num_labels)
+
+
+def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_dir: Path, show_progress=True) -> dict:
+    if settings.method not in ("lora", "full"):
+        raise InputError(f"unknown baseline {settings.method!r}; choose lora or full")
+    reset_peak()
+    rss_at_start = current_rss_mb()
+    torch.manual_seed(settings.seed)
+    backbone = load_backbone(backbone_name)
+    num_labels = len(dataset.label_names) if dataset.task == "classification" else 1
+    encoder = backbone.model
+    encoder.requires_grad_(settings.method == "full")
+    if settings.method == "lora":
+        encoder = _wrap_lora(encoder, settings)
+    model = BackboneClassifier(encoder, num_labels, backbone.pooling)
+    lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * math.ceil(len(train_rows) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, settings.warmup_ratio))
+    metric, _ = primary_metric(dataset.task)
+    history, best, best_state, epoch_seconds = [], -math.inf, None, []
+    for epoch in range(settings.epochs):
+        started = time.perf_counter()
+        model.train()
+        total, count = 0.0, 0
+        bar = progress_bar(total=len(train_rows), desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}",
+                           unit="sample", disable=not show_progress)
+        for batch, labels in _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch):
+            loss = loss_of(model(batch), labels, dataset.task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            total, count = total + loss.item() * len(labels), count + len(labels)
+            bar.update(len(labels))
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        epoch_seconds.append(time.perf_counter() - started)
+        validation = _evaluate(model, backbone.tokenizer, dataset, dataset.rows("validation"), settings, dataset.task, num_labels)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
+                        **{f"validation_{k}": v for k, v in validation.items()}, "seconds": epoch_seconds[-1]})
+        if validation[metric] > best:
+            best, best_epoch = validation[metric], epoch + 1
+            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.load_state_dict(best_state, strict=False)
+    test = _evaluate(model, backbone.tokenizer, dataset, dataset.rows("test"), settings, dataset.task, num_labels)
+    peak = peak_rss_mb()
+    metrics = {
+        "method": settings.method, "baseline": True, "test": test, "best_epoch": best_epoch,
+        f"best_validation_{metric}": best, "history": history, "trainable_parameters": sum(p.numel() for p in trainable),
+        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds), "train_samples": len(train_rows),
+        "peak_rss_mb": peak, "rss_at_start_mb": rss_at_start, "peak_memory_mb": peak - rss_at_start,
+        "peak_memory_measured_as": "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
+                                   "(after importing torch and zarr; the backbone loads later)",
+        "settings": {**asdict(settings), "lr": lr, "backbone": str(backbone.path), "max_length": settings.max_length},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in best_state.items()}, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
