@@ -317,3 +317,7 @@ def baseline(method, backbone, data, text_column, text_pair_column, label_column
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
                f"{metrics['seconds_per_epoch']:.1f} s/epoch; peak memory {metrics['peak_memory_mb']:.0f} MB above start")
     click.echo(f"saved to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

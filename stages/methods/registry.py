@@ -80,4 +80,4 @@ def build_model(config: MethodConfig, spec: FeatureSpec) -> nn.Module:
 
 
 def _load_builtin_methods() -> None:
-    from . import linear, lst, sherl, unipt  # noqa: F401  (each registers itself on import)
+    from . import linear, lst, sherl, synqt, unipt, utuning  # noqa: F401  (each registers itself on import)

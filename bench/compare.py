@@ -1,0 +1,110 @@
+"""Cached side networks against LoRA (PEFT) and full fine-tuning on the same backbone, data,
+split, batch size and max length. Every run is a fresh process (`pipeline fit` / `pipeline baseline`).
+
+Peak memory = the run's peak RSS (Linux VmHWM, reset when training begins) minus the peak RSS of a
+bare `python -c "import torch, transformers"`, the same way for every row. Seconds per epoch
+exclude validation. The amortised line compares one extraction plus fitting every cached method
+against one LoRA run per method.
+
+    python bench/compare.py --backbone minilm
+    python bench/compare.py --backbone mpnet --max-train-samples 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stages.methods import method_names  # noqa: E402
+
+REDUCTION = {"minilm": 4, "mpnet": 8}  # the reference side widths: h = D / r
+OPTIONS = {"lst": ["r"], "sherl": ["r"]}
+
+
+def bare_import_peak_mb() -> float:
+    code = "import torch, transformers; from stages.memory import peak_rss_mb; print(peak_rss_mb())"
+    return float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+
+
+def run(command: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with open(log, "w") as stream:
+        done = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}; see {log}")
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="minilm", choices=sorted(REDUCTION))
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=5, help="for cached methods (baselines use 2)")
+    parser.add_argument("--methods", default="all", help="comma list of cached methods, or all")
+    parser.add_argument("--baselines", default="lora,full", help="comma list of lora,full (or none)")
+    parser.add_argument("--work", default="artifacts/bench")
+    args = parser.parse_args()
+
+    work = ROOT / args.work / args.backbone
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "features.zarr"
+    pipeline = [sys.executable, "-m", "pipeline.cli"]
+    subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
+    bare = bare_import_peak_mb()
+    extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--layers", "all", "--max-length",
+                                      str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)],
+                          work / "extract.log")
+    methods = method_names() if args.methods == "all" else args.methods.split(",")
+    rows, wall = {}, {}
+    for method in methods:
+        options = [f"--set={key}={REDUCTION[args.backbone]}" for key in OPTIONS.get(method, [])]
+        wall[method] = run(pipeline + ["fit", "--method", method, "--cache", str(cache), "--out", str(work / method),
+                                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)] + options + subset,
+                           work / f"{method}.log")
+        rows[method] = json.loads((work / method / "metrics.json").read_text())
+    for name in [b for b in args.baselines.split(",") if b and b != "none"]:
+        wall[name] = run(pipeline + ["baseline", "--method", name, "--backbone", args.backbone, "--max-length",
+                                     str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(work / name)] + subset,
+                         work / f"{name}.log")
+        rows[name] = json.loads((work / name / "metrics.json").read_text())
+
+    lora = rows.get("lora")
+    header = "| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |"
+    lines = [header, "|" + "---|" * 10]
+    for name, m in rows.items():
+        peak = m["peak_rss_mb"] - bare
+        ratio = lambda ours, theirs: f"{ours / theirs:.3f}" if lora else "–"  # noqa: E731
+        lines.append(f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
+                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {len(m['history'])} | "
+                     f"{ratio(peak, lora['peak_rss_mb'] - bare) if lora else '–'} | "
+                     f"{ratio(m['seconds_per_epoch'], lora['seconds_per_epoch']) if lora else '–'} | "
+                     f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f} |" if lora else
+                     f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
+                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {len(m['history'])} | – | – | – |")
+    train = next(iter(rows.values()))["train_samples"]
+    summary = [f"backbone {args.backbone}, {train} training samples, batch {args.batch_size}, max length {args.max_length}; "
+               f"bare import peak RSS {bare:.0f} MB (subtracted)",
+               f"extraction (all layers, all splits, this run; 0 if the store was already complete): {extract_seconds:.0f} s"]
+    cached = [m for m in methods]
+    if lora:
+        total_cached = extract_seconds + sum(wall[m] for m in cached)
+        summary.append(f"amortised: one extraction + fitting {len(cached)} cached methods = {total_cached:.0f} s wall; "
+                       f"one LoRA run per method = {len(cached)} x {wall['lora']:.0f} s = {len(cached) * wall['lora']:.0f} s "
+                       f"(ratio {total_cached / (len(cached) * wall['lora']):.3f})")
+    text = "\n".join(summary + ["", *lines])
+    print(text)
+    (work / "compare.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

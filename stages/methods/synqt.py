@@ -1,0 +1,210 @@
+"""synqt: query synthesis with query-only knowledge extraction (SynQT, 2024), for post-LN BERT-like encoders.
+
+Per layer i = 1 .. L, n learnable queries are synthesised (an adapter, a small self-attention among the queries)
+from their own parameters and the previous layer's query outputs, then sent through frozen layer i: the queries
+attend, with the layer's own W_q / W_k / W_v / W_o, to keys and values of the cached H_{i-1}, and pass the
+layer's own attention LayerNorm, FFN and output LayerNorm. Only the n query tokens go through the layer with
+gradients; the backbone's tokens are never updated, so H_L is not read (required layers are 0 .. L-1).
+
+K and V (W_k H_{i-1}, W_v H_{i-1} over all T tokens) are computed per batch, not cached, under torch.no_grad():
+they need no gradient, and caching them in stage one would double the store per layer.
+
+Families: BERT, RoBERTa and XLM-RoBERTa (attention.self.query/key/value, attention.output.dense/LayerNorm) and
+MPNet (attention.attn.q/k/v/o, attention.LayerNorm). MPNet adds a relative position bias to its attention
+scores; the learnable queries have no position, so no bias applies to them and none is added (the shared
+relative_attention_bias is loaded with the layers but unused).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..backbone_layers import load_frozen_layers
+from .base import FeatureSpec, MethodConfig
+from .registry import register_method
+
+
+@dataclass
+class SynQTConfig(MethodConfig):
+    method = "synqt"
+    queries: int = 4  # n learnable queries per layer (the authors use 1, 4 or 16)
+    adapter_dim: int = 48  # bottleneck of the synthesis and head adapters (Ad48)
+    attention_adapter_dim: int = 8  # bottleneck of the q/k/v/out adapters of the query self-attention
+    feature_scale: float = 0.1  # f: weight of the previous layer's query outputs, shared by all layers
+    attention_scale: float = 0.1  # s_a at init, per layer
+    ffn_scale: float = 0.1  # s_f at init, per layer
+    dropout: float = 0.1
+    drop_path: float = 0.3  # on every head feature but the first
+
+
+class Adapter(nn.Module):
+    """Ad_k(x) = x + W_2 GELU(W_1 x), bottleneck k; PyTorch default init, as the authors."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
+class QueryAttention(nn.Module):
+    """Single-head self-attention among the n queries: own LayerNorms, adapters as q/k/v/out, scale D^-1/2."""
+
+    def __init__(self, width: int, bottleneck: int, dropout: float):
+        super().__init__()
+        self.q_norm, self.kv_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.out = (Adapter(width, bottleneck) for _ in range(4))
+        self.attention_dropout, self.dropout = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.scale = width ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, kv = self.q_norm(x), self.kv_norm(x)
+        weights = torch.softmax(self.q(q) @ self.k(kv).transpose(-1, -2) * self.scale, dim=-1)
+        return self.dropout(self.out(self.attention_dropout(weights) @ self.v(kv)))
+
+
+class Synthesis(nn.Module):
+    """u = Ad48(q + f Q_prev); Q^ = u + s_a Attn(u); Q^ += s_f Ad48(LN Q^); dropout."""
+
+    def __init__(self, config: SynQTConfig, width: int):
+        super().__init__()
+        self.adapter = Adapter(width, config.adapter_dim)
+        self.attention = QueryAttention(width, config.attention_adapter_dim, config.dropout)
+        self.norm = nn.LayerNorm(width)
+        self.ffn = Adapter(width, config.adapter_dim)
+        self.attention_scale = nn.Parameter(torch.tensor(float(config.attention_scale)))
+        self.ffn_scale = nn.Parameter(torch.tensor(float(config.ffn_scale)))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, seed: torch.Tensor) -> torch.Tensor:
+        u = self.adapter(seed)
+        u = u + self.attention_scale * self.attention(u)
+        u = u + self.ffn_scale * self.ffn(self.norm(u))
+        return self.dropout(u)
+
+
+class LayerParts(NamedTuple):
+    """The submodules of one frozen layer that knowledge extraction uses."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    out: nn.Linear  # W_o
+    attention_norm: nn.LayerNorm
+    intermediate: nn.Module  # dense + activation
+    output: nn.Linear  # the FFN's second dense
+    output_norm: nn.LayerNorm
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    attention = layer.attention
+    if hasattr(attention, "self") and hasattr(attention, "output"):  # BERT, RoBERTa, XLM-RoBERTa
+        heads = attention.self
+        q, k, v, o, norm = heads.query, heads.key, heads.value, attention.output.dense, attention.output.LayerNorm
+    elif hasattr(attention, "attn"):  # MPNet
+        heads = attention.attn
+        q, k, v, o, norm = heads.q, heads.k, heads.v, heads.o, attention.LayerNorm
+    else:
+        raise ValueError(f"synqt supports post-LN BERT, RoBERTa, XLM-RoBERTa and MPNet layers, not {type(layer).__name__}")
+    return LayerParts(q, k, v, o, norm, layer.intermediate, layer.output.dense, layer.output.LayerNorm)
+
+
+def extract(parts: LayerParts, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One frozen post-LN layer run on the queries only. queries [B, n, D]; keys, values [B, heads, T, d]
+    (already projected); mask [B, T]. Returns (Q_i, h_i, hh_i), each [B, n, D]."""
+    B, n, D = queries.shape
+    q = parts.query(queries).view(B, n, heads, D // heads).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :])  # scale d^-1/2
+    h = parts.out(attended.transpose(1, 2).reshape(B, n, D))
+    a = parts.attention_norm(queries + h)
+    hh = parts.output(parts.intermediate(a))
+    return parts.output_norm(a + hh), h, hh
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _check(config: SynQTConfig) -> None:
+    for name in ("queries", "adapter_dim", "attention_adapter_dim"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in ("dropout", "drop_path"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {getattr(config, name)}")
+
+
+class SynQT(nn.Module):
+    def __init__(self, config: SynQTConfig, spec: FeatureSpec):
+        super().__init__()
+        _check(config)
+        self.spec = spec
+        D, L = spec.hidden_size, spec.num_layers
+        self.frozen = load_frozen_layers(spec.backbone_path, list(range(1, L + 1)))
+        if self.frozen.config.hidden_size != D or self.frozen.config.num_hidden_layers != L:
+            raise ValueError(f"backbone at {spec.backbone_path} has {self.frozen.config.num_hidden_layers} layers of "
+                             f"width {self.frozen.config.hidden_size}; the features have {L} of width {D}")
+        self.heads = self.frozen.config.num_attention_heads
+        last = layer_parts(self.frozen.layer[str(L - 1)])  # raises for an unsupported layer layout
+        self.queries = nn.Parameter(torch.empty(L, config.queries, D).uniform_(-1.0, 1.0))
+        self.feature_scale = nn.Parameter(torch.tensor(float(config.feature_scale)))
+        self.synthesis = nn.ModuleList(Synthesis(config, D) for _ in range(L))
+        # Head over the 3L + 1 features.
+        self.feature_norm = nn.LayerNorm(D)
+        self.feature_adapter = Adapter(D, config.adapter_dim)
+        self.drop_path = config.drop_path
+        self.weights = nn.Linear(D, 3 * L)
+        self.head_norm = copy.deepcopy(last.output_norm).requires_grad_(True)  # a trainable copy
+        self.head = nn.Linear(D, spec.num_labels)
+
+    @staticmethod
+    def required_layers(config: SynQTConfig, spec: FeatureSpec) -> list[int]:
+        _check(config)
+        return list(range(spec.num_layers))  # H_0 .. H_{L-1}; H_L is not read
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, 3L+1, D] -> z [B, D]: shared adapter, DropPath on all but the first, tanh-gated mean."""
+        features = features + self.feature_adapter(self.feature_norm(features))
+        if self.training and self.drop_path > 0:
+            B, J, _ = features.shape
+            keep = torch.ones(B, J, 1, dtype=features.dtype, device=features.device)
+            keep[:, 1:] = torch.bernoulli(torch.full((B, J - 1, 1), 1.0 - self.drop_path, device=features.device))
+            keep[:, 1:] /= 1.0 - self.drop_path
+            features = features * keep
+        weights = torch.tanh(F.gelu(self.weights(features[:, 0])))  # [B, 3L]
+        weights = torch.cat([torch.ones_like(weights[:, :1]), weights], 1)
+        return (weights.unsqueeze(-1) * features).mean(1)
+
+    def frozen_parts(self) -> list[LayerParts]:
+        """The frozen layers' submodules, looked up each call so they always follow `frozen`."""
+        return [layer_parts(self.frozen.layer[str(i)]) for i in range(self.spec.num_layers)]
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B = features.shape[0]
+        previous = masked_mean(features[:, 0], mask)  # Q_0: the masked mean of H_0 (our choice)
+        qs, hs, hhs = [], [], []
+        for i, (parts, synthesis) in enumerate(zip(self.frozen_parts(), self.synthesis)):
+            hidden = features[:, i]  # H_{i}, the input of layer i + 1
+            T, D = hidden.shape[1:]
+            with torch.no_grad():  # K, V per batch, not cached; no gradient needed
+                keys = parts.key(hidden).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                values = parts.value(hidden).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+            seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
+            q, h, hh = extract(parts, synthesis(seed), keys, values, mask, self.heads)
+            previous = q.mean(1)
+            qs.append(previous)
+            hs.append(h.mean(1))
+            hhs.append(hh.mean(1))
+        z = self.combine(torch.stack([qs[-1], *qs, *hs, *hhs], 1))
+        return self.head(self.head_norm(z))
+
+
+register_method(SynQTConfig, SynQT, "SynQT: synthesised queries extract knowledge through the frozen layers' own weights")
