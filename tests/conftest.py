@@ -5,6 +5,7 @@ import csv
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,6 +53,15 @@ def sentiment_rows(count, seed=0):
         rng.shuffle(words)
         rows.append((" ".join(words), "pos" if label else "neg"))
     return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and spares the CPU when other work shares it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,6 @@ def padded_batch(seed=0):
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and spares the CPU when other work shares it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny(request, tmp_path_factory):

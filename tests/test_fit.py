@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cache.errors import InputError
 from cache.reader import CacheReader
@@ -18,14 +17,6 @@ from stages.side_model import load_side_model
 from tests.test_extract import assert_one_line_error, cli, run_extract
 
 METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl": {"r": "4"}, "utuning": {}, "synqt": {}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

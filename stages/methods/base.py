@@ -49,6 +49,13 @@ class MethodConfig:
         return cls(**data)
 
 
+def side_width(hidden_size: int, r: int) -> int:
+    """h = D / r, the width of a side network; r must divide D."""
+    if r < 1 or hidden_size % r:
+        raise ValueError(f"r={r} does not divide the hidden size {hidden_size}")
+    return hidden_size // r
+
+
 def pool(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """[B, T, D] -> [B, D] by the first token (cls) or the mean over real tokens (mean)."""
     if mode == "cls":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig, pool, side_width
 from .registry import register_method
 
 
@@ -63,9 +63,7 @@ class LadderSideNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         D = spec.hidden_size
-        if D % config.r:
-            raise ValueError(f"r={config.r} does not divide the hidden size {D}")
-        h = D // config.r
+        h = side_width(D, config.r)
         ffn, heads, eps = backbone_shape(spec.backbone_path, D)
         while h % heads:  # the backbone's head count when it divides h, else the largest smaller one that does
             heads -= 1

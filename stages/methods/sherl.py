@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..backbone_layers import load_frozen_layers
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig, pool, side_width
 from .registry import register_method
 
 TRANSFORMS = ("linear_ln", "gated")
@@ -44,8 +44,7 @@ def _check(config: SHERLConfig, spec: FeatureSpec) -> None:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {config.transform!r}")
     if not 1 <= config.late_layers <= spec.num_layers - 1:
         raise ValueError(f"late_layers must lie in 1..{spec.num_layers - 1}, got {config.late_layers}")
-    if spec.hidden_size % config.r:
-        raise ValueError(f"r={config.r} does not divide the hidden size {spec.hidden_size}")
+    side_width(spec.hidden_size, config.r)
 
 
 class SHERL(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig, pool, side_width
 from .registry import register_method
 
 
@@ -34,9 +34,7 @@ class UniPT(nn.Module):
         super().__init__()
         self.spec = spec
         D = spec.hidden_size
-        if D % config.r:
-            raise ValueError(f"r={config.r} does not divide the hidden size {D}")
-        h = D // config.r
+        h = side_width(D, config.r)
         n = spec.num_layers + 1
         self.project = nn.ModuleList(nn.Linear(D, h) for _ in range(n))
         self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(n))
