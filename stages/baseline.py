@@ -6,8 +6,6 @@ put them side by side. Not cached: the backbone runs forward and backward every 
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,11 +17,10 @@ from cache.errors import InputError
 from cache.reader import subset_positions
 
 from .backbones import load_backbone
-from .fit import loss_of, warmup_then_linear_decay
-from .memory import current_rss_mb, peak_rss_mb, reset_peak
+from .memory import current_rss_mb, reset_peak
 from .methods import pool
-from .metrics import primary_metric, task_metrics
-from .progress import progress_bar
+from .metrics import task_metrics
+from .training_loop import Schedule, run_metrics, train_epochs
 
 
 @dataclass
@@ -104,49 +101,23 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * math.ceil(len(train_rows) / settings.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, settings.warmup_ratio))
-    metric, _ = primary_metric(dataset.task)
-    history, best, best_state, epoch_seconds = [], -math.inf, None, []
-    for epoch in range(settings.epochs):
-        started = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        bar = progress_bar(total=len(train_rows), desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}",
-                           unit="sample", disable=not show_progress)
-        for batch, labels in _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch):
-            loss = loss_of(model(batch), labels, dataset.task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            total, count = total + loss.item() * len(labels), count + len(labels)
-            bar.update(len(labels))
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        bar.close()
-        epoch_seconds.append(time.perf_counter() - started)
-        validation = _evaluate(model, backbone.tokenizer, dataset, dataset.rows("validation"), settings, dataset.task, num_labels)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
-                        **{f"validation_{k}": v for k, v in validation.items()}, "seconds": epoch_seconds[-1]})
-        if validation[metric] > best:
-            best, best_epoch = validation[metric], epoch + 1
-            best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.load_state_dict(best_state, strict=False)
+    schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
+    run = train_epochs(
+        settings.method, model, trainable, model,
+        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch),
+        len(train_rows),
+        lambda: _evaluate(model, backbone.tokenizer, dataset, dataset.rows("validation"), settings, dataset.task, num_labels),
+        lambda: {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        schedule, dataset.task, show_progress)
+    model.load_state_dict(run.best_state, strict=False)
     test = _evaluate(model, backbone.tokenizer, dataset, dataset.rows("test"), settings, dataset.task, num_labels)
-    peak = peak_rss_mb()
-    metrics = {
-        "method": settings.method, "baseline": True, "test": test, "best_epoch": best_epoch,
-        f"best_validation_{metric}": best, "history": history, "trainable_parameters": sum(p.numel() for p in trainable),
-        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds), "train_samples": len(train_rows),
-        "peak_rss_mb": peak, "rss_at_start_mb": rss_at_start, "peak_memory_mb": peak - rss_at_start,
-        "peak_memory_measured_as": "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
-                                   "(after importing torch and zarr; the backbone loads later)",
-        "settings": {**asdict(settings), "lr": lr, "backbone": str(backbone.path), "max_length": settings.max_length},
-    }
+    metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
+                          "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
+                          "(after importing torch and zarr; the backbone loads later)",
+                          {**asdict(settings), "lr": lr, "backbone": str(backbone.path)})
+    metrics["baseline"] = True
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in best_state.items()}, str(out_dir / "model.safetensors"))
+    save_file({n: t.contiguous() for n, t in run.best_state.items()}, str(out_dir / "model.safetensors"))
     (out_dir / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
