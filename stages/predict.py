@@ -7,14 +7,17 @@ import torch
 from cache.errors import InputError
 
 from .backbones import load_backbone
-from .extract import tokenizer_sha256
+from .extract import preprocessor_sha256
 from .side_model import SideModel
 
 
 def load_matching_backbone(side: SideModel):
     backbone = load_backbone(side.spec.backbone_path)
+    if backbone.modality != "text":
+        raise InputError("pipeline predict takes text only so far; for an image model, extract the images and "
+                         "run `pipeline evaluate` on that cache")
     key = side.info["cache_key"]
-    if backbone.weights_sha256 != key["backbone_weights_sha256"] or tokenizer_sha256(backbone.tokenizer) != key["tokenizer_sha256"]:
+    if backbone.weights_sha256 != key["backbone_weights_sha256"] or preprocessor_sha256(backbone) != key["tokenizer_sha256"]:
         raise InputError(f"the backbone at {side.spec.backbone_path} is not the one this model was trained on "
                          "(weights or tokenizer differ); pass --backbone with the original folder")
     return backbone

@@ -45,7 +45,7 @@ def test_each_method_learns_and_round_trips(method, tiny_cache, tmp_path):
     for name in ("config.json", "model.safetensors", "metrics.json"):
         assert (tmp_path / method / name).exists()
     saved = json.loads((tmp_path / method / "metrics.json").read_text())
-    assert saved["trainable_parameters"] > 0 and saved["peak_memory_mb"] > 0 and "accuracy" in saved["test"]
+    assert saved["trainable_parameters"] > 0 and saved["peak_memory_mb"] >= 0 and "accuracy" in saved["test"]
     assert not any(path.suffix in (".pt", ".pkl", ".bin") for path in (tmp_path / method).iterdir())
 
     side = load_side_model(tmp_path / method)

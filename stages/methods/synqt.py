@@ -1,4 +1,5 @@
-"""synqt: query synthesis with query-only knowledge extraction (SynQT, 2024), for post-LN BERT-like encoders.
+"""synqt: query synthesis with query-only knowledge extraction (SynQT, 2024), for post-LN BERT-like encoders
+and pre-LN vision transformers.
 
 Per layer i = 1 .. L, n learnable queries are synthesised (an adapter, a small self-attention among the queries)
 from their own parameters and the previous layer's query outputs, then sent through frozen layer i: the queries
@@ -13,6 +14,15 @@ Families: BERT, RoBERTa and XLM-RoBERTa (attention.self.query/key/value, attenti
 MPNet (attention.attn.q/k/v/o, attention.LayerNorm). MPNet adds a relative position bias to its attention
 scores; the learnable queries have no position, so no bias applies to them and none is added (the shared
 relative_attention_bias is loaded with the layers but unused).
+
+Vision families (pre-LN): ViT and DeiT (attention.q_proj/k_proj/v_proj/o_proj, layernorm_before/after, mlp.fc1/fc2),
+DINOv2 (the same attention, norm1/norm2, LayerScale after attention and FFN, MLP or SwiGLU FFN) and the CLIP and
+SigLIP vision towers (self_attn.q_proj/k_proj/v_proj/out_proj, layer_norm1/2, mlp.fc1/fc2). The layer does
+x + Attn(LN1 x) then x + FFN(LN2 x); restricted to the queries that is: keys and values from LN1(H_{i-1}) (every
+token's own LN1, as in the layer), h = W_o Attn(W_q LN1(Q), K, V) (times LayerScale 1 for DINOv2), a = Q + h,
+hh = FFN(LN2 a) (times LayerScale 2), Q_i = a + hh. A pre-LN layer has no output LayerNorm (the backbone's final
+norm lies outside its layers and is not loaded), so the head's norm is a fresh trainable LayerNorm instead of a
+copy of the last layer's output norm.
 """
 from __future__ import annotations
 
@@ -90,20 +100,56 @@ class Synthesis(nn.Module):
 
 
 class LayerParts(NamedTuple):
-    """The submodules of one frozen layer that knowledge extraction uses."""
+    """The submodules of one frozen layer that knowledge extraction uses.
+
+    Post-LN (BERT-like): attention_norm follows attention + residual, output_norm follows FFN + residual.
+    Pre-LN (vision, `pre_norm`): attention_norm comes before attention (on the queries and, for K/V, on the
+    tokens), output_norm before the FFN."""
 
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
     out: nn.Linear  # W_o
     attention_norm: nn.LayerNorm
-    intermediate: nn.Module  # dense + activation
-    output: nn.Linear  # the FFN's second dense
+    intermediate: nn.Module  # dense + activation (for SwiGLU: silu(gate x) * up x)
+    output: nn.Linear  # the FFN's last dense
     output_norm: nn.LayerNorm
+    pre_norm: bool = False
+    attention_scale: nn.Module | None = None  # DINOv2 LayerScale after attention
+    ffn_scale: nn.Module | None = None  # DINOv2 LayerScale after the FFN
+
+
+class FFNInput:
+    """A vision MLP up to its last dense: act(fc1 x), or SwiGLU silu(gate x) * up x. A plain callable over the
+    layer's own MLP (not a module: it owns no weights)."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.mlp, "fc1"):
+            return self.mlp.activation_fn(self.mlp.fc1(x))
+        return self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)
+
+
+def _ffn_output(mlp: nn.Module) -> nn.Linear:
+    return mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj
 
 
 def layer_parts(layer: nn.Module) -> LayerParts:
-    attention = layer.attention
+    if hasattr(layer, "layernorm_before"):  # ViT, DeiT
+        heads = layer.attention
+        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.o_proj, layer.layernorm_before,
+                          FFNInput(layer.mlp), _ffn_output(layer.mlp), layer.layernorm_after, True)
+    if hasattr(layer, "norm1") and hasattr(layer, "layer_scale1"):  # DINOv2
+        heads = layer.attention
+        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.o_proj, layer.norm1, FFNInput(layer.mlp),
+                          _ffn_output(layer.mlp), layer.norm2, True, layer.layer_scale1, layer.layer_scale2)
+    if hasattr(layer, "self_attn") and hasattr(layer, "layer_norm1"):  # CLIP, SigLIP vision towers
+        heads = layer.self_attn
+        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.out_proj, layer.layer_norm1,
+                          FFNInput(layer.mlp), _ffn_output(layer.mlp), layer.layer_norm2, True)
+    attention = getattr(layer, "attention", None)
     if hasattr(attention, "self") and hasattr(attention, "output"):  # BERT, RoBERTa, XLM-RoBERTa
         heads = attention.self
         q, k, v, o, norm = heads.query, heads.key, heads.value, attention.output.dense, attention.output.LayerNorm
@@ -111,18 +157,33 @@ def layer_parts(layer: nn.Module) -> LayerParts:
         heads = attention.attn
         q, k, v, o, norm = heads.q, heads.k, heads.v, heads.o, attention.LayerNorm
     else:
-        raise ValueError(f"synqt supports post-LN BERT, RoBERTa, XLM-RoBERTa and MPNet layers, not {type(layer).__name__}")
+        raise ValueError(f"synqt supports post-LN BERT, RoBERTa, XLM-RoBERTa and MPNet layers and pre-LN ViT, DeiT, "
+                         f"DINOv2, CLIP and SigLIP vision layers, not {type(layer).__name__}")
     return LayerParts(q, k, v, o, norm, layer.intermediate, layer.output.dense, layer.output.LayerNorm)
+
+
+def key_value_input(parts: LayerParts, hidden: torch.Tensor) -> torch.Tensor:
+    """What the layer projects to keys and values: H itself (post-LN) or LN1(H) (pre-LN)."""
+    return parts.attention_norm(hidden) if parts.pre_norm else hidden
 
 
 def extract(parts: LayerParts, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One frozen post-LN layer run on the queries only. queries [B, n, D]; keys, values [B, heads, T, d]
-    (already projected); mask [B, T]. Returns (Q_i, h_i, hh_i), each [B, n, D]."""
+    """One frozen layer run on the queries only. queries [B, n, D]; keys, values [B, heads, T, d]
+    (already projected, from `key_value_input`); mask [B, T]. Returns (Q_i, h_i, hh_i), each [B, n, D]."""
     B, n, D = queries.shape
-    q = parts.query(queries).view(B, n, heads, D // heads).transpose(1, 2)
+    x = parts.attention_norm(queries) if parts.pre_norm else queries
+    q = parts.query(x).view(B, n, heads, D // heads).transpose(1, 2)
     attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :])  # scale d^-1/2
     h = parts.out(attended.transpose(1, 2).reshape(B, n, D))
+    if parts.attention_scale is not None:
+        h = parts.attention_scale(h)
+    if parts.pre_norm:  # x + Attn(LN1 x), then a + FFN(LN2 a)
+        a = queries + h
+        hh = parts.output(parts.intermediate(parts.output_norm(a)))
+        if parts.ffn_scale is not None:
+            hh = parts.ffn_scale(hh)
+        return a + hh, h, hh
     a = parts.attention_norm(queries + h)
     hh = parts.output(parts.intermediate(a))
     return parts.output_norm(a + hh), h, hh
@@ -162,7 +223,10 @@ class SynQT(nn.Module):
         self.feature_adapter = Adapter(D, config.adapter_dim)
         self.drop_path = config.drop_path
         self.weights = nn.Linear(D, 3 * L)
-        self.head_norm = copy.deepcopy(last.output_norm).requires_grad_(True)  # a trainable copy
+        if last.pre_norm:  # no output norm inside a pre-LN layer: a fresh trainable one
+            self.head_norm = nn.LayerNorm(D, eps=getattr(self.frozen.config, "layer_norm_eps", 1e-6))
+        else:
+            self.head_norm = copy.deepcopy(last.output_norm).requires_grad_(True)  # a trainable copy
         self.head = nn.Linear(D, spec.num_labels)
 
     @staticmethod
@@ -195,8 +259,9 @@ class SynQT(nn.Module):
             hidden = features[:, i]  # H_{i}, the input of layer i + 1
             T, D = hidden.shape[1:]
             with torch.no_grad():  # K, V per batch, not cached; no gradient needed
-                keys = parts.key(hidden).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-                values = parts.value(hidden).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                source = key_value_input(parts, hidden)
+                keys = parts.key(source).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                values = parts.value(source).view(B, T, self.heads, D // self.heads).transpose(1, 2)
             seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
             q, h, hh = extract(parts, synthesis(seed), keys, values, mask, self.heads)
             previous = q.mean(1)
