@@ -1,17 +1,25 @@
-"""What a store holds, and how big it is against the same data padded in float32."""
+"""What a store holds, how big it is against the same data padded in float32, and per-layer statistics.
+
+The store may be a local path or an fsspec URL (s3://bucket/features.zarr).
+"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+import numpy as np
 import zarr
 
 from .errors import InputError
 from .layout import layer_array_name
+from .writer import store_fs
+
+FLOAT16_MAX = 65504.0
 
 
-def bytes_on_disk(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def bytes_on_disk(path) -> int:
+    """Bytes of every object under the store: files of a local folder, objects under an s3:// prefix, ..."""
+    fs, fs_path = store_fs(os.fspath(path))
+    return int(fs.du(fs_path, total=True))
 
 
 def describe_store(path: str) -> dict:
@@ -35,7 +43,7 @@ def describe_store(path: str) -> dict:
         tokens += int(lengths.sum())
     samples = sum(s["samples"] for s in splits.values())
     padded_fp32 = samples * attrs.get("max_length", 0) * attrs.get("hidden_size", 0) * 4 * len(layers)
-    on_disk = bytes_on_disk(Path(path))
+    on_disk = bytes_on_disk(path)
     first = next((root[s][layer_array_name(layers[0])] for s in splits), None) if layers else None
     return {
         "path": os.fspath(path), "status": attrs.get("status"), "backbone": attrs.get("backbone_path"),
@@ -48,3 +56,62 @@ def describe_store(path: str) -> dict:
         "codecs": [type(c).__name__ for c in (first.filters + first.compressors)] if first is not None else [],
         "key_sha256": attrs.get("key_sha256"),
     }
+
+
+def _block_moments(block: np.ndarray, used: np.ndarray, block_id=None) -> np.ndarray:
+    """[1, 5] for one block: values, mean, sum of squared deviations, max |x|, count of |x| > float16 max,
+    over the block's used rows only (the padding gap at its end is left out)."""
+    values = block[:int(used[block_id[0]])].astype(np.float64)
+    if values.size == 0:
+        return np.zeros((1, 5))
+    mean = values.mean()
+    magnitude = np.abs(values)
+    return np.array([[values.size, mean, np.square(values - mean).sum(), magnitude.max(),
+                      np.count_nonzero(magnitude > FLOAT16_MAX)]])
+
+
+def layer_stats(path: str) -> list[dict]:
+    """Per cached layer, over the real tokens of every done block of every split: mean, std (population),
+    max |x| and the fraction of values with |x| > 65504 (they would overflow float16; meaningful for float32
+    stores). Read with dask straight from the store, one task per block; nothing is loaded whole."""
+    import dask
+    import dask.array as da
+
+    try:
+        root = zarr.open_group(path, mode="r", zarr_format=3)
+    except Exception:
+        raise InputError(f"no cache at {path}; give the path of a store written by `pipeline extract`") from None
+    layers = list(root.attrs.get("layers", []))
+    moments, width = {layer: [] for layer in layers}, {}
+    for name in sorted(root.group_keys()):
+        group = root[name]
+        if not group.attrs.get("ready"):
+            continue
+        block_tokens = int(group.attrs["block_tokens"])
+        done = group["done"][:].astype(bool)
+        lengths, starts = group["length"][:].astype(np.int64), group["token_start"][:]
+        for layer in layers:
+            array = group[layer_array_name(layer)]
+            blocks = array.shape[0] // block_tokens
+            # Real tokens are packed from each block's first row: count them per block (0 where not done yet).
+            used = np.bincount(starts // block_tokens, weights=lengths, minlength=blocks).astype(np.int64)
+            used[np.flatnonzero(~done)] = 0
+            features = da.from_zarr(array, chunks=(block_tokens, array.shape[1]))
+            moments[layer].append(features.map_blocks(_block_moments, used, dtype=np.float64,
+                                                      chunks=((1,) * blocks, (5,))))
+            width[layer] = array.shape[1]
+    computed = dask.compute(moments)[0]
+    rows = []
+    for layer in layers:
+        parts = np.concatenate(computed[layer]) if computed[layer] else np.zeros((0, 5))
+        counts, means = parts[:, 0], parts[:, 1]
+        total = counts.sum()
+        row = {"layer": layer, "tokens": int(total // width.get(layer, 1)), "mean": None, "std": None, "max_abs": None,
+               "fp16_overflow_fraction": None}
+        if total:
+            mean = (counts * means).sum() / total
+            squared = parts[:, 2].sum() + (counts * np.square(means - mean)).sum()  # pooled over blocks (Chan et al.)
+            row.update(mean=float(mean), std=float(np.sqrt(squared / total)), max_abs=float(parts[:, 3].max()),
+                       fp16_overflow_fraction=float(parts[:, 4].sum() / total))
+        rows.append(row)
+    return rows

@@ -2,13 +2,13 @@
 
 Crash safety: a block's shards are written whole, then its `done` flag (one chunk per block);
 `status: complete` is written last. A rerun rewrites every block whose flag is not set.
+
+The store may be a local path or an fsspec URL (s3://bucket/features.zarr, file:///shared/f.zarr).
 """
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -17,12 +17,32 @@ from .errors import InputError
 from .layout import BlockPlan, key_sha256, layer_array_name
 
 
+def store_fs(path: str):
+    """(fsspec filesystem, path within it) for a local path or an fsspec URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(path))
+
+
+def open_group(path: str, mode: str) -> zarr.Group:
+    """The root group of a store at a local path or an fsspec URL. A local file:// URL gets `auto_mkdir`
+    (object stores such as s3 have no folders to make)."""
+    path = str(path)
+    options = {}
+    if "://" in path:
+        protocol = store_fs(path)[0].protocol
+        if {"file", "local"} & set(protocol if isinstance(protocol, tuple) else (protocol,)):
+            options["storage_options"] = {"auto_mkdir": True}
+    return zarr.open_group(path, mode=mode, zarr_format=3, **options)
+
+
 def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Group, str]:
     """Returns (root group, state) with state 'complete', 'resume' or 'new'."""
     sha = key_sha256(key)
-    if Path(path).exists():
+    fs, fs_path = store_fs(path)
+    if fs.exists(fs_path):
         try:
-            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            root = open_group(path, mode="r+")
             existing = root.attrs.get("key_sha256")
         except Exception:
             existing, root = None, None
@@ -32,8 +52,8 @@ def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Gr
             differing = _differing_settings(root.attrs.get("key", {}) if root is not None else {}, key)
             raise InputError(f"{path} holds a cache made with other settings ({differing}); "
                              "pass --overwrite to replace it, or --out for a new store")
-        shutil.rmtree(path)
-    root = zarr.open_group(path, mode="w", zarr_format=3)
+        fs.rm(fs_path, recursive=True)
+    root = open_group(path, mode="w")
     root.attrs.update({"key": key, "key_sha256": sha, "status": "incomplete"})
     return root, "new"
 
@@ -48,6 +68,15 @@ class SplitWriter:
         self.group, self.plan, self.layers = group, plan, layers
         self.arrays = [group[layer_array_name(i)] for i in layers]
         self.done = group["done"]
+
+    @classmethod
+    def for_existing(cls, group: zarr.Group, layers: list[int]) -> "SplitWriter":
+        """A writer for some blocks of a split made by `prepare_split` elsewhere (a distributed worker): it
+        needs only the block size, which the split's attributes hold."""
+        return cls(group, BlockPlan(int(group.attrs["block_tokens"]), np.zeros(0, np.int64), []), layers)
+
+    def is_done(self, block: int) -> bool:
+        return bool(self.done[block])
 
     def pending_blocks(self) -> list[int]:
         return [b for b, flag in enumerate(self.done[:]) if not flag]

@@ -86,13 +86,19 @@ def data_options(command):
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
+@click.option("--workers", type=int, default=None,
+              help="Run the forward passes on a dask LocalCluster of N one-thread worker processes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, layers,
-            max_length, batch_size, dtype, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens):
+            max_length, batch_size, dtype, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
+            workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
     Re-running with the same settings does nothing; after a crash it resumes from the first
     unfinished block. Different settings into an existing store are refused without --overwrite.
+    --out may be an fsspec URL (s3://bucket/features.zarr).
     """
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
@@ -102,9 +108,19 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
                                chunk_tokens=chunk_tokens, device=device)
     validate_settings(settings)
+    distributed = workers is not None or bool(scheduler)
+    if distributed:
+        from stages.distributed_extract import check_cluster_options, extract_distributed
+
+        check_cluster_options(workers, scheduler)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
     model = load_backbone(backbone, trust_remote_code)
-    if run_extract(model, dataset, settings) == "complete":
+    if distributed:
+        state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
+                                    trust_remote_code=trust_remote_code)
+    else:
+        state = run_extract(model, dataset, settings)
+    if state == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
     else:
         click.echo(f"wrote {out}")
@@ -113,12 +129,19 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 @main.command()
 @click.argument("path", default=DEFAULT_CACHE)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--stats", is_flag=True,
+              help="Per-layer mean, std, max |x| and share of values beyond float16 over the real tokens (reads every layer).")
 @user_errors
-def info(path, as_json):
-    """What a cache holds: backbone, splits, layers, dtype, codecs, size against padded float32."""
-    from cache.info import describe_store
+def info(path, as_json, stats):
+    """What a cache holds: backbone, splits, layers, dtype, codecs, size against padded float32.
+
+    PATH may be an fsspec URL (s3://bucket/features.zarr).
+    """
+    from cache.info import describe_store, layer_stats
 
     facts = describe_store(path)
+    if stats:
+        facts["stats"] = layer_stats(path)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
@@ -132,6 +155,15 @@ def info(path, as_json):
     ratio = facts["ratio_to_padded_fp32"]
     click.echo(f"size       {facts['bytes_on_disk'] / 1e6:.1f} MB on disk; padded float32 at max length would be "
                f"{facts['bytes_padded_fp32'] / 1e6:.1f} MB (ratio {ratio:.3f})" if ratio else f"size {facts['bytes_on_disk']} bytes")
+    if stats:
+        click.echo(f"stats      over {facts['stats'][0]['tokens'] if facts['stats'] else 0} real tokens (done blocks, all splits)")
+        click.echo(f"  {'layer':>5}  {'mean':>11}  {'std':>11}  {'max |x|':>11}  {'> float16 max':>13}")
+        for row in facts["stats"]:
+            if row["mean"] is None:
+                click.echo(f"  {row['layer']:>5}  (no finished blocks)")
+                continue
+            click.echo(f"  {row['layer']:>5}  {row['mean']:>11.4g}  {row['std']:>11.4g}  {row['max_abs']:>11.4g}  "
+                       f"{row['fp16_overflow_fraction']:>13.3g}")
 
 
 @main.command()

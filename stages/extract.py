@@ -138,17 +138,49 @@ def _check_modality(backbone: Backbone, dataset) -> None:
                          f"{backbone.modality} model; pick a {data_modality} backbone")
 
 
-def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print) -> str:
-    """Writes or resumes the store; returns 'complete' (was up to date) or 'written'."""
+@dataclass
+class SplitWork:
+    """One split's pending blocks and what a forward pass over them needs (built by `extract`, run by a runner).
+
+    Text: `encoded` holds the split's tokenized samples (by split position). Images: `rows` maps split
+    positions to dataset rows and `dataset.images` decodes them; `tokens_per_image` is fixed.
+    """
+
+    split: str
+    plan: object  # cache.layout.BlockPlan
+    pending: list[int]
+    layers: list[int]
+    writer: object  # cache.writer.SplitWriter
+    settings: ExtractSettings
+    hidden_size: int
+    modality: str
+    encoded: dict | None = None
+    dataset: object = None
+    rows: np.ndarray | None = None
+    tokens_per_image: int | None = None
+
+    @property
+    def pending_samples(self) -> int:
+        return sum(len(self.plan.block_samples[b]) for b in self.pending)
+
+
+def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, run_split=None) -> str:
+    """Writes or resumes the store; returns 'complete' (was up to date) or 'written'.
+
+    run_split: runs one split's pending blocks (a `SplitWork`) somewhere else, e.g. on a dask cluster
+    (stages/distributed_extract.py); by default they run here. The backbone here then only hashes,
+    tokenizes and (for images) counts tokens, on the CPU.
+    """
     validate_settings(settings)
     _check_modality(backbone, dataset)
     layers = parse_layers(settings.layers, backbone.num_layers)
-    model = backbone.model.to(settings.device)
+    device = settings.device if run_split is None else "cpu"
+    model = backbone.model.to(device)
     tokens_per_image = None
     if backbone.modality == "image":
         if len(dataset) == 0:
             raise InputError(f"the data {dataset.name!r} has no images")
-        tokens_per_image = image_tokens(model, backbone, dataset, settings.device)
+        tokens_per_image = image_tokens(model, backbone, dataset, device)
         if tokens_per_image > settings.block_tokens:
             raise InputError(f"an image gives {tokens_per_image} tokens, more than --block-tokens {settings.block_tokens}; "
                              "raise --block-tokens")
@@ -172,30 +204,41 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print) -
         rows = dataset.rows(split)
         if len(rows) == 0:
             continue
+        encoded = None
         if backbone.modality == "image":
             lengths = np.full(len(rows), tokens_per_image, dtype=np.int32)
-            forward = _image_forward(model, backbone, dataset, rows, tokens_per_image, settings.device)
         else:
             encoded = tokenize(backbone.tokenizer, dataset, rows, settings.max_length)
             lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
-            forward = _text_forward(model, backbone.tokenizer, encoded, settings.device)
         plan = plan_blocks(lengths, settings.block_tokens)
         meta = {"row": rows.astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
         writer = prepare_split(root, split, plan, meta, layers, backbone.hidden_size, settings.dtype,
                                settings.chunk_tokens, filters, compressors)
-        pending = writer.pending_blocks()
-        todo = sum(len(plan.block_samples[b]) for b in pending)
-        _run_blocks(model, forward, plan, pending, layers, writer, settings,
-                    progress_bar(total=todo, desc=f"extract {split}", unit="sample"))
+        work = SplitWork(split, plan, writer.pending_blocks(), layers, writer, settings, backbone.hidden_size,
+                         backbone.modality, encoded, dataset, rows, tokens_per_image)
+        if not work.pending:
+            continue
+        if run_split is not None:
+            run_split(work)
+            continue
+        forward = split_forward(backbone, model, work, settings.device)
+        _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {split}", unit="sample"))
     root.attrs["status"] = "complete"
     return "written"
+
+
+def split_forward(backbone: Backbone, model, work: SplitWork, device: str):
+    """The forward function of a split: batch samples (split positions) -> (hidden_states, mask [B, T] bool)."""
+    if work.modality == "image":
+        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, device)
+    return _text_forward(model, backbone.tokenizer, work.encoded, device)
 
 
 def _text_forward(model, tokenizer, encoded, device):
     """batch samples (split positions) -> (hidden_states, mask [B, T] bool)."""
 
     def forward(batch_samples):
-        features = [{name: values[i] for name, values in encoded.items()} for i in batch_samples]
+        features = [{name: values[int(i)] for name, values in encoded.items()} for i in batch_samples]
         batch = tokenizer.pad(features, return_tensors="pt").to(device)
         hidden = model(**batch, output_hidden_states=True).hidden_states
         return hidden, batch["attention_mask"].bool()
@@ -207,7 +250,7 @@ def _image_forward(model, backbone, dataset, rows, tokens_per_image, device):
     """batch samples (split positions) -> (hidden_states, all-ones mask): images decoded per batch only."""
 
     def forward(batch_samples):
-        pixels = pixel_values(backbone, dataset, rows[batch_samples]).to(device)
+        pixels = pixel_values(backbone, dataset, [rows[int(i)] for i in batch_samples]).to(device)
         hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
         if hidden[0].shape[1] != tokens_per_image:
             raise InputError(f"images give {hidden[0].shape[1]} tokens here but {tokens_per_image} for the first image; "
@@ -217,26 +260,41 @@ def _image_forward(model, backbone, dataset, rows, tokens_per_image, device):
     return forward
 
 
-def _run_blocks(model, forward, plan, pending, layers, writer, settings, progress) -> None:
-    dtype = np.float16 if settings.dtype == "float16" else np.float32
+def block_features(forward, samples: np.ndarray, layers: list[int], block_tokens: int, hidden_size: int,
+                   dtype: str, batch_size: int, on_batch=None) -> np.ndarray:
+    """One block's [K, block_tokens, D] buffer: its samples (longest first, the plan's order) run in forward
+    batches of `batch_size`, their real tokens packed in that order, zeros in the unused tail.
+
+    The one place a block's features are made: the single-process loop and every distributed worker use it,
+    so both write the same bytes. on_batch(n) is called after each batch of n samples.
+    """
+    numpy_dtype = np.float16 if dtype == "float16" else np.float32
+    buffer = np.zeros((len(layers), block_tokens, hidden_size), dtype=numpy_dtype)
+    cursor = 0
+    for first in range(0, len(samples), batch_size):
+        batch_samples = samples[first:first + batch_size]
+        with torch.inference_mode():
+            hidden, mask = forward(batch_samples)
+        tokens = torch.stack([hidden[i][mask] for i in layers]).cpu().numpy().astype(numpy_dtype)
+        if not np.isfinite(tokens).all():
+            raise InputError(f"features overflow {dtype} (inf or nan); extract with --dtype float32")
+        buffer[:, cursor:cursor + tokens.shape[1]] = tokens
+        cursor += tokens.shape[1]
+        if on_batch is not None:
+            on_batch(len(batch_samples))
+    return buffer
+
+
+def _run_blocks(forward, work: SplitWork, progress) -> None:
+    """Runs a split's pending blocks in this process; writes overlap the next block's forward passes."""
+    settings, plan = work.settings, work.plan
     background = BackgroundWriter()
     started = time.perf_counter()
     try:
-        for block in pending:
-            samples = plan.block_samples[block]  # longest first
-            buffer = np.zeros((len(layers), plan.block_tokens, model.config.hidden_size), dtype=dtype)
-            cursor = 0
-            for first in range(0, len(samples), settings.batch_size):
-                batch_samples = samples[first:first + settings.batch_size]
-                with torch.inference_mode():
-                    hidden, mask = forward(batch_samples)
-                tokens = torch.stack([hidden[i][mask] for i in layers]).cpu().numpy().astype(dtype)
-                if not np.isfinite(tokens).all():
-                    raise InputError(f"features overflow {settings.dtype} (inf or nan); extract with --dtype float32")
-                buffer[:, cursor:cursor + tokens.shape[1]] = tokens
-                cursor += tokens.shape[1]
-                progress.update(len(batch_samples))
-            background.submit(writer.write_block, block, buffer)
+        for block in work.pending:
+            buffer = block_features(forward, plan.block_samples[block], work.layers, plan.block_tokens,
+                                    work.hidden_size, settings.dtype, settings.batch_size, progress.update)
+            background.submit(work.writer.write_block, block, buffer)
         background.close()
     finally:
         progress.close()

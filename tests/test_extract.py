@@ -198,3 +198,38 @@ def test_real_minilm_on_movie_snippets_matches_a_direct_forward(tmp_path):
 
     run_extract(resolve_backbone("minilm"), table, tmp_path / "f.zarr", max_length=64, block_tokens=1024, chunk_tokens=256)
     assert_matches_direct(resolve_backbone("minilm"), table, tmp_path / "f.zarr", 64, atol=2e-2)
+
+
+def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path):
+    """A real SIGKILL of the `pipeline extract` process, once some blocks are flagged done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import sentiment_rows, write_table
+
+    table = write_table(tmp_path / "data.csv", sentiment_rows(1500))
+    args = [sys.executable, "-m", "pipeline.cli", "extract", "--backbone", str(tiny_bert), "--data", str(table),
+            "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["--out", str(tmp_path / "clean.zarr")], check=True, capture_output=True, env=env)
+    victim = subprocess.Popen(args + ["--out", str(tmp_path / "killed.zarr")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    done_flags = tmp_path / "killed.zarr" / "train" / "done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if done_flags.exists() and len(list(done_flags.iterdir())) >= 3:
+            break
+        time.sleep(0.005)
+    assert victim.poll() is None, "extraction finished before it could be killed; use more data"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert zarr.open_group(str(tmp_path / "killed.zarr")).attrs["status"] == "incomplete"
+    rerun = subprocess.run(args + ["--out", str(tmp_path / "killed.zarr")], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0 and "resuming" in rerun.stdout + rerun.stderr
+    clean, resumed = store_arrays(tmp_path / "clean.zarr"), store_arrays(tmp_path / "killed.zarr")
+    assert clean.keys() == resumed.keys()
+    for name in clean:
+        np.testing.assert_array_equal(clean[name], resumed[name], err_msg=name)

@@ -1,0 +1,306 @@
+"""Stage one on a dask.distributed cluster: `pipeline extract --workers N` or `--scheduler ADDRESS`.
+
+The main process does what a single-process run does up to the forward passes (hashes the backbone,
+tokenizes, plans blocks, creates the arrays: `stages.extract.extract`), then hands each split's pending
+blocks to the cluster, a few blocks per task. A worker process loads the backbone once (cached per
+process, keyed by folder and settings), turns each of its blocks into the block's [K, block_tokens, D]
+buffer with the same `block_features` the single-process loop uses, writes the block's shards whole and
+then its done flag. Every block is in exactly one task, so no two writers share a shard; a task whose
+worker dies is run again (on the same or another worker) and skips the blocks an earlier attempt
+flagged done. A killed run resumes from the done flags like a single-process one, with or without a
+cluster, and the arrays equal a single-process extraction byte for byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import types
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache.errors import InputError
+from cache.writer import SplitWriter, open_group
+
+from .backbones import Backbone, load_backbone
+from .extract import ExtractSettings, SplitWork, _image_forward, _text_forward, block_features, extract
+from .progress import progress_bar
+
+SCHEDULER_TIMEOUT_S = 10  # how long to try to reach --scheduler before giving up
+MAX_BLOCKS_PER_TASK = 4
+TASKS_PER_WORKER = 4  # at least this many tasks per worker when there are enough blocks (load balance)
+TASK_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a worker needs to load the same backbone: its folder (reachable from the worker), the options,
+    and the weights hash the store's key holds (a worker with other weights refuses)."""
+
+    path: str
+    trust_remote_code: bool
+    device: str
+    weights_sha256: str
+
+
+@dataclass
+class BlockTask:
+    """One task: some blocks of one split, and the model inputs of exactly their samples."""
+
+    store: str
+    split: str
+    blocks: list[int]
+    samples: list[np.ndarray]  # per block: split positions, longest first (the plan's order)
+    layers: list[int]
+    block_tokens: int
+    hidden_size: int
+    dtype: str
+    batch_size: int
+    backbone: BackboneSpec
+    modality: str
+    workers_per_host: dict[str, int]
+    encoded: dict | None = None  # text: field -> {split position: token values}
+    rows: dict | None = None  # images: split position -> dataset row
+    images: object = None  # images: RowImages holding only these rows
+    tokens_per_image: int | None = None
+    before_write: object = None  # callable(split, block) run on the worker before a block is written (tests)
+    torch_threads: int | None = None  # None: this host's CPUs shared among its workers
+
+
+class RowImages:
+    """The images of some dataset rows, loadable by their original row number (as `Images.load` is)."""
+
+    def __init__(self, images, rows: list[int]):
+        from pipeline.data import Images
+
+        self.index = {row: position for position, row in enumerate(rows)}
+        if images.paths is not None:
+            self.images = Images(paths=[images.paths[row] for row in rows])
+        else:
+            self.images = Images(array=images.array[np.asarray(rows, dtype=np.int64)])
+
+    def load(self, row: int, mode: str = "RGB"):
+        return self.images.load(self.index[int(row)], mode)
+
+
+# ---------------------------------------------------------------- on a worker
+
+_BACKBONES: dict[BackboneSpec, Backbone] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _torch_threads(workers_per_host: dict[str, int]) -> int:
+    """This host's CPUs shared among the workers on it.
+
+    Note: CPU matrix products may round differently with another intra-op thread count, so features equal a
+    single-process run's byte for byte when that run used as many torch threads as each worker does.
+    """
+    try:
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        sharing = workers_per_host.get(get_address_host(get_worker().address), 1)
+    except Exception:  # not on a worker
+        sharing = 1
+    return max(1, available_cpus() // max(1, sharing))
+
+
+def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_threads: int | None = None) -> Backbone:
+    """The backbone, loaded once per worker process (and per folder + settings)."""
+    with _BACKBONES_LOCK:
+        if spec not in _BACKBONES:
+            import torch
+
+            torch.set_num_threads(torch_threads or _torch_threads(workers_per_host))
+            backbone = load_backbone(spec.path, spec.trust_remote_code)
+            if backbone.weights_sha256 != spec.weights_sha256:
+                raise InputError(f"the backbone at {spec.path} on this worker has other weights than the one the store's "
+                                 "key was made with; give every worker the same model folder")
+            backbone.model.to(spec.device)
+            if backbone.modality == "text":
+                backbone.tokenizer.padding_side = "right"
+            _BACKBONES[spec] = backbone
+        return _BACKBONES[spec]
+
+
+def run_block_task(task: BlockTask) -> dict:
+    """Runs on a worker: forward passes for the task's blocks, then each block's shards and done flag."""
+    backbone = worker_backbone(task.backbone, task.workers_per_host, task.torch_threads)
+    device = task.backbone.device
+    if task.modality == "image":
+        forward = _image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
+                                 task.tokens_per_image, device)
+    else:
+        forward = _text_forward(backbone.model, backbone.tokenizer, task.encoded, device)
+    writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
+    written = []
+    for block, samples in zip(task.blocks, task.samples):
+        if writer.is_done(block):  # an earlier attempt of this task (on a worker that died) wrote it
+            continue
+        buffer = block_features(forward, samples, task.layers, task.block_tokens, task.hidden_size, task.dtype,
+                                task.batch_size)
+        if task.before_write is not None:
+            task.before_write(task.split, block)
+        writer.write_block(block, buffer)
+        written.append(block)
+    return {"blocks": list(task.blocks), "written": written, "samples": int(sum(len(s) for s in task.samples))}
+
+
+# ---------------------------------------------------------------- in the main process
+
+def check_cluster_options(workers: int | None, scheduler: str | None) -> None:
+    if workers is not None and scheduler:
+        raise InputError("give --workers N (a cluster on this machine) or --scheduler ADDRESS (an existing one), not both")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers {workers}: give at least 1 worker process")
+
+
+class Connection:
+    """A dask client: to --scheduler ADDRESS, or to a LocalCluster of N one-thread worker processes, started
+    only when a split has blocks to run (a complete store starts nothing)."""
+
+    def __init__(self, workers: int | None, scheduler: str | None):
+        self.workers, self.scheduler = workers, scheduler
+        self.cluster = None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from distributed import Client, LocalCluster
+
+            if self.scheduler:
+                try:
+                    self._client = Client(self.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+                except Exception as error:
+                    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise InputError(f"cannot reach the dask scheduler at {self.scheduler} within {SCHEDULER_TIMEOUT_S} s "
+                                     f"({message}); check the address (tcp://HOST:8786) and that the scheduler runs") from None
+            else:
+                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None)
+                self._client = Client(self.cluster)
+        return self._client
+
+    def close(self) -> None:
+        try:
+            if self._client is not None:
+                self._client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+            self._client = self.cluster = None
+
+
+class DaskSplitRunner:
+    """`extract`'s run_split: submits one task per group of pending blocks and waits for all of them."""
+
+    def __init__(self, connection: Connection, store: str, backbone: BackboneSpec, blocks_per_task: int | None = None,
+                 before_write=None, torch_threads: int | None = None):
+        self.connection, self.store, self.backbone = connection, store, backbone
+        self.blocks_per_task, self.before_write, self.torch_threads = blocks_per_task, before_write, torch_threads
+
+    def __call__(self, work: SplitWork) -> None:
+        from distributed import as_completed
+        from distributed.comm import get_address_host
+
+        client = self.connection.client
+        workers = client.scheduler_info(**({"n_workers": -1} if _takes_n_workers(client) else {}))["workers"]
+        workers_per_host = dict(Counter(get_address_host(address) for address in workers))
+        per_worker = len(work.pending) // (TASKS_PER_WORKER * max(1, len(workers)))
+        size = self.blocks_per_task or max(1, min(MAX_BLOCKS_PER_TASK, per_worker))
+        groups = [work.pending[first:first + size] for first in range(0, len(work.pending), size)]
+        futures = [client.submit(run_block_task, self._task(work, blocks, workers_per_host), retries=TASK_RETRIES,
+                                 pure=False, key=f"extract-{work.split}-blocks-{blocks[0]}-{blocks[-1]}-{uuid.uuid4().hex[:8]}")
+                   for blocks in groups]
+        progress = progress_bar(total=work.pending_samples, desc=f"extract {work.split} ({len(workers)} workers)",
+                                unit="sample")
+        started, blocks_done = time.perf_counter(), 0
+        try:
+            for future in as_completed(futures):
+                result = _result(future)
+                blocks_done += len(result["blocks"])
+                progress.set_postfix_str(f"blocks {blocks_done}/{len(work.pending)}", refresh=False)
+                progress.update(result["samples"])
+        except BaseException:
+            client.cancel(futures)
+            raise
+        finally:
+            progress.close()
+        elapsed = time.perf_counter() - started
+        if elapsed > 0 and progress.n:
+            progress.write(f"{progress.n} samples in {elapsed:.1f} s ({progress.n / elapsed:.1f} samples/s) "
+                           f"on {len(workers)} workers")
+        missing = work.writer.pending_blocks()
+        if missing:  # every task returned, so this would be a bug, not a crash: never mark such a store complete
+            raise RuntimeError(f"{work.split}: blocks {missing[:10]} have no done flag after every task finished")
+
+    def _task(self, work: SplitWork, blocks: list[int], workers_per_host: dict[str, int]) -> BlockTask:
+        samples = [work.plan.block_samples[b] for b in blocks]
+        positions = [int(i) for s in samples for i in s]
+        task = BlockTask(self.store, work.split, list(blocks), samples, work.layers, work.plan.block_tokens,
+                         work.hidden_size, work.settings.dtype, work.settings.batch_size, self.backbone, work.modality,
+                         workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads)
+        if work.modality == "image":
+            task.rows = {i: int(work.rows[i]) for i in positions}
+            task.images = RowImages(work.dataset.images, sorted(set(task.rows.values())))
+            task.tokens_per_image = work.tokens_per_image
+        else:
+            task.encoded = {name: {i: values[i] for i in positions} for name, values in work.encoded.items()}
+        return task
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _result(future):
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker as error:
+        raise InputError(f"dask workers kept dying while running {future.key} ({error}); check the workers' memory "
+                         "(each holds the backbone and a few blocks) and their logs") from None
+
+
+def store_location(out: str) -> str:
+    """Local paths become absolute (workers may run elsewhere in the tree); URLs stay as given."""
+    return out if "://" in out else os.path.abspath(out)
+
+
+def extract_distributed(backbone: Backbone, dataset, settings: ExtractSettings, workers: int | None = None,
+                        scheduler: str | None = None, trust_remote_code: bool = False, log=print,
+                        blocks_per_task: int | None = None, before_write=None, torch_threads: int | None = None) -> str:
+    """`extract` with the forward passes on a dask cluster; returns 'complete' or 'written' as `extract` does.
+
+    workers: start a LocalCluster of this many one-thread worker processes; scheduler: use the cluster at
+    this address instead. The store must be reachable from every worker (shared storage or an fsspec URL);
+    so must the backbone folder. blocks_per_task: default a few, so each worker gets several tasks.
+    torch_threads: per worker, set once when it first loads the backbone (a worker process is reused);
+    default: its host's CPUs shared among the workers there.
+    """
+    check_cluster_options(workers, scheduler)
+    if workers is None and not scheduler:
+        raise InputError("give --workers N or --scheduler ADDRESS for a distributed extraction")
+    settings = dataclasses.replace(settings, out=store_location(settings.out))
+    spec = BackboneSpec(str(Path(backbone.path).resolve()), trust_remote_code, settings.device, backbone.weights_sha256)
+    connection = Connection(workers, scheduler)
+    try:
+        if scheduler:
+            connection.client  # an unreachable scheduler fails now, before any tokenizing or writing
+        runner = DaskSplitRunner(connection, settings.out, spec, blocks_per_task, before_write, torch_threads)
+        return extract(backbone, dataset, settings, log, run_split=runner)
+    finally:
+        connection.close()
