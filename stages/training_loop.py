@@ -71,7 +71,7 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
             scheduler.step()
             total, count = total + loss.item() * len(labels), count + len(labels)
             bar.update(len(labels))
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)  # redraws follow mininterval
         bar.close()
         seconds.append(time.perf_counter() - started)
         validation = validate()
