@@ -51,7 +51,8 @@ def main():
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=5, help="for cached methods (baselines use 2)")
     parser.add_argument("--methods", default="all", help="comma list of cached methods, or all")
-    parser.add_argument("--baselines", default="lora,full", help="comma list of lora,full (or none)")
+    parser.add_argument("--baselines", default="lora,full",
+                        help="comma list of lora,full to run, or none to reuse baseline results already in --work")
     parser.add_argument("--work", default="artifacts/bench")
     args = parser.parse_args()
 
@@ -78,6 +79,12 @@ def main():
                          work / f"{name}.log")
         rows[name] = json.loads((work / name / "metrics.json").read_text())
 
+    walls = work / "wall_seconds.json"  # wall times of every run so far, so a partial rerun keeps the others
+    wall = {**(json.loads(walls.read_text()) if walls.exists() else {}), **wall}
+    walls.write_text(json.dumps(wall, indent=2))
+    for name in ("lora", "full"):
+        if name not in rows and (work / name / "metrics.json").exists() and name in wall:
+            rows[name] = json.loads((work / name / "metrics.json").read_text())  # measured by an earlier run
     lora = rows.get("lora")
     header = "| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |"
     lines = [header, "|" + "---|" * 10]

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backbone_layers import load_frozen_layers
 from .base import FeatureSpec, MethodConfig, pool, side_width
 from .registry import register_method
 
@@ -62,6 +61,8 @@ class SHERL(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), nn.Linear(h, D), nn.LayerNorm(D, eps=1e-12), nn.Dropout(config.dropout))
         self.gate = nn.Parameter(torch.zeros(()))  # gamma; tanh(gamma / 0.1) = 0 at init
         late = list(range(spec.num_layers - config.late_layers + 1, spec.num_layers + 1))
+        from ..backbone_layers import load_frozen_layers  # imports transformers' model code: only when used
+
         self.frozen = load_frozen_layers(spec.backbone_path, late)
         self.head = nn.Linear(D, spec.num_labels)
 

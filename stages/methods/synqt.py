@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backbone_layers import load_frozen_layers
 from .base import FeatureSpec, MethodConfig
 from .registry import register_method
 
@@ -209,6 +208,8 @@ class SynQT(nn.Module):
         _check(config)
         self.spec = spec
         D, L = spec.hidden_size, spec.num_layers
+        from ..backbone_layers import load_frozen_layers  # imports transformers' model code: only when used
+
         self.frozen = load_frozen_layers(spec.backbone_path, list(range(1, L + 1)))
         if self.frozen.config.hidden_size != D or self.frozen.config.num_hidden_layers != L:
             raise ValueError(f"backbone at {spec.backbone_path} has {self.frozen.config.num_hidden_layers} layers of "
