@@ -65,7 +65,8 @@ def _model_folder(root: Path) -> Path:
     """The folder holding config.json: the root, or its single nested folder (zips often nest one)."""
     if (root / "config.json").exists():
         return root
-    found = sorted(root.rglob("config.json"))
+    # The shallowest one: sentence-transformers folders also hold 1_Pooling/config.json.
+    found = sorted(root.rglob("config.json"), key=lambda path: (len(path.parts), str(path)))
     if not found:
         raise InputError(f"{root}: no config.json inside; the backbone folder is not a Hugging Face model")
     return found[0].parent

@@ -233,3 +233,14 @@ def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path
     assert clean.keys() == resumed.keys()
     for name in clean:
         np.testing.assert_array_equal(clean[name], resumed[name], err_msg=name)
+
+
+def test_unpacked_model_folder_is_the_shallowest_config(tmp_path):
+    """A zip that nests the model one level down, with a sentence-transformers 1_Pooling/config.json beside it."""
+    from stages.backbones import _model_folder
+
+    model = tmp_path / "all-mpnet-base-v2"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / "1_Pooling" / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "mpnet"}')
+    assert _model_folder(tmp_path) == model
