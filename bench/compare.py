@@ -50,7 +50,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=5, help="for cached methods (baselines use 2)")
-    parser.add_argument("--methods", default="all", help="comma list of cached methods, or all")
+    parser.add_argument("--methods", default="all",
+                        help="comma list of cached methods to run, all, or none to reuse results already in --work")
     parser.add_argument("--baselines", default="lora,full",
                         help="comma list of lora,full to run, or none to reuse baseline results already in --work")
     parser.add_argument("--work", default="artifacts/bench")
@@ -65,7 +66,7 @@ def main():
     extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--layers", "all", "--max-length",
                                       str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)],
                           work / "extract.log")
-    methods = method_names() if args.methods == "all" else args.methods.split(",")
+    methods = method_names() if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
     rows, wall = {}, {}
     for method in methods:
         options = [f"--set={key}={REDUCTION[args.backbone]}" for key in OPTIONS.get(method, [])]
@@ -82,9 +83,10 @@ def main():
     walls = work / "wall_seconds.json"  # wall times of every run so far, so a partial rerun keeps the others
     wall = {**(json.loads(walls.read_text()) if walls.exists() else {}), **wall}
     walls.write_text(json.dumps(wall, indent=2))
-    for name in ("lora", "full"):
+    for name in method_names() + ["lora", "full"]:
         if name not in rows and (work / name / "metrics.json").exists() and name in wall:
             rows[name] = json.loads((work / name / "metrics.json").read_text())  # measured by an earlier run
+    methods = [m for m in method_names() if m in rows]
     lora = rows.get("lora")
     header = "| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |"
     lines = [header, "|" + "---|" * 10]

