@@ -331,7 +331,8 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--max-train-samples", type=int, default=None, help="Same seeded subset as `fit --max-train-samples`.")
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=int, default=16, show_default=True)
-@click.option("--lora-targets", default="query,value", show_default=True, help="Comma list of module names to adapt.")
+@click.option("--lora-targets", default=None,
+              help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet].")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
@@ -350,7 +351,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
         raise InputError("baseline trains text backbones only; images are not supported there yet")
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
-                                lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")])
+                                lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     metrics = train_baseline(backbone, dataset, settings, out_dir)
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "

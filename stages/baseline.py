@@ -37,7 +37,7 @@ class BaselineSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lora_targets: list[str] | None = None  # default: the family's attention query and value projections
 
 
 class BackboneClassifier(torch.nn.Module):
@@ -51,17 +51,23 @@ class BackboneClassifier(torch.nn.Module):
         return self.head(pool(hidden, batch["attention_mask"].bool(), self.pooling))
 
 
+# The attention query and value projections of each family, by module name (LoRA's usual q,v choice).
+LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"]}
+DEFAULT_LORA_TARGETS = ["query", "value"]  # BERT, RoBERTa, XLM-R, ELECTRA, ...
+
+
 def _wrap_lora(encoder, settings: BaselineSettings):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise InputError("the lora baseline needs PEFT: run `pip install -e \".[baseline]\"`") from None
+    targets = settings.lora_targets or LORA_TARGETS.get(encoder.config.model_type, DEFAULT_LORA_TARGETS)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=settings.lora_targets)
+                        target_modules=targets)
     try:
         return get_peft_model(encoder, config)
     except ValueError as error:
-        raise InputError(f"LoRA targets {settings.lora_targets}: {str(error).splitlines()[0]}; "
+        raise InputError(f"LoRA targets {targets}: {str(error).splitlines()[0]}; "
                          "name modules of this backbone, e.g. --lora-targets query,value") from None
 
 
