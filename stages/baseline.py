@@ -6,7 +6,7 @@ put them side by side. Not cached: the backbone runs forward and backward every 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
