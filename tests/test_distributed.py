@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 
 from cache.info import describe_store
 from cache.layout import layer_array_name
 from cache.reader import CacheReader
-from pipeline.cli import main
 from pipeline.data import load_dataset
 from stages import distributed_extract
 from stages.backbones import load_backbone
 from stages.extract import ExtractSettings, extract
 from tests.conftest import sentiment_rows, write_table
+from tests.test_extract import assert_one_line_error, cli
 
 SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
 CLI_SMALL = ["--block-tokens", 128, "--chunk-tokens", 32, "--batch-size", 8, "--max-length", 24]
@@ -59,17 +58,6 @@ def assert_same_store(expected, actual):
     for split in expected_attrs:
         if split:
             assert actual_arrays[f"{split}/done"].all(), split
-
-
-def cli(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], result.output
 
 
 @pytest.fixture(scope="module", autouse=True)

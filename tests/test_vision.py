@@ -38,15 +38,6 @@ METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl":
                   "synqt": {"queries": "2"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and spares the CPU when other work shares it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_backbone(family: str):
     """(model, processor) for a family: a tiny random model and an image processor for 32x32 inputs."""
     import transformers as t
