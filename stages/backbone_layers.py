@@ -19,9 +19,11 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+from .layer_config import VISION_TOWERS, layer_config
 
 
 # model_type -> (module, layer class), and the attention AutoModel picks by default (MPNet has only eager).
@@ -36,9 +38,7 @@ _FAMILIES = {
     "clip_vision_model": ("transformers.models.clip.modeling_clip", "CLIPEncoderLayer", "sdpa"),
     "siglip_vision_model": ("transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", "sdpa"),
 }
-# Two-tower checkpoints whose vision tower's layers are used: model_type -> the checkpoint's vision prefix.
-_VISION_TOWERS = {"clip": "vision_model.", "siglip": "vision_model."}
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES) + tuple(_VISION_TOWERS)
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES) + tuple(VISION_TOWERS)
 
 # Vision families: where layer N lives in a checkpoint (the module's own spelling first), and
 # (module name part, older checkpoint name part) renames.
@@ -52,14 +52,6 @@ _VISION_KEYS = {
     "siglip_vision_model": (("encoder.layers.{i}.",), ()),
 }
 _OTHER_TOWERS = ("text_model.",)  # never read a text tower's layers for a vision family
-
-
-def layer_config(backbone_path: str) -> PretrainedConfig:
-    """The config the layers are built from: the model's, or the vision tower's of a CLIP/SigLIP checkpoint."""
-    config = AutoConfig.from_pretrained(backbone_path)
-    if config.model_type in _VISION_TOWERS:
-        config = config.vision_config
-    return config
 
 
 def _mpnet_position_bias(relative_attention_bias: nn.Embedding, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,20 @@ def warmup_then_linear_decay(total_steps: int, warmup_ratio: float):
     return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
+def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups by the usual rule: no decay on biases, norm weights, gates and scales (every tensor of fewer
+    than two dimensions); decay would pull LST's alpha, SHERL's gamma or SynQT's scales toward zero."""
+    groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
                  show_progress: bool = True) -> TrainingRun:
     """batches(epoch) yields (inputs, labels); forward(inputs) gives logits; snapshot() copies the weights to keep."""
-    optimizer = torch.optim.AdamW(trainable, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
     steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, schedule.warmup_ratio))
     metric, _ = primary_metric(task)

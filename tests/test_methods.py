@@ -115,7 +115,8 @@ def test_lst_layers_and_heads(task):
     spec, _, _, _ = task
     spec12 = FeatureSpec(hidden_size=48, num_layers=12, num_labels=2, pooling="cls", backbone_path="",
                          cached_layers=tuple(range(13)))
-    assert LadderSideNetwork.required_layers(LSTConfig(), spec12) == [0, 1, 2, 3, 5, 6, 7, 9, 10, 11]
+    # Blocks i = 0..11, every 4th from 0 dropped; kept block i feeds its output H_{i+1}: H_12 is always read.
+    assert LadderSideNetwork.required_layers(LSTConfig(), spec12) == [0, 2, 3, 4, 6, 7, 8, 10, 11, 12]
     assert LadderSideNetwork.required_layers(LSTConfig(drop_every=0), spec12) == list(range(13))
     model = LadderSideNetwork(LSTConfig(r=2), spec12)  # no config.json: ffn 4h, 4 heads
     assert model.blocks[0].heads == 4 and model.blocks[0].ffn[0].out_features == 96
@@ -134,3 +135,18 @@ def test_config_round_trip(name):
     assert get_method(name).config_class.from_dict(data) == config
     with pytest.raises(ValueError, match="no option 'bogus'"):
         config_from_options(name, {"bogus": "1"})
+
+
+def test_weight_decay_spares_biases_norms_and_gates(task):
+    from stages.training_loop import parameter_groups
+
+    spec, _, _, _ = task
+    _, model, _ = build("lst", spec)
+    decayed, spared = parameter_groups(list(model.parameters()), 0.01)
+    assert decayed["weight_decay"] == 0.01 and spared["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert "gates" in spared_names and "final_norm.weight" in spared_names and "first.bias" in spared_names
+    assert "first.weight" in decayed_names and "head.weight" in decayed_names
+    assert decayed_names.isdisjoint(spared_names) and len(decayed_names | spared_names) == len(names)

@@ -348,12 +348,17 @@ def test_each_method_fits_one_epoch_on_an_image_cache(method, vit_cache, tmp_pat
     assert (tmp_path / method / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("family", ["deit", "dinov2", "clip_full", "siglip"])
-def test_frozen_layer_methods_run_on_every_family(family, backbones, image_folder, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_methods_that_read_the_backbone_run_on_every_family(family, backbones, image_folder, tmp_path):
+    """sherl and synqt load frozen layers; lst shapes its side blocks from the layer config (a CLIP/SigLIP
+    checkpoint keeps it under vision_config, DINOv2 gives mlp_ratio instead of intermediate_size)."""
     run_extract(backbones[family][0], image_folder, tmp_path / "f.zarr")
-    for method in ("sherl", "synqt"):
+    for method in ("lst", "sherl", "synqt"):
         metrics = train(tmp_path / "f.zarr", method, tmp_path / method)
         assert np.isfinite(metrics["history"][0]["train_loss"]), (family, method)
+    from stages.methods.lst import backbone_shape
+
+    assert backbone_shape(str(backbones[family][0]), 32)[:2] == (64, 4)  # every tiny config: FFN 64, 4 heads
 
 
 def test_image_cache_refuses_a_changed_processor(backbones, image_folder, vit_cache, tmp_path):

@@ -1,4 +1,10 @@
-"""lst: Ladder Side-Tuning (Sung et al. 2022). A narrow transformer ladder fed, through gates, by layer outputs."""
+"""lst: Ladder Side-Tuning (Sung et al. 2022). A narrow transformer ladder fed, through gates, by layer outputs.
+
+The backbone's blocks are numbered i = 0 .. L-1 (block i turns H_i into H_{i+1}); every `drop_every`-th block
+starting at 0 is dropped, and each kept block feeds its OUTPUT H_{i+1} to the ladder, as the authors' loop over
+blocks does (`side_downsample(layer_outputs[0])`). So for 12 layers the ladder reads H_2,3,4,6,7,8,10,11,12: the
+last layer's output is always read.
+"""
 from __future__ import annotations
 
 import os
@@ -16,21 +22,22 @@ from .registry import register_method
 class LSTConfig(MethodConfig):
     method = "lst"
     r: int = 8  # reduction factor: side width h = D / r
-    drop_every: int = 4  # drop layers 0, 4, 8, ... ; 0 keeps all
+    drop_every: int = 4  # drop blocks 0, 4, 8, ... (block i makes H_{i+1}); 0 keeps all
     dropout: float = 0.1
 
 
 def kept_layers(config: LSTConfig, num_layers: int) -> list[int]:
-    return [l for l in range(1, num_layers + 1) if config.drop_every <= 0 or l % config.drop_every != 0]
+    """The hidden_states the ladder reads: H_{i+1} for every kept block i."""
+    return [i + 1 for i in range(num_layers) if config.drop_every <= 0 or i % config.drop_every != 0]
 
 
 def backbone_shape(path: str, hidden_size: int) -> tuple[int, int, float]:
     """(ffn width, attention heads, LayerNorm eps) of the backbone's layers; defaults when no config.json."""
     if path and os.path.exists(os.path.join(path, "config.json")):
-        from transformers import AutoConfig
+        from ..layer_config import ffn_width, layer_config, layer_norm_eps
 
-        config = AutoConfig.from_pretrained(path)
-        return config.intermediate_size, config.num_attention_heads, getattr(config, "layer_norm_eps", 1e-12)
+        config = layer_config(path)
+        return ffn_width(config), config.num_attention_heads, layer_norm_eps(config)
     return 4 * hidden_size, 4, 1e-12
 
 
@@ -85,11 +92,12 @@ class LadderSideNetwork(nn.Module):
         return [0, *kept_layers(config, spec.num_layers)]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        s = self.first(self.dropout(features[:, 0]))
-        gates = torch.sigmoid(self.gates / 0.1)
+        # features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order.
+        s = self.first(self.dropout(features[:, 0]))  # s_0 = W_first dropout(H_0)
+        gates = torch.sigmoid(self.gates / 0.1)  # mu_l = sigmoid(alpha_l / 0.1)
         for i, (down, block) in enumerate(zip(self.down, self.blocks)):
-            s = gates[i] * s + (1 - gates[i]) * down(features[:, i + 1])
-            s = block(s, mask)
+            s = gates[i] * s + (1 - gates[i]) * down(features[:, i + 1])  # s <- mu s + (1 - mu) W_down,l H_l
+            s = block(s, mask)  # then the side block
         s = self.up(self.dropout(self.final_norm(s)))
         return self.head(pool(s, mask, self.spec.pooling))
 

@@ -2,6 +2,10 @@
 
 Early route: merge the early layers' features with redundancy-aware weights guided by the last early layer.
 Late route: run the backbone's last k layers, frozen, on the merged features; gradients flow through them.
+
+Side width: the authors' BERT form (VSE-infinity's text encoder) uses h = embed_size / downsample_factor =
+1024 / 2, halving the 1024-wide joint embedding it projects into. Without a joint space here, the default halves
+the backbone's own width instead: r = 2, h = D / 2 (384 on a BERT-base-sized model, 192 on MiniLM).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ TRANSFORMS = ("linear_ln", "gated")
 @dataclass
 class SHERLConfig(MethodConfig):
     method = "sherl"
-    r: int = 8  # reduction factor: side width h = D / r
+    r: int = 2  # reduction factor: side width h = D / r (the authors' BERT form halves its width; see above)
     transform: str = "linear_ln"  # per-layer transform: "linear_ln" (BERT form) or "gated" (T5 form)
     late_layers: int = 1  # k: the last k pretrained layers run frozen in the late route
     dropout: float = 0.1

@@ -52,14 +52,16 @@ class SynQTConfig(MethodConfig):
 
 
 class Adapter(nn.Module):
-    """Ad_k(x) = x + W_2 GELU(W_1 x), bottleneck k; PyTorch default init, as the authors."""
+    """Ad_k(x) = x + drop(W_2 drop(GELU(W_1 x))), bottleneck k; PyTorch default init, as the authors. The
+    synthesis and head adapters use dropout 0.1, the q/k/v/out adapters of the query self-attention none."""
 
-    def __init__(self, width: int, bottleneck: int):
+    def __init__(self, width: int, bottleneck: int, dropout: float = 0.0):
         super().__init__()
         self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(F.gelu(self.down(x)))
+        return x + self.dropout(self.up(self.dropout(F.gelu(self.down(x)))))
 
 
 class QueryAttention(nn.Module):
@@ -79,21 +81,22 @@ class QueryAttention(nn.Module):
 
 
 class Synthesis(nn.Module):
-    """u = Ad48(q + f Q_prev); Q^ = u + s_a Attn(u); Q^ += s_f Ad48(LN Q^); dropout."""
+    """u = Ad48(q + f Q_prev); Q^ = u + s_a Attn(LN_1 u); Q^ += s_f Ad48(LN_2 Q^); dropout."""
 
     def __init__(self, config: SynQTConfig, width: int):
         super().__init__()
-        self.adapter = Adapter(width, config.adapter_dim)
+        self.adapter = Adapter(width, config.adapter_dim, config.dropout)
+        self.attention_norm = nn.LayerNorm(width)  # the authors' norm1, before the query self-attention
         self.attention = QueryAttention(width, config.attention_adapter_dim, config.dropout)
         self.norm = nn.LayerNorm(width)
-        self.ffn = Adapter(width, config.adapter_dim)
+        self.ffn = Adapter(width, config.adapter_dim, config.dropout)
         self.attention_scale = nn.Parameter(torch.tensor(float(config.attention_scale)))
         self.ffn_scale = nn.Parameter(torch.tensor(float(config.ffn_scale)))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, seed: torch.Tensor) -> torch.Tensor:
         u = self.adapter(seed)
-        u = u + self.attention_scale * self.attention(u)
+        u = u + self.attention_scale * self.attention(self.attention_norm(u))
         u = u + self.ffn_scale * self.ffn(self.norm(u))
         return self.dropout(u)
 
@@ -221,9 +224,10 @@ class SynQT(nn.Module):
         self.synthesis = nn.ModuleList(Synthesis(config, D) for _ in range(L))
         # Head over the 3L + 1 features.
         self.feature_norm = nn.LayerNorm(D)
-        self.feature_adapter = Adapter(D, config.adapter_dim)
+        self.feature_adapter = Adapter(D, config.adapter_dim, config.dropout)
         self.drop_path = config.drop_path
         self.weights = nn.Linear(D, 3 * L)
+        self.weights_dropout = nn.Dropout(config.dropout)
         if last.pre_norm:  # no output norm inside a pre-LN layer: a fresh trainable one
             self.head_norm = nn.LayerNorm(D, eps=getattr(self.frozen.config, "layer_norm_eps", 1e-6))
         else:
@@ -244,7 +248,7 @@ class SynQT(nn.Module):
             keep[:, 1:] = torch.bernoulli(torch.full((B, J - 1, 1), 1.0 - self.drop_path, device=features.device))
             keep[:, 1:] /= 1.0 - self.drop_path
             features = features * keep
-        weights = torch.tanh(F.gelu(self.weights(features[:, 0])))  # [B, 3L]
+        weights = torch.tanh(self.weights_dropout(F.gelu(self.weights(features[:, 0]))))  # [B, 3L]
         weights = torch.cat([torch.ones_like(weights[:, :1]), weights], 1)
         return (weights.unsqueeze(-1) * features).mean(1)
 

@@ -24,7 +24,7 @@ TUNERS = ("adapter", "lora", "prefix")
 class UTuningConfig(MethodConfig):
     method = "utuning"
     tuner: str = "adapter"  # "adapter" (x + W2 GELU(W1 x)), "lora" (x + B A x) or "prefix" (x + attention over prefixes)
-    bottleneck: int = 32  # adapter width (ms-swift's default)
+    bottleneck: int = 10  # adapter width (ms-swift's Res-Tuning default, `res_adapter` dim 10)
     rank: int = 8  # lora rank
     prefixes: int = 8  # number of learnable key/value prefixes for tuner=prefix
     zero_init_last: bool = False  # zero the last bypass block's tuners' output weights, so they start as identity
