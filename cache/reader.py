@@ -6,6 +6,7 @@ within a buffer of blocks; more buffer blocks mean more randomness and more memo
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from .layout import layer_array_name
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # [B, K, T, D] float32
+    features: torch.Tensor  # [B, K, T, D] in the cache's dtype (float16 by default); zeros at padded positions
     mask: torch.Tensor  # [B, T] bool
     labels: torch.Tensor  # [B] int64 or float32
     index: np.ndarray  # [B] sample indices within the split
@@ -93,26 +94,41 @@ class CacheReader:
             tokens[k] = self.memory[k][rows] if self.memory is not None else read_checked(array, rows)
         return tokens, first
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 2):
+    def _read_group(self, blocks: np.ndarray) -> dict:
+        data = {}
+        for position in blocks:
+            tokens, first = self._read_block(position)
+            data.update({int(sample): (tokens, first) for sample in self.block_samples[position]})
+        return data
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 2,
+                pin_memory: bool = False):
+        """Batches of `batch_size`; the next buffer of blocks is read and decoded on a background thread while
+        the current one is served. pin_memory: collate into page-locked memory, for non-blocking GPU copies."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
-        for group_start in range(0, len(order), buffer_blocks):
-            blocks = order[group_start:group_start + buffer_blocks]
-            data = {}
-            for position in blocks:
-                tokens, first = self._read_block(position)
-                data.update({int(sample): (tokens, first) for sample in self.block_samples[position]})
-            samples = np.concatenate([self.block_samples[b] for b in blocks])
-            samples = rng.permutation(samples) if shuffle else np.sort(samples)
-            for first in range(0, len(samples), batch_size):
-                yield self._collate(samples[first:first + batch_size], data)
+        groups = [order[start:start + buffer_blocks] for start in range(0, len(order), buffer_blocks)]
+        with ThreadPoolExecutor(1, thread_name_prefix="cache-reader") as pool:
+            pending = pool.submit(self._read_group, groups[0]) if groups else None
+            for index, blocks in enumerate(groups):
+                data = pending.result()
+                pending = pool.submit(self._read_group, groups[index + 1]) if index + 1 < len(groups) else None
+                samples = np.concatenate([self.block_samples[b] for b in blocks])
+                samples = rng.permutation(samples) if shuffle else np.sort(samples)
+                for first in range(0, len(samples), batch_size):
+                    yield self._collate(samples[first:first + batch_size], data, pin_memory)
+                del data
 
-    def _collate(self, samples: np.ndarray, data: dict) -> Batch:
+    def _collate(self, samples: np.ndarray, data: dict, pin_memory: bool = False) -> Batch:
+        """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""
         lengths = self.lengths[samples]
-        features = np.zeros((len(samples), len(self.layers), int(lengths.max()), self.arrays[0].shape[1]), np.float32)
+        shape = (len(samples), len(self.layers), int(lengths.max()), self.arrays[0].shape[1])
+        features = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype,
+                               pin_memory=pin_memory)
+        padded = features.numpy()
         for row, sample in enumerate(samples):
             tokens, first = data[int(sample)]
             start = int(self.token_start[sample] - first)
-            features[row, :, :lengths[row]] = tokens[:, start:start + lengths[row]]
-        mask = torch.arange(features.shape[2])[None, :] < torch.from_numpy(lengths)[:, None]
-        return Batch(torch.from_numpy(features), mask, torch.from_numpy(self.labels[samples]), samples)
+            padded[row, :, :lengths[row]] = tokens[:, start:start + lengths[row]]
+        mask = torch.arange(shape[2])[None, :] < torch.from_numpy(lengths)[:, None]
+        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples)

@@ -175,6 +175,25 @@ def methods():
         click.echo(f"{name:10s} {get_method(name).summary}")
 
 
+def runtime_options(command):
+    """--device and --precision, shared by fit, evaluate, predict and baseline (stages/runtime.py decides)."""
+    options = [
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (a GPU when there is one), cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="Autocast precision; auto: bf16 on a GPU that supports it, else fp32."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _runtime(device, precision):
+    from stages.runtime import Runtime
+
+    return Runtime.resolve(device, precision)
+
+
 class MethodChoice(click.Choice):
     """Choices taken from the registry when first needed, so --help stays fast."""
 
@@ -205,9 +224,10 @@ class MethodChoice(click.Choice):
 @click.option("--in-memory", is_flag=True, help="Load the needed layers into RAM once (faster for small caches).")
 @click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size.")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction (methods with frozen layers).")
+@runtime_options
 @user_errors
 def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, weight_decay, warmup_ratio, seed,
-        buffer_blocks, in_memory, max_train_samples, backbone_path):
+        buffer_blocks, in_memory, max_train_samples, backbone_path, device, precision):
     """Stage two: train a side network on the cached features.
 
     Keeps the epoch with the best validation metric, reports test metrics, and writes
@@ -226,13 +246,21 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
     except ValueError as error:
         raise InputError(str(error)) from None
     settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                           seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples)
+                           seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
+                           device=device, precision=precision)
+    _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
-               f"peak memory {metrics['peak_memory_mb']:.0f} MB above start")
+               f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")
+
+
+def _format_memory(metrics: dict) -> str:
+    if "peak_gpu_allocated_mb" in metrics:
+        return f"peak GPU memory {metrics['peak_gpu_allocated_mb']:.0f} MB allocated"
+    return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -244,13 +272,15 @@ def _format_metrics(metrics: dict) -> str:
 @click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@runtime_options
 @user_errors
-def evaluate(model_dir, cache_path, split, batch_size):
+def evaluate(model_dir, cache_path, split, batch_size, device, precision):
     """Metrics of a saved side network on a cached split (printed as JSON)."""
     from cache.reader import CacheReader, open_store
     from stages.evaluate import evaluate_split
     from stages.side_model import load_side_model
 
+    runtime = _runtime(device, precision)
     side = load_side_model(model_dir)
     key = open_store(cache_path).attrs["key"]
     trained = side.info["cache_key"]
@@ -259,7 +289,8 @@ def evaluate(model_dir, cache_path, split, batch_size):
             raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than the one "
                              f"{model_dir} was trained on; extract with the same backbone and settings")
     reader = CacheReader(cache_path, split, side.layers)
-    metrics = evaluate_split(side.model, reader, side.info["task"], side.spec.num_labels, batch_size)
+    metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels, batch_size,
+                             runtime)
     click.echo(json.dumps({"split": split, "samples": len(reader), **metrics}, indent=2))
 
 
@@ -271,14 +302,16 @@ def evaluate(model_dir, cache_path, split, batch_size):
 @click.option("--text-pair-column", default=None)
 @click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction.")
+@runtime_options
 @user_errors
-def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone_path):
+def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone_path, device, precision):
     """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
     from stages.predict import load_matching_backbone, logits_to_records, predict_texts
     from stages.side_model import load_side_model
 
     if bool(texts) == bool(data):
         raise InputError("give either --text (one or more) or --data FILE")
+    runtime = _runtime(device, precision)
     pairs = None
     if data:
         from pathlib import Path
@@ -294,7 +327,7 @@ def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone
         texts = frame[text_column].astype(str).tolist()
         pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
     side = load_side_model(model_dir, backbone_path)
-    logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs)
+    logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs, runtime=runtime)
     records = [{"text": t, **r} for t, r in zip(texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
     _write_records(records, out)
 
@@ -334,9 +367,11 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--lora-targets", default=None,
               help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet].")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
+@runtime_options
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
-             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out):
+             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out,
+             device, precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
     Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
@@ -346,16 +381,18 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     from pipeline.data import load_dataset
     from stages.baseline import BaselineSettings, train_baseline
 
+    _runtime(device, precision)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
     if dataset.modality != "text":
         raise InputError("baseline trains text backbones only; images are not supported there yet")
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
-                                lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None)
+                                lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
+                                device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     metrics = train_baseline(backbone, dataset, settings, out_dir)
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
-               f"{metrics['seconds_per_epoch']:.1f} s/epoch; peak memory {metrics['peak_memory_mb']:.0f} MB above start")
+               f"{metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")
 
 

@@ -19,6 +19,7 @@ from cache.reader import subset_positions
 from .backbones import load_backbone
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import pool
+from .runtime import Runtime
 from .metrics import task_metrics
 from .training_loop import Schedule, run_metrics, train_epochs
 
@@ -38,6 +39,8 @@ class BaselineSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: list[str] | None = None  # default: the family's attention query and value projections
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
 
 
 class BackboneClassifier(torch.nn.Module):
@@ -71,29 +74,33 @@ def _wrap_lora(encoder, settings: BaselineSettings):
                          "name modules of this backbone, e.g. --lora-targets query,value") from None
 
 
-def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int):
+def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int,
+             runtime: Runtime):
     order = np.random.default_rng(seed).permutation(rows) if shuffle else rows
     for first in range(0, len(order), settings.batch_size):
         chunk = order[first:first + settings.batch_size]
         texts = [dataset.texts[i] for i in chunk]
         pairs = [dataset.pairs[i] for i in chunk] if dataset.pairs else None
         batch = tokenizer(texts, pairs, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
-        yield dict(batch), torch.from_numpy(dataset.labels[chunk])
+        yield ({name: runtime.to_device(tensor) for name, tensor in batch.items()},
+               runtime.to_device(torch.from_numpy(dataset.labels[chunk])))
 
 
 @torch.no_grad()
-def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels) -> dict:
+def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels, runtime: Runtime) -> dict:
     model.eval()
     logits, labels = [], []
-    for batch, y in _batches(tokenizer, dataset, rows, settings, shuffle=False, seed=0):
-        logits.append(model(batch).float().numpy())
-        labels.append(y.numpy())
+    for batch, y in _batches(tokenizer, dataset, rows, settings, False, 0, runtime):
+        with runtime.autocast():
+            logits.append(model(batch).float().cpu().numpy())
+        labels.append(y.cpu().numpy())
     return task_metrics(np.concatenate(logits), np.concatenate(labels), task, num_labels)
 
 
 def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_dir: Path, show_progress=True) -> dict:
     if settings.method not in ("lora", "full"):
         raise InputError(f"unknown baseline {settings.method!r}; choose lora or full")
+    runtime = Runtime.resolve(settings.device, settings.precision)
     limit_allocator_slack()
     reset_peak()
     rss_at_start = current_rss_mb()
@@ -104,24 +111,27 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     encoder.requires_grad_(settings.method == "full")
     if settings.method == "lora":
         encoder = _wrap_lora(encoder, settings)
-    model = BackboneClassifier(encoder, num_labels, backbone.pooling)
+    model = BackboneClassifier(encoder, num_labels, backbone.pooling).to(runtime.device)
     lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
     schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
+    def evaluate(split):
+        return _evaluate(model, backbone.tokenizer, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
+
+    runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
     run = train_epochs(
         settings.method, model, trainable, model,
-        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch),
-        len(train_rows),
-        lambda: _evaluate(model, backbone.tokenizer, dataset, dataset.rows("validation"), settings, dataset.task, num_labels),
-        lambda: {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        schedule, dataset.task, show_progress)
+        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime),
+        len(train_rows), lambda: evaluate("validation"),
+        lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
+        schedule, dataset.task, show_progress, runtime)
     model.load_state_dict(run.best_state, strict=False)
-    test = _evaluate(model, backbone.tokenizer, dataset, dataset.rows("test"), settings, dataset.task, num_labels)
+    test = evaluate("test")
     metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
                           "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
                           "(after importing torch and zarr; the backbone loads later)",
-                          {**asdict(settings), "lr": lr, "backbone": str(backbone.path)})
+                          {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime)
     metrics["baseline"] = True
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in run.best_state.items()}, str(out_dir / "model.safetensors"))

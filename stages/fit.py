@@ -10,9 +10,10 @@ import torch
 from cache.errors import InputError
 from cache.reader import CacheReader, open_store
 
-from .evaluate import evaluate_split
+from .evaluate import evaluate_split, side_inputs
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import FeatureSpec, MethodConfig, build_model, get_method
+from .runtime import Runtime
 from .side_model import SideModel, save_side_model, trainable_state
 from .training_loop import Schedule, run_metrics, train_epochs
 
@@ -28,6 +29,8 @@ class FitSettings:
     buffer_blocks: int = 2  # blocks in the shuffle buffer: more = more random, more memory
     in_memory: bool = False  # load the selected layers into RAM once (small caches only)
     max_train_samples: int | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
 
 
 def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
@@ -49,6 +52,7 @@ def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) ->
 
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
         backbone_path: str | None = None, show_progress: bool = True) -> dict:
+    runtime = Runtime.resolve(settings.device, settings.precision)
     limit_allocator_slack()
     reset_peak()
     rss_at_start = current_rss_mb()
@@ -62,25 +66,29 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                for split in ("train", "validation", "test") if split in root}
     if "train" not in readers or "validation" not in readers:
         raise InputError(f"the cache at {cache_path} needs train and validation splits to fit; it has {sorted(readers)}")
-    model = build_model(config, spec)
+    model = build_model(config, spec).to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
                         settings.warmup_ratio, settings.seed)
 
     def batches(epoch):
         for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                                              buffer_blocks=settings.buffer_blocks):
-            yield batch, batch.labels
+                                              buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory):
+            yield side_inputs(batch, runtime), runtime.to_device(batch.labels)
 
-    run = train_epochs(config.method, lambda batch: model(batch.features, batch.mask), trainable, model, batches,
-                       len(readers["train"]), lambda: evaluate_split(model, readers["validation"], task, spec.num_labels),
-                       lambda: trainable_state(model), schedule, task, show_progress)
+    def evaluate(split):
+        return evaluate_split(model, readers[split], task, spec.num_labels, runtime=runtime)
+
+    runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
+    run = train_epochs(config.method, lambda inputs: model(*inputs), trainable, model, batches,
+                       len(readers["train"]), lambda: evaluate("validation"), lambda: trainable_state(model),
+                       schedule, task, show_progress, runtime)
     model.load_state_dict(run.best_state, strict=False)
-    test = evaluate_split(model, readers["test"], task, spec.num_labels) if "test" in readers else {}
+    test = evaluate("test") if "test" in readers else {}
     metrics = run_metrics(config.method, run, test, trainable, len(readers["train"]), task, rss_at_start,
                           "peak RSS of the fit (Linux VmHWM, reset when fit began) minus the RSS when fit began "
                           "(after importing torch and zarr; the cache, model and frozen layers load later)",
-                          asdict(settings))
+                          asdict(settings), runtime)
     info = {"task": task, "label_names": attrs["label_names"], "cache_key": attrs["key"], "cache_key_sha256": attrs["key_sha256"],
             "max_length": attrs["max_length"], "dtype": attrs["dtype"], "model_type": attrs["model_type"]}
     save_side_model(SideModel(model, config, spec, info), out_dir, run.best_state)

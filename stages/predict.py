@@ -8,6 +8,7 @@ from cache.errors import InputError
 
 from .backbones import load_backbone
 from .extract import preprocessor_sha256
+from .runtime import Runtime
 from .side_model import SideModel
 
 
@@ -25,20 +26,26 @@ def load_matching_backbone(side: SideModel):
 
 @torch.no_grad()
 def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] | None = None,
-                  batch_size: int = 32) -> np.ndarray:
-    """Logits [N, C]. Features are rounded to the cache's dtype, as the side network saw them in training."""
+                  batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
+    """Logits [N, C]. Features are rounded to the cache's dtype, as the side network saw them in training; the
+    backbone runs in float32, as stage one ran it."""
+    runtime = runtime or Runtime.resolve("cpu", "fp32")
     dtype = torch.float16 if side.info["dtype"] == "float16" else torch.float32
     backbone.tokenizer.padding_side = "right"
     outputs = []
-    side.model.eval()
+    side.model.eval().to(runtime.device)
+    encoder = backbone.model.to(runtime.device)
     for first in range(0, len(texts), batch_size):
         batch = backbone.tokenizer(texts[first:first + batch_size], pairs[first:first + batch_size] if pairs else None,
                                    truncation=True, max_length=side.info["max_length"], padding=True, return_tensors="pt")
-        hidden = backbone.model(**batch, output_hidden_states=True).hidden_states
+        batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
+        hidden = encoder(**batch, output_hidden_states=True).hidden_states
         features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
         mask = batch["attention_mask"].bool()
         features = features * mask[:, None, :, None]  # padded positions are zeros, as in the cache reader
-        outputs.append(side.model(features, mask).float().numpy())
+        with runtime.autocast():
+            logits = side.model(features, mask)
+        outputs.append(logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, side.spec.num_labels), np.float32)
 
 

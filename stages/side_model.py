@@ -32,7 +32,9 @@ class SideModel:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+    """A CPU copy of the weights to keep (frozen layers excluded): snapshots never hold GPU memory."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(FROZEN_PREFIX)}
 
 
 def save_side_model(side: SideModel, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:

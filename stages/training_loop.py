@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .memory import peak_rss_mb
 from .metrics import primary_metric
 from .progress import progress_bar
+from .runtime import Runtime
 
 
 @dataclass
@@ -57,9 +58,12 @@ def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
-                 show_progress: bool = True) -> TrainingRun:
-    """batches(epoch) yields (inputs, labels); forward(inputs) gives logits; snapshot() copies the weights to keep."""
+                 show_progress: bool = True, runtime: Runtime | None = None) -> TrainingRun:
+    """batches(epoch) yields (inputs, labels) already on the runtime's device; forward(inputs) gives logits, run
+    under the runtime's autocast; snapshot() copies the weights to keep."""
+    runtime = runtime or Runtime.resolve("cpu", "fp32")
     optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
+    scaler = runtime.grad_scaler()
     steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, schedule.warmup_ratio))
     metric, _ = primary_metric(task)
@@ -67,20 +71,27 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
     for epoch in range(schedule.epochs):
         started = time.perf_counter()
         modules.train()
-        total, count = 0.0, 0
+        total, count, shown = torch.zeros((), device=runtime.device), 0, started
         bar = progress_bar(total=train_size, desc=f"{name} epoch {epoch + 1}/{schedule.epochs}", unit="sample",
                            disable=not show_progress)
         for inputs, labels in batches(epoch):
-            loss = loss_of(forward(inputs), labels, task)
+            with runtime.autocast():
+                logits = forward(inputs)
+            loss = loss_of(logits.float(), labels, task)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            total, count = total + loss.item() * len(labels), count + len(labels)
+            total, count = total + loss.detach() * len(labels), count + len(labels)
             bar.update(len(labels))
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)  # redraws follow mininterval
+            if not bar.disable and time.perf_counter() - shown >= bar.mininterval:  # .item() waits for the device
+                bar.set_postfix(loss=f"{total.item() / count:.4f}", refresh=False)
+                shown = time.perf_counter()
         bar.close()
+        total = float(total)
         seconds.append(time.perf_counter() - started)
         validation = validate()
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
@@ -93,10 +104,13 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
 
 
 def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, train_samples: int, task: str,
-                rss_at_start: float, measured_as: str, settings: dict) -> dict:
+                rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None) -> dict:
+    """On a GPU, the peak `torch.cuda.max_memory_allocated` (reset when training began) is the memory figure that
+    reports use; RSS is kept beside it."""
     peak = peak_rss_mb()
     metric, _ = primary_metric(task)
-    return {
+    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    return {**runtime.describe(), **runtime.peak_memory(),
         "method": method, "test": test, "best_epoch": run.best_epoch, f"best_validation_{metric}": run.best_value,
         "history": run.history, "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds_per_epoch": run.seconds_per_epoch, "train_samples": train_samples,
