@@ -87,15 +87,26 @@ def _number(value, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def peak_memory(metrics: dict) -> float | None:
+    """The memory figure a run is judged by: peak GPU memory allocated on a GPU, else peak RSS above start."""
+    return metrics.get("peak_gpu_allocated_mb", metrics.get("peak_memory_mb"))
+
+
+def measured_on(metrics: dict) -> str:
+    """Where a run trained: "cpu, fp32", "NVIDIA H100 80GB HBM3, bf16" (older metrics.json: "cpu, fp32")."""
+    return f"{metrics.get('device_name', 'cpu')}, {metrics.get('precision', 'fp32')}"
+
+
 def markdown_report(models: list[dict], models_dir: Path) -> str:
     tests = [m["metrics"].get("test") or {} for m in models]
     columns = [c for c in CLASSIFICATION_COLUMNS + REGRESSION_COLUMNS if any(c[0] in t for t in tests)]
     columns = columns or list(CLASSIFICATION_COLUMNS)
     header = ["model", "method", "kind", *[title for _, title in columns], "trainable parameters",
-              "peak memory MB", "seconds / epoch", "best epoch"]
+              "peak memory MB", "seconds / epoch", "best epoch", "device, precision"]
     lines = ["# cachetune report", "",
              f"{len(models)} model folder(s) under `{models_dir}`. Test metrics at the epoch with the best validation "
-             "metric; peak memory is the process's peak RSS above its RSS when the fit began.", "",
+             "metric; peak memory is `torch.cuda.max_memory_allocated` during training for a run on a GPU, else the "
+             "process's peak RSS above its RSS when the fit began.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for model, test in zip(models, tests):
         m = model["metrics"]
@@ -103,8 +114,8 @@ def markdown_report(models: list[dict], models_dir: Path) -> str:
         row = [model["name"], m["method"], "baseline" if is_baseline(m) else "side network",
                *[_number(test.get(key), 4) for key, _ in columns],
                f"{parameters:,}" if isinstance(parameters, int) else "–",
-               _number(m.get("peak_memory_mb"), 0), _number(m.get("seconds_per_epoch"), 2),
-               str(m.get("best_epoch", "–"))]
+               _number(peak_memory(m), 0), _number(m.get("seconds_per_epoch"), 2),
+               str(m.get("best_epoch", "–")), measured_on(m)]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"![test metric against peak memory]({SCATTER_NAME})", "",
               f"![training loss and validation metric per epoch]({CURVES_NAME})", "",
@@ -151,14 +162,16 @@ def plot_accuracy_vs_memory(models: list[dict], path: Path) -> None:
     for model in models:
         m = model["metrics"]
         metric, value = primary_test_metric(m)
-        memory = m.get("peak_memory_mb")
+        memory = peak_memory(m)
         if value is None or memory is None:
             continue
         metric_names.add(metric)
         baseline = is_baseline(m)
         axes.scatter([memory], [value], marker="s" if baseline else "o", color="tab:gray" if baseline else "tab:blue")
         axes.annotate(model["name"], (memory, value), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    axes.set_xlabel("peak memory above start (MB)")
+    on_gpu = [("peak_gpu_allocated_mb" in model["metrics"]) for model in models]
+    axes.set_xlabel("peak GPU memory allocated (MB)" if all(on_gpu) else "peak memory above start (MB)" if not any(on_gpu)
+                    else "peak memory (MB): GPU allocated where trained on a GPU, else RSS above start")
     axes.set_ylabel("test " + (" / ".join(sorted(metric_names)) or "accuracy"))
     baselines = any(is_baseline(model["metrics"]) for model in models)
     axes.set_title("test metric against peak memory" + (" (squares: baselines)" if baselines else ""))

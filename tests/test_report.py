@@ -101,6 +101,17 @@ def test_regression_models_get_regression_columns(tmp_path):
     assert (tmp_path / "out" / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_gpu_run_is_judged_by_its_gpu_memory(tmp_path):
+    write_metrics(tmp_path / "models" / "lst", "lst", {"accuracy": 0.9, "macro_f1": 0.9}, device="cuda:0",
+                  device_name="NVIDIA H100", precision="bf16", peak_gpu_allocated_mb=123.0)
+    write_metrics(tmp_path / "models" / "unipt", "unipt", {"accuracy": 0.8, "macro_f1": 0.8})
+    path = write_report(tmp_path / "models", tmp_path / "out")
+    _, rows = table_rows(path.read_text())
+    by_name = {row["model"]: row for row in rows}
+    assert by_name["lst"]["peak memory MB"] == "123" and by_name["lst"]["device, precision"] == "NVIDIA H100, bf16"
+    assert by_name["unipt"]["peak memory MB"] == "50" and by_name["unipt"]["device, precision"] == "cpu, fp32"
+
+
 @pytest.mark.parametrize("case", ["empty", "missing", "no_metrics"])
 def test_no_model_folders_is_a_one_line_error(case, tmp_path):
     models = tmp_path / "models"
