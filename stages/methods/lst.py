@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, side_width
 from .registry import register_method
 
 
@@ -95,8 +95,9 @@ class LadderSideNetwork(nn.Module):
         # features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order.
         s = self.first(self.dropout(features[:, 0]))  # s_0 = W_first dropout(H_0)
         gates = torch.sigmoid(self.gates / 0.1)  # mu_l = sigmoid(alpha_l / 0.1)
-        for i, (down, block) in enumerate(zip(self.down, self.blocks)):
-            s = gates[i] * s + (1 - gates[i]) * down(features[:, i + 1])  # s <- mu s + (1 - mu) W_down,l H_l
+        downs = per_layer_linear(features[:, 1:], self.down)  # W_down,l H_l for every kept l at once
+        for i, block in enumerate(self.blocks):
+            s = gates[i] * s + (1 - gates[i]) * downs[:, i]  # s <- mu s + (1 - mu) W_down,l H_l
             s = block(s, mask)  # then the side block
         s = self.up(self.dropout(self.final_norm(s)))
         return self.head(pool(s, mask, self.spec.pooling))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, side_width
 from .registry import register_method
 
 TRANSFORMS = ("linear_ln", "gated")
@@ -77,7 +77,11 @@ class SHERL(nn.Module):
 
     def merge(self, features: torch.Tensor) -> torch.Tensor:
         """Early route: [B, n, T, D] -> merged side features [B, T, h], token by token."""
-        z = torch.stack([transform(features[:, l]) for l, transform in enumerate(self.transforms)], 2)  # [B, T, n, h]
+        if isinstance(self.transforms[0], GatedTransform):
+            z = torch.stack([transform(features[:, l]) for l, transform in enumerate(self.transforms)], 2)
+        else:  # z_l = LN(W_l H_l) for every l at once
+            z = per_layer_norm(per_layer_linear(features, [t[0] for t in self.transforms]),
+                               [t[1] for t in self.transforms]).transpose(1, 2)  # [B, T, n, h]
         s, guide = z[:, :, :-1], z[:, :, -1]
         unit = F.normalize(s, dim=-1, eps=1e-6)
         cosine = unit @ unit.transpose(-1, -2)  # [B, T, n-1, n-1]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, side_width
 from .registry import register_method
 
 
@@ -50,7 +50,7 @@ class UniPT(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # T_l = LN(W_l H_l), stacked [B, L+1, T, h]; the anchor is the last layer's.
-        t = torch.stack([norm(proj(features[:, l])) for l, (proj, norm) in enumerate(zip(self.project, self.norms))], 1)
+        t = per_layer_norm(per_layer_linear(features, self.project), self.norms)
         anchor, others = t[:, -1], t[:, :-1]
         # Parallel interaction: ReLU'd raw dot products with padded keys zeroed, rows l1-normalised, plus identity.
         scores = torch.einsum("bqh,blkh->blqk", anchor, others) * mask[:, None, None, :].to(t.dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig, per_layer_linear, pool
 from .registry import register_method
 
 TUNERS = ("adapter", "lora", "prefix")
@@ -124,10 +124,22 @@ class UTuning(nn.Module):
         _check(config)
         return list(range(spec.num_layers + 1))
 
+    def laterals(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Lat_l(H_l) for l = 1 .. L at once ([B, L, T, D]): they do not depend on the bypass, so adapter and lora
+        tuners run as batched matmuls over the layers; prefix tuners one by one."""
+        first = self.lateral[0]
+        if isinstance(first, AdapterTuner):
+            hidden = F.gelu(per_layer_linear(outputs, [t.down for t in self.lateral]))
+            return outputs + per_layer_linear(hidden, [t.up for t in self.lateral])
+        if isinstance(first, LoRATuner):
+            return outputs + per_layer_linear(per_layer_linear(outputs, [t.a for t in self.lateral]), [t.b for t in self.lateral])
+        return torch.stack([lateral(outputs[:, l]) for l, lateral in enumerate(self.lateral)], 1)
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = features[:, 0]
-        for l, (lateral, vertical) in enumerate(zip(self.lateral, self.vertical), start=1):
-            x = lateral(features[:, l]) + vertical(x)
+        x = features[:, 0]  # x_0 = H_0
+        lateral = self.laterals(features[:, 1:])
+        for l, vertical in enumerate(self.vertical):
+            x = lateral[:, l] + vertical(x)  # x_l = Lat_l(H_l) + Ver_l(x_{l-1})
         return self.head(pool(self.norm(x), mask, self.spec.pooling))
 
 
