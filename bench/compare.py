@@ -8,6 +8,7 @@ against one LoRA run per method.
 
     python bench/compare.py --backbone minilm
     python bench/compare.py --backbone mpnet --max-train-samples 2000
+    python bench/compare.py --backbone minilm --device cuda      # on a GPU: memory is peak GPU allocated
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def main():
     parser.add_argument("--baselines", default="lora,full",
                         help="comma list of lora,full to run, or none to reuse baseline results already in --work")
     parser.add_argument("--work", default="artifacts/bench")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N], for every fit and baseline")
+    parser.add_argument("--precision", default="auto",
+                        help="autocast precision of every fit and baseline; on a GPU LoRA also runs in fp32 (row lora_fp32)")
     args = parser.parse_args()
 
     work = ROOT / args.work / args.backbone
@@ -62,6 +66,7 @@ def main():
     cache = work / "features.zarr"
     pipeline = [sys.executable, "-m", "pipeline.cli"]
     subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
+    runtime = ["--device", args.device, "--precision", args.precision]
     bare = bare_import_peak_mb()
     extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--layers", "all", "--max-length",
                                       str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)],
@@ -71,35 +76,47 @@ def main():
     for method in methods:
         options = [f"--set={key}={REDUCTION[args.backbone]}" for key in OPTIONS.get(method, [])]
         wall[method] = run(pipeline + ["fit", "--method", method, "--cache", str(cache), "--out", str(work / method),
-                                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)] + options + subset,
+                                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)] + options + subset
+                           + runtime,
                            work / f"{method}.log")
         rows[method] = json.loads((work / method / "metrics.json").read_text())
-    for name in [b for b in args.baselines.split(",") if b and b != "none"]:
-        wall[name] = run(pipeline + ["baseline", "--method", name, "--backbone", args.backbone, "--max-length",
-                                     str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(work / name)] + subset,
-                         work / f"{name}.log")
+    baselines = [(b, b, runtime) for b in args.baselines.split(",") if b and b != "none"]
+    if "lora" in args.baselines and args.device.startswith("cuda") and args.precision != "fp32":
+        baselines.append(("lora_fp32", "lora", ["--device", args.device, "--precision", "fp32"]))
+    for name, method, options in baselines:
+        wall[name] = run(pipeline + ["baseline", "--method", method, "--backbone", args.backbone, "--max-length",
+                                     str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(work / name)]
+                         + subset + options, work / f"{name}.log")
         rows[name] = json.loads((work / name / "metrics.json").read_text())
 
     walls = work / "wall_seconds.json"  # wall times of every run so far, so a partial rerun keeps the others
     wall = {**(json.loads(walls.read_text()) if walls.exists() else {}), **wall}
     walls.write_text(json.dumps(wall, indent=2))
-    for name in method_names() + ["lora", "full"]:
+    for name in method_names() + ["lora", "lora_fp32", "full"]:
         if name not in rows and (work / name / "metrics.json").exists() and name in wall:
             rows[name] = json.loads((work / name / "metrics.json").read_text())  # measured by an earlier run
     methods = [m for m in method_names() if m in rows]
     lora = rows.get("lora")
-    header = "| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |"
-    lines = [header, "|" + "---|" * 10]
+    header = ("| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | samples/s | epochs | memory / LoRA "
+              "| time / LoRA | acc − LoRA | device, precision |")
+    lines = [header, "|" + "---|" * 12]
+
+    def peak_of(m):  # GPU: peak allocated during training; CPU: peak RSS above a bare import
+        return m["peak_gpu_allocated_mb"] if "peak_gpu_allocated_mb" in m else m["peak_rss_mb"] - bare
+
     for name, m in rows.items():
-        peak = m["peak_rss_mb"] - bare
+        peak = peak_of(m)
+        where = f"{m.get('device_name', 'cpu')}, {m.get('precision', 'fp32')}"
+        speed = m["train_samples"] / m["seconds_per_epoch"]
         ratio = lambda ours, theirs: f"{ours / theirs:.3f}" if lora else "–"  # noqa: E731
         lines.append(f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
-                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {len(m['history'])} | "
-                     f"{ratio(peak, lora['peak_rss_mb'] - bare) if lora else '–'} | "
-                     f"{ratio(m['seconds_per_epoch'], lora['seconds_per_epoch']) if lora else '–'} | "
-                     f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f} |" if lora else
+                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {speed:.0f} | "
+                     f"{len(m['history'])} | {ratio(peak, peak_of(lora))} | "
+                     f"{ratio(m['seconds_per_epoch'], lora['seconds_per_epoch'])} | "
+                     f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f} | {where} |" if lora else
                      f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
-                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {len(m['history'])} | – | – | – |")
+                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {speed:.0f} | "
+                     f"{len(m['history'])} | – | – | – | {where} |")
     train = next(iter(rows.values()))["train_samples"]
     summary = [f"backbone {args.backbone}, {train} training samples, batch {args.batch_size}, max length {args.max_length}; "
                f"bare import peak RSS {bare:.0f} MB (subtracted)",
