@@ -55,8 +55,9 @@ def read_checked(array: zarr.Array, rows: slice) -> np.ndarray:
 
 class CacheReader:
     def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False,
-                 limit: int | None = None):
-        """limit: serve only a seeded random subset of this many samples (for quick or scaled runs)."""
+                 limit: int | None = None, device: str | torch.device = "cpu"):
+        """limit: serve only a seeded random subset of this many samples (for quick or scaled runs).
+        in_memory: pack the needed layers once on `device` (a GPU's memory, or RAM) and gather batches there."""
         # One decode thread: zarr's default pool keeps a malloc arena per thread (~35 MB each here)
         # and gains nothing for shard-at-a-time reads.
         zarr.config.set({"threading.max_workers": 1})
@@ -79,7 +80,24 @@ class CacheReader:
         block_of = self.token_start[self.samples] // self.block_tokens
         blocks = [self.samples[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
         self.block_samples = [samples for samples in blocks if len(samples)]
-        self.memory = [read_checked(array, slice(None)) for array in self.arrays] if in_memory else None
+        self.memory = self._load(torch.device(device)) if in_memory else None
+
+    def _load(self, device: torch.device) -> torch.Tensor:
+        """The needed layers packed [K, tokens, D] in the cache's dtype on `device` (real tokens plus the few
+        rows that round each block up to whole chunks)."""
+        dtype = torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype
+        shape = (len(self.arrays), *self.arrays[0].shape)
+        needed = int(np.prod(shape)) * self.arrays[0].dtype.itemsize
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if needed > 0.8 * free:  # leave room for the side network and its activations
+                raise InputError(f"--in-memory needs {needed / 1e9:.2f} GB on {device} for {len(self.arrays)} layers of "
+                                 f"the {self.group.basename!r} split, but {free / 1e9:.2f} GB is free; drop --in-memory "
+                                 "to stream batches")
+        memory = torch.empty(shape, dtype=dtype, device=device)
+        for k, array in enumerate(self.arrays):
+            memory[k] = torch.from_numpy(read_checked(array, slice(None))).to(device)
+        return memory
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,7 +109,7 @@ class CacheReader:
         rows = slice(first, int((self.token_start[samples] + self.lengths[samples]).max()))
         tokens = np.empty((len(self.arrays), rows.stop - rows.start, self.arrays[0].shape[1]), self.arrays[0].dtype)
         for k, array in enumerate(self.arrays):
-            tokens[k] = self.memory[k][rows] if self.memory is not None else read_checked(array, rows)
+            tokens[k] = read_checked(array, rows)
         return tokens, first
 
     def _read_group(self, blocks: np.ndarray) -> dict:
@@ -108,6 +126,13 @@ class CacheReader:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
         groups = [order[start:start + buffer_blocks] for start in range(0, len(order), buffer_blocks)]
+        if self.memory is not None:  # same order as streaming; nothing to read
+            for blocks in groups:
+                samples = np.concatenate([self.block_samples[b] for b in blocks])
+                samples = rng.permutation(samples) if shuffle else np.sort(samples)
+                for first in range(0, len(samples), batch_size):
+                    yield self._gather(samples[first:first + batch_size])
+            return
         with ThreadPoolExecutor(1, thread_name_prefix="cache-reader") as pool:
             pending = pool.submit(self._read_group, groups[0]) if groups else None
             for index, blocks in enumerate(groups):
@@ -118,6 +143,17 @@ class CacheReader:
                 for first in range(0, len(samples), batch_size):
                     yield self._collate(samples[first:first + batch_size], data, pin_memory)
                 del data
+
+    def _gather(self, samples: np.ndarray) -> Batch:
+        """A padded batch gathered from the packed in-memory layers, on their device."""
+        device = self.memory.device
+        lengths = torch.from_numpy(self.lengths[samples]).to(device)
+        steps = torch.arange(int(self.lengths[samples].max()), device=device)
+        mask = steps[None, :] < lengths[:, None]
+        rows = torch.from_numpy(self.token_start[samples].astype(np.int64)).to(device)[:, None] + steps[None, :]
+        features = self.memory[:, torch.where(mask, rows, 0)].transpose(0, 1)  # [B, K, T, D]
+        features = features.masked_fill(~mask[:, None, :, None], 0)
+        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples)
 
     def _collate(self, samples: np.ndarray, data: dict, pin_memory: bool = False) -> Batch:
         """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""

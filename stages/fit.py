@@ -62,7 +62,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     task, attrs = root.attrs["task"], dict(root.attrs)
     layers = required_layers(config, spec, cache_path)
     readers = {split: CacheReader(cache_path, split, layers, settings.in_memory,
-                                  settings.max_train_samples if split == "train" else None)
+                                  settings.max_train_samples if split == "train" else None, runtime.device)
                for split in ("train", "validation", "test") if split in root}
     if "train" not in readers or "validation" not in readers:
         raise InputError(f"the cache at {cache_path} needs train and validation splits to fit; it has {sorted(readers)}")

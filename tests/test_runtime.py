@@ -71,3 +71,30 @@ def test_a_gpu_fit_agrees_with_the_cpu_fit(method, tiny_cache, tmp_path):  # noq
     gpu = fit_once(cache, tmp_path / "gpu", method, device="cuda", precision="fp32")
     assert gpu["peak_gpu_allocated_mb"] > 0 and gpu["device"].startswith("cuda")
     assert abs(gpu["history"][-1]["train_loss"] - cpu["history"][-1]["train_loss"]) < 1e-3
+
+
+def test_in_memory_batches_equal_streamed_ones_in_order_and_content(tiny_cache):  # noqa: F811
+    cache, _ = tiny_cache
+    streamed = CacheReader(str(cache), "train", [0, 2])
+    packed = CacheReader(str(cache), "train", [0, 2], in_memory=True)
+    assert packed.memory.dtype == torch.float16 and packed.memory.shape[0] == 2
+    for a, b in zip(streamed.batches(16, shuffle=True, seed=3), packed.batches(16, shuffle=True, seed=3), strict=True):
+        assert (a.index == b.index).all() and torch.equal(a.mask, b.mask) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.features, b.features)
+
+
+def test_in_memory_fit_equals_the_streaming_fit(tiny_cache, tmp_path):  # noqa: F811
+    cache, _ = tiny_cache
+    streamed = fit_once(cache, tmp_path / "s", device="cpu")
+    packed = fit_once(cache, tmp_path / "m", device="cpu", in_memory=True)
+    for key in ("train_loss", "validation_accuracy"):
+        assert [e[key] for e in packed["history"]] == pytest.approx([e[key] for e in streamed["history"]], rel=1e-5)
+    assert packed["test"] == pytest.approx(streamed["test"])
+
+
+@needs_gpu
+def test_in_memory_on_the_gpu_gathers_there(tiny_cache):  # noqa: F811
+    cache, _ = tiny_cache
+    packed = CacheReader(str(cache), "train", [0, 2], in_memory=True, device="cuda")
+    batch = next(packed.batches(8))
+    assert packed.memory.is_cuda and batch.features.is_cuda and batch.mask.is_cuda
