@@ -119,29 +119,36 @@ class CacheReader:
             data.update({int(sample): (tokens, first) for sample in self.block_samples[position]})
         return data
 
+    def _batch_samples(self, blocks: np.ndarray, batch_size: int, shuffle: bool, rng, by_length: bool):
+        """The buffer's samples cut into batches: shuffled (or in order); with by_length, batches of similar
+        length (sorted within the buffer), served in shuffled order, so less padding is computed."""
+        samples = np.concatenate([self.block_samples[b] for b in blocks])
+        samples = rng.permutation(samples) if shuffle else np.sort(samples)
+        if by_length:
+            samples = samples[np.argsort(self.lengths[samples], kind="stable")]
+        batches = [samples[first:first + batch_size] for first in range(0, len(samples), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))] if by_length and shuffle else batches
+
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 2,
-                pin_memory: bool = False):
+                pin_memory: bool = False, by_length: bool = False):
         """Batches of `batch_size`; the next buffer of blocks is read and decoded on a background thread while
-        the current one is served. pin_memory: collate into page-locked memory, for non-blocking GPU copies."""
+        the current one is served. pin_memory: collate into page-locked memory, for non-blocking GPU copies.
+        by_length: length-bucketed batches within each buffer (see `_batch_samples`)."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
         groups = [order[start:start + buffer_blocks] for start in range(0, len(order), buffer_blocks)]
         if self.memory is not None:  # same order as streaming; nothing to read
             for blocks in groups:
-                samples = np.concatenate([self.block_samples[b] for b in blocks])
-                samples = rng.permutation(samples) if shuffle else np.sort(samples)
-                for first in range(0, len(samples), batch_size):
-                    yield self._gather(samples[first:first + batch_size])
+                for samples in self._batch_samples(blocks, batch_size, shuffle, rng, by_length):
+                    yield self._gather(samples)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="cache-reader") as pool:
             pending = pool.submit(self._read_group, groups[0]) if groups else None
             for index, blocks in enumerate(groups):
                 data = pending.result()
                 pending = pool.submit(self._read_group, groups[index + 1]) if index + 1 < len(groups) else None
-                samples = np.concatenate([self.block_samples[b] for b in blocks])
-                samples = rng.permutation(samples) if shuffle else np.sort(samples)
-                for first in range(0, len(samples), batch_size):
-                    yield self._collate(samples[first:first + batch_size], data, pin_memory)
+                for samples in self._batch_samples(blocks, batch_size, shuffle, rng, by_length):
+                    yield self._collate(samples, data, pin_memory)
                 del data
 
     def _gather(self, samples: np.ndarray) -> Batch:

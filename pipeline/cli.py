@@ -221,13 +221,16 @@ class MethodChoice(click.Choice):
 @click.option("--warmup-ratio", type=float, default=0.1, show_default=True, help="Share of steps with linear warm-up; then linear decay to 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--buffer-blocks", type=int, default=2, show_default=True, help="Cache blocks in the shuffle buffer (memory vs randomness).")
-@click.option("--in-memory", is_flag=True, help="Load the needed layers into RAM once (faster for small caches).")
+@click.option("--in-memory", is_flag=True,
+              help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather batches there.")
+@click.option("--length-buckets", is_flag=True,
+              help="Batches of similar length within the shuffle buffer, served in shuffled order (less padding).")
 @click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size.")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction (methods with frozen layers).")
 @runtime_options
 @user_errors
 def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, weight_decay, warmup_ratio, seed,
-        buffer_blocks, in_memory, max_train_samples, backbone_path, device, precision):
+        buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision):
     """Stage two: train a side network on the cached features.
 
     Keeps the epoch with the best validation metric, reports test metrics, and writes
@@ -247,7 +250,7 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
         raise InputError(str(error)) from None
     settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                            seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
-                           device=device, precision=precision)
+                           device=device, precision=precision, length_buckets=length_buckets)
     _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
@@ -388,7 +391,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
-                                device=device, precision=precision)
+                                device=device, precision=precision, length_buckets=length_buckets)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     metrics = train_baseline(backbone, dataset, settings, out_dir)
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "

@@ -31,6 +31,7 @@ class FitSettings:
     max_train_samples: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
+    length_buckets: bool = False  # batches of similar length within the shuffle buffer, in shuffled order
 
 
 def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
@@ -73,7 +74,8 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
 
     def batches(epoch):
         for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                                              buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory):
+                                              buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
+                                              by_length=settings.length_buckets):
             yield side_inputs(batch, runtime), runtime.to_device(batch.labels)
 
     def evaluate(split):

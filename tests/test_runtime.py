@@ -2,6 +2,7 @@
 only) a fit on the GPU that agrees with the same fit on the CPU."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,15 @@ def test_in_memory_on_the_gpu_gathers_there(tiny_cache):  # noqa: F811
     packed = CacheReader(str(cache), "train", [0, 2], in_memory=True, device="cuda")
     batch = next(packed.batches(8))
     assert packed.memory.is_cuda and batch.features.is_cuda and batch.mask.is_cuda
+
+
+def test_length_buckets_pad_less_and_still_cover_every_sample_once(tiny_cache):  # noqa: F811
+    cache, _ = tiny_cache
+    reader = CacheReader(str(cache), "train", [0])
+    plain = list(reader.batches(8, shuffle=True, seed=1))
+    bucketed = list(reader.batches(8, shuffle=True, seed=1, by_length=True))
+    assert sorted(np.concatenate([b.index for b in bucketed])) == list(range(len(reader)))
+    padded = lambda batches: sum(b.mask.numel() - int(b.mask.sum()) for b in batches)  # noqa: E731
+    assert padded(bucketed) < padded(plain)
+    again = list(reader.batches(8, shuffle=True, seed=1, by_length=True))
+    assert all((a.index == b.index).all() for a, b in zip(bucketed, again))
