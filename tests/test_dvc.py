@@ -83,7 +83,7 @@ def test_project_pipeline_resolves_to_one_fit_per_method(tmp_path):
     assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], "report"]
     assert commands["extract"].startswith("pipeline extract --backbone minilm --data movies --layers all "
                                           "--max-length 128 --batch-size 32 --out artifacts/features.zarr")
-.*--device auto --precision auto ?", commands["fit@sherl"])
+    assert re.fullmatch(r"pipeline fit --method sherl .*--epochs 5 --batch-size 32 --lr 0\.001 .*--device auto --precision auto ?", commands["fit@sherl"])
     assert re.fullmatch(r"pipeline fit --method lst .*--set r=4", commands["fit@lst"])
     assert commands["fit@unipt"].endswith("--set r=2") and commands["fit@linear"].rstrip().endswith("--seed 0 --device auto --precision auto")
     assert commands["report"] == "pipeline report --models artifacts/models --out reports"
