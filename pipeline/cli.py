@@ -8,7 +8,7 @@ from functools import wraps
 
 import click
 
-from cache.errors import InputError
+from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, StorageError, describe_os_error
 
 DEFAULT_CACHE = os.path.join("artifacts", "features.zarr")
 DEFAULT_MODELS = os.path.join("artifacts", "models")
@@ -21,17 +21,29 @@ def _method_names() -> list[str]:
 
 
 def user_errors(function):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Faults end in one line on stderr and a documented exit code, never a traceback: bad input 2, an OS
+    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130."""
 
     @wraps(function)
     def run(*args, **kwargs):
         try:
             return function(*args, **kwargs)
         except InputError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            _fail(f"error: {error}", EXIT_INPUT)
+        except StorageError as error:
+            _fail(f"error: {error}", EXIT_STORAGE)
+        except OSError as error:
+            _fail(f"error: {describe_os_error(error)}; fix that (free space, permissions), then rerun the same command",
+                  EXIT_STORAGE)
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
 
     return run
+
+
+def _fail(line: str, code: int):
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,6 +114,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     """
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
+    from cache.store_lock import store_lock
     from stages.extract import ExtractSettings, extract as run_extract, validate_settings
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
@@ -115,15 +128,30 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         check_cluster_options(workers, scheduler)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
     model = load_backbone(backbone, trust_remote_code)
-    if distributed:
-        state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
-                                    trust_remote_code=trust_remote_code)
-    else:
-        state = run_extract(model, dataset, settings)
+    try:
+        with store_lock(out, log=lambda line: click.echo(line, err=True)):
+            if distributed:
+                state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
+                                            trust_remote_code=trust_remote_code)
+            else:
+                state = run_extract(model, dataset, settings)
+    except OSError as error:
+        raise StorageError(_store_error(error, model, dataset, settings)) from None
     if state == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
     else:
         click.echo(f"wrote {out}")
+
+
+def _store_error(error: OSError, model, dataset, settings) -> str:
+    """One line for an OS error while writing the store: what failed, where, the room the rest needs, resume."""
+    from cache.errors import is_disk_full
+    from stages.store_room import describe_room
+
+    room = describe_room(model, dataset, settings) if is_disk_full(error) else ""
+    fix = "free room" if is_disk_full(error) else "fix that"
+    return (f"writing the store at {settings.out} failed: {describe_os_error(error)}; "
+            f"{f'the rest needs {room}; ' if room else ''}{fix}, then rerun the same command: it resumes where it stopped")
 
 
 @main.command()
