@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from cache.errors import InputError
 from cache.reader import subset_positions
 
+from .atomic_folder import atomic_folder
 from .backbones import load_backbone
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import pool
@@ -133,8 +134,8 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
                           "(after importing torch and zarr; the backbone loads later)",
                           {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime)
     metrics["baseline"] = True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in run.best_state.items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_folder(out_dir) as folder:
+        save_file({n: t.contiguous() for n, t in run.best_state.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

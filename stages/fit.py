@@ -10,6 +10,7 @@ import torch
 from cache.errors import InputError
 from cache.reader import CacheReader, open_store
 
+from .atomic_folder import atomic_folder
 from .evaluate import evaluate_split, side_inputs
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import FeatureSpec, MethodConfig, build_model, get_method
@@ -93,6 +94,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           asdict(settings), runtime)
     info = {"task": task, "label_names": attrs["label_names"], "cache_key": attrs["key"], "cache_key_sha256": attrs["key_sha256"],
             "max_length": attrs["max_length"], "dtype": attrs["dtype"], "model_type": attrs["model_type"]}
-    save_side_model(SideModel(model, config, spec, info), out_dir, run.best_state)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_folder(out_dir) as folder:
+        save_side_model(SideModel(model, config, spec, info), folder, run.best_state)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
