@@ -42,6 +42,12 @@ def user_errors(function):
 
 
 def _fail(line: str, code: int):
+    """The line comes last: progress bars left open by the fault are closed first, so none redraws after it."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
     click.echo(line, err=True)
     sys.exit(code)
 
@@ -281,7 +287,10 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
                            device=device, precision=precision, length_buckets=length_buckets)
     _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
-    metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+    try:
+        metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+    except OSError as error:
+        raise StorageError(_training_error(error)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
@@ -292,6 +301,14 @@ def _format_memory(metrics: dict) -> str:
     if "peak_gpu_allocated_mb" in metrics:
         return f"peak GPU memory {metrics['peak_gpu_allocated_mb']:.0f} MB allocated"
     return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
+
+
+def _training_error(error: OSError) -> str:
+    """One line for an OS error while training writes its checkpoint or model folder."""
+    from cache.errors import is_disk_full
+
+    return (f"{describe_os_error(error)}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the same "
+            "command: it resumes after the last finished epoch")
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -421,7 +438,10 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
                                 device=device, precision=precision, length_buckets=length_buckets)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
-    metrics = train_baseline(backbone, dataset, settings, out_dir)
+    try:
+        metrics = train_baseline(backbone, dataset, settings, out_dir)
+    except OSError as error:
+        raise StorageError(_training_error(error)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
                f"{metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cache.errors import InputError
 
@@ -40,7 +40,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_side_model(side: SideModel, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state if state is not None else trainable_state(side.model), str(folder / "model.safetensors"))
+    weights = save(state if state is not None else trainable_state(side.model))
+    (folder / "model.safetensors").write_bytes(weights)  # through Python, so a full disk is an OSError
     payload = {"method_config": side.config.to_dict(), "feature_spec": side.spec.to_dict(), **side.info,
                "model_sha256": file_sha256(folder / "model.safetensors")}
     (folder / "config.json").write_text(json.dumps(payload, indent=2, sort_keys=True))

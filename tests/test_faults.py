@@ -167,3 +167,41 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_next(extraction, tmp_pat
     resumed = run(*args, "--out", store)
     assert resumed.returncode == 0 and "waiting" not in resumed.stderr, resumed.stderr
     assert_same_store(clean, store)
+
+
+def same_numbers(metrics: dict) -> dict:
+    """What an interrupted and resumed run must reproduce: per-epoch loss and validation metrics, best epoch, test."""
+    history = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in metrics["history"]]
+    return {"history": history, "best_epoch": metrics["best_epoch"], "test": metrics["test"]}
+
+
+def interrupt_after_the_first_checkpoint(command: list, out: Path, how: signal.Signals) -> None:
+    checkpoint = out.with_name(out.name + ".checkpoint.pt")
+    victim = start(*command)
+    wait_for(checkpoint.exists, victim, "the first epoch's checkpoint was written")
+    victim.send_signal(how)
+    _, stderr = victim.communicate(timeout=60)
+    assert checkpoint.exists() and not out.exists()  # no model folder that loads as finished
+    if how == signal.SIGINT:
+        assert victim.returncode == 130 and "Traceback" not in stderr and last_line(stderr) == INTERRUPTED, stderr
+    else:
+        assert victim.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_fit_interrupted_after_an_epoch_resumes_to_the_same_metrics(how, extraction, tmp_path):
+    import json
+
+    _, store = extraction
+    fit = ["fit", "--method", "lst", "--set", "r=4", "--cache", store, "--epochs", 6, "--batch-size", 16, "--seed", 1]
+    clean = run(*fit, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "lst"
+    interrupt_after_the_first_checkpoint(fit + ["--out", out], out, how)
+    resumed = run(*fit, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    done = int(re.search(r"resuming after epoch (\d) from the checkpoint", resumed.stderr).group(1))
+    assert 1 <= done < 6
+    expected = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert same_numbers(json.loads((out / "metrics.json").read_text())) == same_numbers(expected)
+    assert not out.with_name("lst.checkpoint.pt").exists()
