@@ -290,7 +290,7 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
     try:
         metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     except OSError as error:
-        raise StorageError(_training_error(error)) from None
+        raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
@@ -303,12 +303,13 @@ def _format_memory(metrics: dict) -> str:
     return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
 
 
-def _training_error(error: OSError) -> str:
+def _training_error(error: OSError, out_dir) -> str:
     """One line for an OS error while training writes its checkpoint or model folder."""
     from cache.errors import is_disk_full
 
-    return (f"{describe_os_error(error)}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the same "
-            "command: it resumes after the last finished epoch")
+    where = "" if error.filename else f" writing {out_dir} or its checkpoint {out_dir}.checkpoint.pt"
+    return (f"{describe_os_error(error)}{where}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the "
+            "same command: it resumes after the last finished epoch")
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -441,7 +442,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     try:
         metrics = train_baseline(backbone, dataset, settings, out_dir)
     except OSError as error:
-        raise StorageError(_training_error(error)) from None
+        raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
                f"{metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")

@@ -58,6 +58,7 @@ class Checkpoint:
     def restore(self, modules: torch.nn.Module, optimizer, scheduler, fresh: tuple) -> tuple:
         """The loop's progress (history, best value, best state, best epoch, seconds) after the last checkpointed
         epoch, with weights, optimizer, scheduler and random states set as they were then; `fresh` if none."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # here, so an unwritable place fails before epoch 1
         if not self.path.exists():
             return fresh
         try:

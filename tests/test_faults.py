@@ -205,3 +205,37 @@ def test_fit_interrupted_after_an_epoch_resumes_to_the_same_metrics(how, extract
     expected = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert same_numbers(json.loads((out / "metrics.json").read_text())) == same_numbers(expected)
     assert not out.with_name("lst.checkpoint.pt").exists()
+
+
+def test_baseline_killed_after_an_epoch_resumes_to_the_same_metrics(extraction, tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    args, _ = extraction
+    baseline = ["baseline", "--method", "lora", "--backbone", args[2], "--data", args[4], "--max-length", 24,
+                "--epochs", 3, "--lr", 1e-3, "--seed", 1]
+    clean = run(*baseline, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "lora"
+    interrupt_after_the_first_checkpoint(baseline + ["--out", out], out, signal.SIGKILL)
+    resumed = run(*baseline, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming after epoch [12] from the checkpoint", resumed.stderr), resumed.stderr
+    expected = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert same_numbers(json.loads((out / "metrics.json").read_text())) == same_numbers(expected)
+
+
+def test_full_disk_under_the_model_folder_is_one_line_and_the_rerun_finishes(extraction, tmp_path):
+    _, store = extraction
+    disk = tmp_path / "disk"
+    fit = ["fit", "--method", "lst", "--set", "r=4", "--cache", store, "--epochs", 2, "--out", disk / "models" / "lst"]
+    with tmpfs(disk, 4096):
+        full = run(*fit)
+        assert full.returncode == 3 and "Traceback" not in full.stderr, full.stderr
+        line = last_line(full.stderr)
+        assert line.startswith(f"error: No space left on device (ENOSPC) writing {disk / 'models' / 'lst'} or its "
+                               f"checkpoint {disk / 'models' / 'lst.checkpoint.pt'}; "), line
+        assert line.endswith("free room, then rerun the same command: it resumes after the last finished epoch")
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert run(*fit).returncode == 0
+        assert (disk / "models" / "lst" / "metrics.json").exists()
