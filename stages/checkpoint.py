@@ -1,8 +1,8 @@
 """Resumable training: after every epoch, everything the next epoch needs goes to one file beside the model folder.
 
-`artifacts/models/sherl.checkpoint.pt` holds the trainable weights, the optimizer and scheduler states, the
-random states (torch, CUDA, numpy, Python) and the history so far (per-epoch metrics, the best epoch and its
-weights). The same command after a kill or Ctrl-C loads it and goes on with the next epoch, so it ends with the
+`artifacts/models/sherl.checkpoint.pt` holds the trainable weights, the optimizer, scheduler and gradient scaler
+states, the random states (torch, CUDA, numpy, Python) and the history so far (per-epoch metrics, the best epoch
+and its weights). The same command after a kill or Ctrl-C loads it and goes on with the next epoch, so it ends with the
 metrics an uninterrupted run gets. The file is written under a temporary name and renamed, so a kill while it is
 written leaves the previous one; it is removed once the model folder is written. A checkpoint made with other
 settings (method options, schedule, seed, cache or data) is ignored, with a message. It is read with
@@ -55,9 +55,10 @@ class Checkpoint:
         model_dir = Path(model_dir)
         return cls(model_dir.with_name(model_dir.name + ".checkpoint.pt"), identity, log)
 
-    def restore(self, modules: torch.nn.Module, optimizer, scheduler, fresh: tuple) -> tuple:
+    def restore(self, modules: torch.nn.Module, stateful: dict, fresh: tuple) -> tuple:
         """The loop's progress (history, best value, best state, best epoch, seconds) after the last checkpointed
-        epoch, with weights, optimizer, scheduler and random states set as they were then; `fresh` if none."""
+        epoch, with the weights, the random states and every object of `stateful` (optimizer, scheduler, gradient
+        scaler: anything with state_dict/load_state_dict) set as they were then; `fresh` if there is none."""
         self.path.parent.mkdir(parents=True, exist_ok=True)  # here, so an unwritable place fails before epoch 1
         if not self.path.exists():
             return fresh
@@ -71,17 +72,18 @@ class Checkpoint:
                      "starting from epoch 1")
             return fresh
         modules.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        for name, thing in stateful.items():
+            if saved["states"][name]:  # a disabled gradient scaler has an empty state, and refuses one
+                thing.load_state_dict(saved["states"][name])
         set_random_states(saved["random"])
         progress = saved["progress"]
         self.log(f"resuming after epoch {len(progress['history'])} from the checkpoint {self.path}")
         return progress["history"], progress["best"], progress["best_state"], progress["best_epoch"], progress["seconds"]
 
-    def save(self, model_state: dict, optimizer, scheduler, progress: tuple) -> None:
+    def save(self, model_state: dict, stateful: dict, progress: tuple) -> None:
         history, best, best_state, best_epoch, seconds = progress
-        payload = {"identity": self.identity, "model": model_state, "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "random": random_states(),
+        payload = {"identity": self.identity, "model": model_state, "random": random_states(),
+                   "states": {name: thing.state_dict() for name, thing in stateful.items()},
                    "progress": {"history": history, "best": best, "best_state": best_state, "best_epoch": best_epoch,
                                 "seconds": seconds}}
         buffer = io.BytesIO()

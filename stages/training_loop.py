@@ -72,7 +72,8 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
     history, best, best_state, best_epoch, seconds = [], -math.inf, None, 0, []
     if checkpoint is not None:
         history, best, best_state, best_epoch, seconds = checkpoint.restore(
-            modules, optimizer, scheduler, (history, best, best_state, best_epoch, seconds))
+            modules, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+            (history, best, best_state, best_epoch, seconds))
     for epoch in range(len(history), schedule.epochs):
         started = time.perf_counter()
         modules.train()
@@ -107,7 +108,8 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
             best, best_state, best_epoch = validation[metric], snapshot(), epoch + 1
         if checkpoint is not None:
             weights = best_state if best_epoch == epoch + 1 else snapshot()  # torch.save stores shared tensors once
-            checkpoint.save(weights, optimizer, scheduler, (history, best, best_state, best_epoch, seconds))
+            checkpoint.save(weights, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+                            (history, best, best_state, best_epoch, seconds))
     return TrainingRun(history, best_epoch, best, best_state, sum(seconds) / len(seconds))
 
 
