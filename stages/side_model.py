@@ -79,7 +79,7 @@ def load_side_model(folder: str | Path, backbone_path: str | None = None) -> Sid
         if missing_info:
             raise KeyError(", ".join(missing_info))
         model = build_model(config, spec)
-    except InputError:
+    except (InputError, OSError):  # an unreadable file is an OS error (exit 3), not a damaged one
         raise
     except Exception as error:  # truncated JSON, a removed key, a value of the wrong type
         raise InputError(f"{config_file} is damaged or was edited ({_reason(error)}); fit the model again "

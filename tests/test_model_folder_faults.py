@@ -81,3 +81,13 @@ def test_a_fit_killed_while_saving_leaves_the_old_folder_or_none(tiny_cache, tmp
     train(tiny_cache[0], "lst", folder, epochs=2)
     assert json.loads((folder / "metrics.json").read_text())["settings"]["epochs"] == 2
     assert load_side_model(folder).model is not None
+
+
+def test_unreadable_model_file_is_an_os_error_exit_3(tiny_cache, tmp_path):  # noqa: F811
+    folder = tmp_path / "lst"
+    train(tiny_cache[0], "lst", folder, epochs=1)
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()  # reading it fails in the OS (EISDIR), as root too
+    result = cli("predict", folder, "--text", "a good film")
+    assert result.exit_code == 3 and "Traceback" not in result.output, result.output
+    assert result.output.startswith(f"error: Is a directory (EISDIR) at {folder / 'config.json'}; "), result.output
