@@ -118,9 +118,9 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     unfinished block. Different settings into an existing store are refused without --overwrite.
     --out may be an fsspec URL (s3://bucket/features.zarr).
     """
+    from cache.store_lock import store_lock
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
-    from cache.store_lock import store_lock
     from stages.extract import ExtractSettings, extract as run_extract, validate_settings
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
