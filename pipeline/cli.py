@@ -437,7 +437,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
-                                device=device, precision=precision, length_buckets=length_buckets)
+                                device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
         metrics = train_baseline(backbone, dataset, settings, out_dir)
