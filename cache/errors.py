@@ -1,5 +1,32 @@
-"""The one error type for bad input: the CLI prints its message on one line and exits 2."""
+"""Error types the CLI turns into one line on stderr and a documented exit code (see README, "Exit codes")."""
+from __future__ import annotations
+
+import errno
+import os
+
+EXIT_INPUT = 2  # bad input: the message names the problem and the fix
+EXIT_STORAGE = 3  # an OS error (full disk, permissions, I/O) on the store or a model folder; rerun resumes
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
 class InputError(Exception):
     """A problem with what the user asked for; the message names the problem and the fix."""
+
+
+class StorageError(Exception):
+    """An OS error while writing the store or a model folder; the message says what failed, where, and how to go on."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """'No space left on device (errno 28) at PATH' from an OSError, without Python's repr."""
+    if error.errno:
+        reason = error.strerror or os.strerror(error.errno)
+    else:
+        reason = str(error) or type(error).__name__
+    where = f" at {error.filename}" if error.filename else ""
+    code = f" ({errno.errorcode.get(error.errno, error.errno)})" if error.errno else ""
+    return f"{reason}{code}{where}"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -8,7 +8,7 @@ from functools import wraps
 
 import click
 
-from cache.errors import InputError
+from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, StorageError, describe_os_error
 
 DEFAULT_CACHE = os.path.join("artifacts", "features.zarr")
 DEFAULT_MODELS = os.path.join("artifacts", "models")
@@ -21,17 +21,35 @@ def _method_names() -> list[str]:
 
 
 def user_errors(function):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Faults end in one line on stderr and a documented exit code, never a traceback: bad input 2, an OS
+    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130."""
 
     @wraps(function)
     def run(*args, **kwargs):
         try:
             return function(*args, **kwargs)
         except InputError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            _fail(f"error: {error}", EXIT_INPUT)
+        except StorageError as error:
+            _fail(f"error: {error}", EXIT_STORAGE)
+        except OSError as error:
+            _fail(f"error: {describe_os_error(error)}; fix that (free space, permissions), then rerun the same command",
+                  EXIT_STORAGE)
+        except KeyboardInterrupt:
+            _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
 
     return run
+
+
+def _fail(line: str, code: int):
+    """The line comes last: progress bars left open by the fault are closed first, so none redraws after it."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    click.echo(line, err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,6 +118,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     unfinished block. Different settings into an existing store are refused without --overwrite.
     --out may be an fsspec URL (s3://bucket/features.zarr).
     """
+    from cache.store_lock import store_lock
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
     from stages.extract import ExtractSettings, extract as run_extract, validate_settings
@@ -115,15 +134,30 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         check_cluster_options(workers, scheduler)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
     model = load_backbone(backbone, trust_remote_code)
-    if distributed:
-        state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
-                                    trust_remote_code=trust_remote_code)
-    else:
-        state = run_extract(model, dataset, settings)
+    try:
+        with store_lock(out, log=lambda line: click.echo(line, err=True)):
+            if distributed:
+                state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
+                                            trust_remote_code=trust_remote_code)
+            else:
+                state = run_extract(model, dataset, settings)
+    except OSError as error:
+        raise StorageError(_store_error(error, model, dataset, settings)) from None
     if state == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
     else:
         click.echo(f"wrote {out}")
+
+
+def _store_error(error: OSError, model, dataset, settings) -> str:
+    """One line for an OS error while writing the store: what failed, where, the room the rest needs, resume."""
+    from cache.errors import is_disk_full
+    from stages.store_room import describe_room
+
+    room = describe_room(model, dataset, settings) if is_disk_full(error) else ""
+    fix = "free room" if is_disk_full(error) else "fix that"
+    return (f"writing the store at {settings.out} failed: {describe_os_error(error)}; "
+            f"{f'the rest needs {room}; ' if room else ''}{fix}, then rerun the same command: it resumes where it stopped")
 
 
 @main.command()
@@ -253,7 +287,10 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
                            device=device, precision=precision, length_buckets=length_buckets)
     _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
-    metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+    try:
+        metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+    except OSError as error:
+        raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
@@ -264,6 +301,15 @@ def _format_memory(metrics: dict) -> str:
     if "peak_gpu_allocated_mb" in metrics:
         return f"peak GPU memory {metrics['peak_gpu_allocated_mb']:.0f} MB allocated"
     return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
+
+
+def _training_error(error: OSError, out_dir) -> str:
+    """One line for an OS error while training writes its checkpoint or model folder."""
+    from cache.errors import is_disk_full
+
+    where = "" if error.filename else f" writing {out_dir} or its checkpoint {out_dir}.checkpoint.pt"
+    return (f"{describe_os_error(error)}{where}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the "
+            "same command: it resumes after the last finished epoch")
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -393,7 +439,10 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
                                 device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
-    metrics = train_baseline(backbone, dataset, settings, out_dir)
+    try:
+        metrics = train_baseline(backbone, dataset, settings, out_dir)
+    except OSError as error:
+        raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
                f"{metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")

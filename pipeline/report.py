@@ -31,6 +31,8 @@ def find_models(models_dir: Path) -> list[dict]:
         raise InputError(f"no models folder at {models_dir}; fit a method first (pipeline fit --method NAME)")
     models = []
     for path in sorted(models_dir.rglob("metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(models_dir).parts):
+            continue  # a model folder still being written (.NAME.partial) or being replaced (.NAME.old)
         try:
             metrics = json.loads(path.read_text())
         except (OSError, ValueError) as error:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from cache.errors import InputError
 from cache.reader import subset_positions
 
+from .atomic_folder import atomic_folder
 from .backbones import load_backbone
+from .checkpoint import Checkpoint
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import pool
 from .runtime import Runtime
@@ -119,13 +121,15 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     def evaluate(split):
         return _evaluate(model, backbone.tokenizer, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
 
+    checkpoint = Checkpoint.beside(out_dir, {"baseline": asdict(settings), "lr": lr, "data": dataset.fingerprint(),
+                                             "backbone_weights_sha256": backbone.weights_sha256})
     runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
     run = train_epochs(
         settings.method, model, trainable, model,
         lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime),
         len(train_rows), lambda: evaluate("validation"),
         lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
-        schedule, dataset.task, show_progress, runtime)
+        schedule, dataset.task, show_progress, runtime, checkpoint)
     model.load_state_dict(run.best_state, strict=False)
     test = evaluate("test")
     metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
@@ -133,8 +137,9 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
                           "(after importing torch and zarr; the backbone loads later)",
                           {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime)
     metrics["baseline"] = True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in run.best_state.items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_folder(out_dir) as folder:
+        (folder / "model.safetensors").write_bytes(save({n: t.contiguous() for n, t in run.best_state.items()}))
+        (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    checkpoint.remove()
     return metrics

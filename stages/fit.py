@@ -10,6 +10,8 @@ import torch
 from cache.errors import InputError
 from cache.reader import CacheReader, open_store
 
+from .atomic_folder import atomic_folder
+from .checkpoint import Checkpoint
 from .evaluate import evaluate_split, side_inputs
 from .memory import current_rss_mb, limit_allocator_slack, reset_peak
 from .methods import FeatureSpec, MethodConfig, build_model, get_method
@@ -72,6 +74,9 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
                         settings.warmup_ratio, settings.seed)
 
+    checkpoint = Checkpoint.beside(out_dir, {"fit": config.to_dict(), "settings": asdict(settings),
+                                             "cache_key_sha256": attrs["key_sha256"]})
+
     def batches(epoch):
         for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
                                               buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
@@ -84,7 +89,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
     run = train_epochs(config.method, lambda inputs: model(*inputs), trainable, model, batches,
                        len(readers["train"]), lambda: evaluate("validation"), lambda: trainable_state(model),
-                       schedule, task, show_progress, runtime)
+                       schedule, task, show_progress, runtime, checkpoint)
     model.load_state_dict(run.best_state, strict=False)
     test = evaluate("test") if "test" in readers else {}
     metrics = run_metrics(config.method, run, test, trainable, len(readers["train"]), task, rss_at_start,
@@ -93,6 +98,8 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           asdict(settings), runtime)
     info = {"task": task, "label_names": attrs["label_names"], "cache_key": attrs["key"], "cache_key_sha256": attrs["key_sha256"],
             "max_length": attrs["max_length"], "dtype": attrs["dtype"], "model_type": attrs["model_type"]}
-    save_side_model(SideModel(model, config, spec, info), out_dir, run.best_state)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_folder(out_dir) as folder:
+        save_side_model(SideModel(model, config, spec, info), folder, run.best_state)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    checkpoint.remove()
     return metrics

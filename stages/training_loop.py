@@ -58,9 +58,11 @@ def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
-                 show_progress: bool = True, runtime: Runtime | None = None) -> TrainingRun:
+                 show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None) -> TrainingRun:
     """batches(epoch) yields (inputs, labels) already on the runtime's device; forward(inputs) gives logits, run
-    under the runtime's autocast; snapshot() copies the weights to keep."""
+    under the runtime's autocast; snapshot() copies the weights to keep.
+
+    checkpoint (stages.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
     runtime = runtime or Runtime.resolve("cpu", "fp32")
     optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
     scaler = runtime.grad_scaler()
@@ -68,7 +70,11 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, schedule.warmup_ratio))
     metric, _ = primary_metric(task)
     history, best, best_state, best_epoch, seconds = [], -math.inf, None, 0, []
-    for epoch in range(schedule.epochs):
+    if checkpoint is not None:
+        history, best, best_state, best_epoch, seconds = checkpoint.restore(
+            modules, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+            (history, best, best_state, best_epoch, seconds))
+    for epoch in range(len(history), schedule.epochs):
         started = time.perf_counter()
         modules.train()
         total, count, shown = torch.zeros((), device=runtime.device), 0, started
@@ -100,6 +106,10 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
             tqdm.write(f"epoch {epoch + 1}: train loss {total / max(count, 1):.4f}, validation {metric} {validation[metric]:.4f}")
         if validation[metric] > best:
             best, best_state, best_epoch = validation[metric], snapshot(), epoch + 1
+        if checkpoint is not None:
+            weights = best_state if best_epoch == epoch + 1 else snapshot()  # torch.save stores shared tensors once
+            checkpoint.save(weights, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+                            (history, best, best_state, best_epoch, seconds))
     return TrainingRun(history, best_epoch, best, best_state, sum(seconds) / len(seconds))
 
 
