@@ -72,6 +72,7 @@ class CacheReader:
             raise InputError(f"the cache at {path} lacks layers {missing} (it has {cached}); "
                              "re-extract with --layers all or a list that includes them")
         self.arrays = [self.group[layer_array_name(i)] for i in self.layers]
+        self.dtype = torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype  # the cache's, as torch names it
         self.block_tokens = int(self.group.attrs["block_tokens"])
         self.lengths = self.group["length"][:].astype(np.int64)
         self.token_start = self.group["token_start"][:]
@@ -85,7 +86,6 @@ class CacheReader:
     def _load(self, device: torch.device) -> torch.Tensor:
         """The needed layers packed [K, tokens, D] in the cache's dtype on `device` (real tokens plus the few
         rows that round each block up to whole chunks)."""
-        dtype = torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype
         shape = (len(self.arrays), *self.arrays[0].shape)
         needed = int(np.prod(shape)) * self.arrays[0].dtype.itemsize
         if device.type == "cuda":
@@ -94,7 +94,7 @@ class CacheReader:
                 raise InputError(f"--in-memory needs {needed / 1e9:.2f} GB on {device} for {len(self.arrays)} layers of "
                                  f"the {self.group.basename!r} split, but {free / 1e9:.2f} GB is free; drop --in-memory "
                                  "to stream batches")
-        memory = torch.empty(shape, dtype=dtype, device=device)
+        memory = torch.empty(shape, dtype=self.dtype, device=device)
         for k, array in enumerate(self.arrays):
             memory[k] = torch.from_numpy(read_checked(array, slice(None))).to(device)
         return memory
@@ -166,8 +166,7 @@ class CacheReader:
         """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""
         lengths = self.lengths[samples]
         shape = (len(samples), len(self.layers), int(lengths.max()), self.arrays[0].shape[1])
-        features = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype,
-                               pin_memory=pin_memory)
+        features = torch.zeros(shape, dtype=self.dtype, pin_memory=pin_memory)
         padded = features.numpy()
         for row, sample in enumerate(samples):
             tokens, first = data[int(sample)]
