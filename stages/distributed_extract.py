@@ -64,7 +64,8 @@ class BlockTask:
     backbone: BackboneSpec
     modality: str
     workers_per_host: dict[str, int]
-    encoded: dict | None = None  # text: field -> {split position: token values}
+    encoded: object = None  # text: a TokenTable holding only these samples' tokens
+    precision: str = "fp32"
     rows: dict | None = None  # images: split position -> dataset row
     images: object = None  # images: RowImages holding only these rows
     tokens_per_image: int | None = None
@@ -126,8 +127,6 @@ def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_
                 raise InputError(f"the backbone at {spec.path} on this worker has other weights than the one the store's "
                                  "key was made with; give every worker the same model folder")
             backbone.model.to(spec.device)
-            if backbone.modality == "text":
-                backbone.tokenizer.padding_side = "right"
             _BACKBONES[spec] = backbone
         return _BACKBONES[spec]
 
@@ -138,16 +137,16 @@ def run_block_task(task: BlockTask) -> dict:
     device = task.backbone.device
     if task.modality == "image":
         forward = _image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
-                                 task.tokens_per_image, device)
+                                 task.tokens_per_image, device, task.precision)
     else:
-        forward = _text_forward(backbone.model, backbone.tokenizer, task.encoded, device)
+        forward = _text_forward(backbone.model, task.encoded, device, task.precision)
     writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
     written = []
     for block, samples in zip(task.blocks, task.samples):
         if writer.is_done(block):  # an earlier attempt of this task (on a worker that died) wrote it
             continue
         buffer = block_features(forward, samples, task.layers, task.block_tokens, task.hidden_size, task.dtype,
-                                task.batch_size)
+                                task.batch_size, device=device)
         if task.before_write is not None:
             task.before_write(task.split, block)
         writer.write_block(block, buffer)
@@ -249,13 +248,14 @@ class DaskSplitRunner:
         positions = [int(i) for s in samples for i in s]
         task = BlockTask(self.store, work.split, list(blocks), samples, work.layers, work.plan.block_tokens,
                          work.hidden_size, work.settings.dtype, work.settings.batch_size, self.backbone, work.modality,
-                         workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads)
+                         workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads,
+                         precision=work.settings.precision)
         if work.modality == "image":
             task.rows = {i: int(work.rows[i]) for i in positions}
             task.images = RowImages(work.dataset.images, sorted(set(task.rows.values())))
             task.tokens_per_image = work.tokens_per_image
         else:
-            task.encoded = {name: {i: values[i] for i in positions} for name, values in work.encoded.items()}
+            task.encoded = work.encoded.subset(positions)
         return task
 
 

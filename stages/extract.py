@@ -1,6 +1,6 @@
 """Stage one: run the frozen backbone once over every split and write per-layer features to the store.
 
-Text: tokenized up front, padded per batch; only real tokens are stored. Images: decoded and run through the
+Text: tokenized up front into a packed table (stages/token_table.py), padded per batch; only real tokens are stored. Images: decoded and run through the
 backbone's image processor per batch (never all at once); every image gives the same tokens (patches plus CLS,
 plus DeiT's distillation token), so the mask is all ones and `max_length` in the key is that token count.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,16 @@ import torch
 
 from cache.errors import InputError
 from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
-from cache.writer import BackgroundWriter, open_store_for_write, prepare_split
+from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
 from .backbones import Backbone
 from .layer_selection import parse_layers
 from .progress import progress_bar
+from .token_table import TokenTable
 
 SPLITS = ("train", "validation", "test")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
 
 
 @dataclass
@@ -31,7 +35,7 @@ class ExtractSettings:
     out: str
     layers: str = "all"
     max_length: int = 128
-    batch_size: int = 32
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
     dtype: str = "float16"
     codec: str = "lz4"
     lossy: str | None = None
@@ -39,6 +43,11 @@ class ExtractSettings:
     block_tokens: int = 8192  # tokens per block = per shard
     chunk_tokens: int = 1024  # tokens per compressed chunk inside a shard
     device: str = "cpu"
+    precision: str = "fp32"  # the forward pass: fp32, or autocast to bf16 / fp16
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZE["cuda" if str(self.device).startswith("cuda") else "cpu"]
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -61,6 +70,8 @@ def preprocessor_sha256(backbone: Backbone) -> str:
 def validate_settings(settings: ExtractSettings) -> None:
     if settings.dtype not in ("float16", "float32"):
         raise InputError(f"--dtype {settings.dtype}: use float16 or float32")
+    if settings.precision not in PRECISIONS:
+        raise InputError(f"--precision {settings.precision}: use {', '.join(PRECISIONS)}")
     if settings.max_length < 2 or settings.batch_size < 1:
         raise InputError("--max-length must be at least 2 and --batch-size at least 1")
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
@@ -97,6 +108,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
     }
     if backbone.modality != "text":
         key["modality"] = backbone.modality
+    if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
+        key["precision"] = settings.precision
     return key
 
 
@@ -142,7 +155,7 @@ def _check_modality(backbone: Backbone, dataset) -> None:
 class SplitWork:
     """One split's pending blocks and what a forward pass over them needs (built by `extract`, run by a runner).
 
-    Text: `encoded` holds the split's tokenized samples (by split position). Images: `rows` maps split
+    Text: `encoded` holds the split's tokenized samples (a TokenTable, by split position). Images: `rows` maps split
     positions to dataset rows and `dataset.images` decodes them; `tokens_per_image` is fixed.
     """
 
@@ -154,7 +167,7 @@ class SplitWork:
     settings: ExtractSettings
     hidden_size: int
     modality: str
-    encoded: dict | None = None
+    encoded: TokenTable | None = None
     dataset: object = None
     rows: np.ndarray | None = None
     tokens_per_image: int | None = None
@@ -198,8 +211,6 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         "codec": settings.codec, "lossy": settings.lossy, "modality": backbone.modality,
     })
     filters, compressors = codec_pipeline(settings.codec, settings.lossy)
-    if backbone.modality == "text":
-        backbone.tokenizer.padding_side = "right"
     for split in SPLITS:
         rows = dataset.rows(split)
         if len(rows) == 0:
@@ -208,8 +219,9 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         if backbone.modality == "image":
             lengths = np.full(len(rows), tokens_per_image, dtype=np.int32)
         else:
-            encoded = tokenize(backbone.tokenizer, dataset, rows, settings.max_length)
-            lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
+            encoded = TokenTable.from_encoded(tokenize(backbone.tokenizer, dataset, rows, settings.max_length),
+                                              backbone.tokenizer)
+            lengths = encoded.lengths.astype(np.int32)
         plan = plan_blocks(lengths, settings.block_tokens)
         meta = {"row": rows.astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
         writer = prepare_split(root, split, plan, meta, layers, backbone.hidden_size, settings.dtype,
@@ -228,73 +240,149 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
 
 
 def split_forward(backbone: Backbone, model, work: SplitWork, device: str):
-    """The forward function of a split: batch samples (split positions) -> (hidden_states, mask [B, T] bool)."""
+    """The forward function of a split: batch samples (split positions) -> (hidden_states, real tokens per row)."""
     if work.modality == "image":
-        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, device)
-    return _text_forward(model, backbone.tokenizer, work.encoded, device)
+        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, device,
+                              work.settings.precision)
+    return _text_forward(model, work.encoded, device, work.settings.precision)
 
 
-def _text_forward(model, tokenizer, encoded, device):
-    """batch samples (split positions) -> (hidden_states, mask [B, T] bool)."""
+def _autocast(device: str, precision: str):
+    """The forward pass's precision: fp32 runs as is; bf16/fp16 under autocast (weights stay fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned, so the copy runs asynchronously and the next batch's CPU work overlaps it
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _text_forward(model, table: TokenTable, device, precision: str = "fp32"):
+    """batch samples (split positions) -> (hidden_states, real tokens per row; padding is on the right)."""
+    device = torch.device(device)
 
     def forward(batch_samples):
-        features = [{name: values[int(i)] for name, values in encoded.items()} for i in batch_samples]
-        batch = tokenizer.pad(features, return_tensors="pt").to(device)
-        hidden = model(**batch, output_hidden_states=True).hidden_states
-        return hidden, batch["attention_mask"].bool()
+        inputs, lengths = table.batch(batch_samples)
+        with _autocast(device, precision):
+            hidden = model(**{name: _to_device(t, device) for name, t in inputs.items()}, output_hidden_states=True)
+        return hidden.hidden_states, lengths
 
     return forward
 
 
-def _image_forward(model, backbone, dataset, rows, tokens_per_image, device):
-    """batch samples (split positions) -> (hidden_states, all-ones mask): images decoded per batch only."""
+def _image_forward(model, backbone, dataset, rows, tokens_per_image, device, precision: str = "fp32"):
+    """batch samples (split positions) -> (hidden_states, real tokens per row: all of them), images decoded per batch."""
+    device = torch.device(device)
 
     def forward(batch_samples):
-        pixels = pixel_values(backbone, dataset, [rows[int(i)] for i in batch_samples]).to(device)
-        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        pixels = _to_device(pixel_values(backbone, dataset, [rows[int(i)] for i in batch_samples]), device)
+        with _autocast(device, precision):
+            hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
         if hidden[0].shape[1] != tokens_per_image:
             raise InputError(f"images give {hidden[0].shape[1]} tokens here but {tokens_per_image} for the first image; "
                              "the image processor must resize every image to one size")
-        return hidden, torch.ones(hidden[0].shape[:2], dtype=torch.bool, device=hidden[0].device)
+        return hidden, np.full(len(batch_samples), tokens_per_image, dtype=np.int64)
 
     return forward
 
 
-def block_features(forward, samples: np.ndarray, layers: list[int], block_tokens: int, hidden_size: int,
-                   dtype: str, batch_size: int, on_batch=None) -> np.ndarray:
-    """One block's [K, block_tokens, D] buffer: its samples (longest first, the plan's order) run in forward
-    batches of `batch_size`, their real tokens packed in that order, zeros in the unused tail.
+CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
-    The one place a block's features are made: the single-process loop and every distributed worker use it,
-    so both write the same bytes. on_batch(n) is called after each batch of n samples.
-    """
-    numpy_dtype = np.float16 if dtype == "float16" else np.float32
-    buffer = np.zeros((len(layers), block_tokens, hidden_size), dtype=numpy_dtype)
-    cursor = 0
+
+def block_buffer(layers: int, block_tokens: int, hidden_size: int, dtype: str, device) -> torch.Tensor:
+    """A block's host buffer [K, block_tokens, D]; pinned when the features come from a GPU."""
+    return torch.empty((layers, block_tokens, hidden_size), dtype=CACHE_DTYPES[dtype],
+                       pin_memory=torch.device(device).type == "cuda")
+
+
+@dataclass
+class PendingBlock:
+    """A block whose copies to the host may still be running (GPU); `result()` waits for them and checks them."""
+
+    buffer: torch.Tensor
+    finite: torch.Tensor | None  # on the device: False once any feature was inf or nan
+    copied: object = None  # torch.cuda.Event recorded after the last copy
+    dtype: str = "float16"
+
+    def result(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.finite is not None and not bool(self.finite):
+            raise InputError(f"features overflow {self.dtype} (inf or nan); extract with --dtype float32")
+        return self.buffer.numpy()
+
+
+def start_block(forward, samples: np.ndarray, layers: list[int], buffer: torch.Tensor, batch_size: int,
+                on_batch=None) -> PendingBlock:
+    """Runs a block's forward batches and fills `buffer` with their real tokens, packed in the plan's order
+    (longest first), zeros in the unused tail. Casting and the inf/nan check run on the device; only real
+    tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps the copies."""
+    cursor, finite, device = 0, None, None
     for first in range(0, len(samples), batch_size):
         batch_samples = samples[first:first + batch_size]
         with torch.inference_mode():
-            hidden, mask = forward(batch_samples)
-        tokens = torch.stack([hidden[i][mask] for i in layers]).cpu().numpy().astype(numpy_dtype)
-        if not np.isfinite(tokens).all():
-            raise InputError(f"features overflow {dtype} (inf or nan); extract with --dtype float32")
-        buffer[:, cursor:cursor + tokens.shape[1]] = tokens
-        cursor += tokens.shape[1]
+            hidden, lengths = forward(batch_samples)
+            device = hidden[0].device
+            count = int(lengths.sum())
+            batch, width = hidden[0].shape[:2]
+            index = None
+            if count < batch * width:  # right padding: row r's real tokens are its first lengths[r] positions
+                flat = (np.arange(width) < lengths[:, None]).ravel().nonzero()[0]
+                index = _to_device(torch.from_numpy(flat), device)
+            for k, layer in enumerate(layers):
+                tokens = hidden[layer].reshape(batch * width, -1)
+                tokens = (tokens if index is None else tokens.index_select(0, index)).to(buffer.dtype)
+                ok = torch.isfinite(tokens).all()
+                finite = ok if finite is None else finite & ok
+                buffer[k, cursor:cursor + count].copy_(tokens, non_blocking=True)
+        cursor += count
         if on_batch is not None:
             on_batch(len(batch_samples))
-    return buffer
+    buffer[:, cursor:].zero_()
+    copied = None
+    if device is not None and device.type == "cuda":
+        copied = torch.cuda.Event()
+        copied.record()
+    return PendingBlock(buffer, finite, copied, "float16" if buffer.dtype == torch.float16 else "float32")
+
+
+def block_features(forward, samples: np.ndarray, layers: list[int], block_tokens: int, hidden_size: int,
+                   dtype: str, batch_size: int, on_batch=None, device="cpu") -> np.ndarray:
+    """One block's [K, block_tokens, D] features: its samples (longest first, the plan's order) run in forward
+    batches of `batch_size`, their real tokens packed in that order, zeros in the unused tail.
+
+    The one place a block's features are made: the single-process loop (through `start_block`, without
+    waiting) and every distributed worker use it, so both write the same bytes. on_batch(n) is called after
+    each batch of n samples.
+    """
+    buffer = block_buffer(len(layers), block_tokens, hidden_size, dtype, device)
+    return start_block(forward, samples, layers, buffer, batch_size, on_batch).result()
 
 
 def _run_blocks(forward, work: SplitWork, progress) -> None:
-    """Runs a split's pending blocks in this process; writes overlap the next block's forward passes."""
+    """Runs a split's pending blocks in this process. Writes run on background threads while the next blocks'
+    forward passes run; block buffers are reused (pinned memory is slow to allocate)."""
     settings, plan = work.settings, work.plan
-    background = BackgroundWriter()
+    background = BackgroundWriter(threads=writer_threads())
+    buffers = queue.Queue()
+    for _ in range(background.threads + background.depth + 1):
+        buffers.put(block_buffer(len(work.layers), plan.block_tokens, work.hidden_size, settings.dtype, settings.device))
+
+    def write(block: int, pending: PendingBlock) -> None:
+        try:
+            work.writer.write_block(block, pending.result())
+        finally:
+            buffers.put(pending.buffer)
+
     started = time.perf_counter()
     try:
         for block in work.pending:
-            buffer = block_features(forward, plan.block_samples[block], work.layers, plan.block_tokens,
-                                    work.hidden_size, settings.dtype, settings.batch_size, progress.update)
-            background.submit(work.writer.write_block, block, buffer)
+            buffer = background.wait_for(buffers)
+            pending = start_block(forward, plan.block_samples[block], work.layers, buffer, settings.batch_size,
+                                  progress.update)
+            background.submit(write, block, pending)
         background.close()
     finally:
         progress.close()
