@@ -67,8 +67,10 @@ def _differing_settings(old: dict, new: dict) -> str:
 class SplitWriter:
     def __init__(self, group: zarr.Group, plan: BlockPlan, layers: list[int]):
         self.group, self.plan, self.layers = group, plan, layers
-        # Dense blocks: skip zarr's scan of every chunk for fill values (only a block's tail is zeros).
-        self.arrays = [group[layer_array_name(i)].with_config({"write_empty_chunks": True}) for i in layers]
+        self.arrays = [group[layer_array_name(i)] for i in layers]
+        # Blocks are dense: zarr's scan of every chunk for its fill value (to leave empty chunks out) only costs
+        # time, except in a split's last block, whose whole empty chunks are worth leaving out.
+        self.dense_arrays = [array.with_config({"write_empty_chunks": True}) for array in self.arrays]
         self.done = group["done"]
 
     @classmethod
@@ -86,7 +88,8 @@ class SplitWriter:
     def write_block(self, block: int, buffer: np.ndarray) -> None:
         """buffer: [K, block_tokens, D], the whole block, zeros in the unused tail."""
         rows = slice(block * self.plan.block_tokens, (block + 1) * self.plan.block_tokens)
-        for array, data in zip(self.arrays, buffer):
+        last_chunk = buffer[:, -self.arrays[0].chunks[0]:] if self.arrays else buffer
+        for array, data in zip(self.dense_arrays if last_chunk.any() else self.arrays, buffer):
             array[rows] = data
         self.done[block] = 1
 
@@ -111,9 +114,12 @@ def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, 
     return SplitWriter(group, plan, layers)
 
 
-def writer_threads() -> int:
-    """Writer threads: enough to compress, checksum and write blocks as fast as a GPU makes them, and no more
-    than the CPUs (on a small CPU machine the forward pass needs them)."""
+def writer_threads(device: str = "cpu") -> int:
+    """Writer threads: with a GPU, enough to compress, checksum and write blocks as fast as it makes them (up
+    to 4, at most the CPUs); on a CPU one, since every thread it takes slows the forward pass, which needs the
+    cores, and one keeps up with a CPU forward pass many times over."""
+    if not str(device).startswith("cuda"):
+        return 1
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 

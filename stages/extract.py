@@ -10,6 +10,7 @@ import hashlib
 import json
 import queue
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,24 +303,38 @@ class PendingBlock:
     """A block whose copies to the host may still be running (GPU); `result()` waits for them and checks them."""
 
     buffer: torch.Tensor
-    finite: torch.Tensor | None  # on the device: False once any feature was inf or nan
+    finite: torch.Tensor | None  # computed on the device: False if any feature was inf or nan
     copied: object = None  # torch.cuda.Event recorded after the last copy
-    dtype: str = "float16"
 
     def result(self) -> np.ndarray:
         if self.copied is not None:
             self.copied.synchronize()
         if self.finite is not None and not bool(self.finite):
-            raise InputError(f"features overflow {self.dtype} (inf or nan); extract with --dtype float32")
+            dtype = "float16" if self.buffer.dtype == torch.float16 else "float32"
+            raise InputError(f"features overflow {dtype} (inf or nan); extract with --dtype float32")
         return self.buffer.numpy()
+
+
+@contextmanager
+def _one_cpu_thread():
+    """Small CPU ops (gather, cast, min/max of one batch) run far slower split over threads when the cores are
+    busy (each op waits at a barrier for a descheduled thread: 100x measured on 2 shared cores), so they run on
+    one; the forward pass keeps every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def start_block(forward, samples: np.ndarray, layers: list[int], buffer: torch.Tensor, batch_size: int,
                 on_batch=None) -> PendingBlock:
     """Runs a block's forward batches and fills `buffer` with their real tokens, packed in the plan's order
-    (longest first), zeros in the unused tail. Casting and the inf/nan check run on the device; only real
-    tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps the copies."""
-    cursor, finite, device = 0, None, None
+    (longest first), zeros in the unused tail. Gather, cast and the inf/nan check (min and max) run on the
+    device; only real tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps
+    the copies."""
+    cursor, extremes, device = 0, [], None
     for first in range(0, len(samples), batch_size):
         batch_samples = samples[first:first + batch_size]
         with torch.inference_mode():
@@ -327,25 +342,30 @@ def start_block(forward, samples: np.ndarray, layers: list[int], buffer: torch.T
             device = hidden[0].device
             count = int(lengths.sum())
             batch, width = hidden[0].shape[:2]
-            index = None
-            if count < batch * width:  # right padding: row r's real tokens are its first lengths[r] positions
-                flat = (np.arange(width) < lengths[:, None]).ravel().nonzero()[0]
-                index = _to_device(torch.from_numpy(flat), device)
-            for k, layer in enumerate(layers):
-                tokens = hidden[layer].reshape(batch * width, -1)
-                tokens = (tokens if index is None else tokens.index_select(0, index)).to(buffer.dtype)
-                ok = torch.isfinite(tokens).all()
-                finite = ok if finite is None else finite & ok
-                buffer[k, cursor:cursor + count].copy_(tokens, non_blocking=True)
+            with _one_cpu_thread():
+                index = None
+                if count < batch * width:  # right padding: row r's real tokens are its first lengths[r] positions
+                    index = _to_device(torch.from_numpy((np.arange(width) < lengths[:, None]).ravel().nonzero()[0]), device)
+                for k, layer in enumerate(layers):
+                    tokens = hidden[layer].reshape(batch * width, -1).to(buffer.dtype)
+                    target = buffer[k, cursor:cursor + count]
+                    if index is not None and device.type == "cpu":
+                        tokens = torch.index_select(tokens, 0, index, out=target)
+                    else:
+                        tokens = tokens if index is None else tokens.index_select(0, index)
+                        target.copy_(tokens, non_blocking=True)
+                    extremes.extend(torch.aminmax(tokens))  # nan or inf makes one of them non-finite
         cursor += count
         if on_batch is not None:
             on_batch(len(batch_samples))
-    buffer[:, cursor:].zero_()
+    with torch.inference_mode(), _one_cpu_thread():
+        buffer[:, cursor:].zero_()
+        finite = torch.isfinite(torch.stack(extremes)).all() if extremes else None
     copied = None
     if device is not None and device.type == "cuda":
         copied = torch.cuda.Event()
         copied.record()
-    return PendingBlock(buffer, finite, copied, "float16" if buffer.dtype == torch.float16 else "float32")
+    return PendingBlock(buffer, finite, copied)
 
 
 def block_features(forward, samples: np.ndarray, layers: list[int], block_tokens: int, hidden_size: int,
@@ -365,7 +385,7 @@ def _run_blocks(forward, work: SplitWork, progress) -> None:
     """Runs a split's pending blocks in this process. Writes run on background threads while the next blocks'
     forward passes run; block buffers are reused (pinned memory is slow to allocate)."""
     settings, plan = work.settings, work.plan
-    background = BackgroundWriter(threads=writer_threads())
+    background = BackgroundWriter(threads=writer_threads(settings.device))
     buffers = queue.Queue()
     for _ in range(background.threads + background.depth + 1):
         buffers.put(block_buffer(len(work.layers), plan.block_tokens, work.hidden_size, settings.dtype, settings.device))
