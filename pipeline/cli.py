@@ -88,6 +88,8 @@ def data_options(command):
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
+@click.option("--sort-tokens", type=int, default=32768, show_default=True,
+              help="Forward batches are length-sorted across consecutive blocks holding this many tokens (less padding).")
 @click.option("--workers", type=int, default=None,
               help="Run the forward passes on a dask LocalCluster of N one-thread worker processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -95,7 +97,7 @@ def data_options(command):
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, layers,
             max_length, batch_size, dtype, precision, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
-            workers, scheduler):
+            sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
     Re-running with the same settings does nothing; after a crash it resumes from the first
@@ -108,7 +110,8 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
-                               chunk_tokens=chunk_tokens, device=device, precision=precision)
+                               chunk_tokens=chunk_tokens, sort_tokens=sort_tokens, device=device,
+                               precision=precision)
     validate_settings(settings)
     distributed = workers is not None or bool(scheduler)
     if distributed:

@@ -24,7 +24,7 @@ from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, 
 from .backbones import Backbone
 from .layer_selection import parse_layers
 from .progress import progress_bar
-from .token_table import TokenTable
+from .token_table import TokenTable, ranges
 
 SPLITS = ("train", "validation", "test")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +42,7 @@ class ExtractSettings:
     lossy: str | None = None
     overwrite: bool = False
     block_tokens: int = 8192  # tokens per block = per shard
+    sort_tokens: int = 32768  # forward batches are length-sorted across consecutive blocks of this many tokens
     chunk_tokens: int = 1024  # tokens per compressed chunk inside a shard
     device: str = "cpu"
     precision: str = "fp32"  # the forward pass: fp32, or autocast to bf16 / fp16
@@ -75,6 +76,8 @@ def validate_settings(settings: ExtractSettings) -> None:
         raise InputError(f"--precision {settings.precision}: use {', '.join(PRECISIONS)}")
     if settings.max_length < 2 or settings.batch_size < 1:
         raise InputError("--max-length must be at least 2 and --batch-size at least 1")
+    if settings.sort_tokens < 1:
+        raise InputError("--sort-tokens must be at least 1")
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
         raise InputError("block tokens must be a multiple of chunk tokens and at least --max-length")
     try:
@@ -172,6 +175,7 @@ class SplitWork:
     dataset: object = None
     rows: np.ndarray | None = None
     tokens_per_image: int | None = None
+    lengths: np.ndarray | None = None  # real tokens per sample (by split position)
 
     @property
     def pending_samples(self) -> int:
@@ -228,7 +232,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         writer = prepare_split(root, split, plan, meta, layers, backbone.hidden_size, settings.dtype,
                                settings.chunk_tokens, filters, compressors)
         work = SplitWork(split, plan, writer.pending_blocks(), layers, writer, settings, backbone.hidden_size,
-                         backbone.modality, encoded, dataset, rows, tokens_per_image)
+                         backbone.modality, encoded, dataset, rows, tokens_per_image, lengths)
         if not work.pending:
             continue
         if run_split is not None:
@@ -328,81 +332,120 @@ def _one_cpu_thread():
         torch.set_num_threads(threads)
 
 
-def start_block(forward, samples: np.ndarray, layers: list[int], buffer: torch.Tensor, batch_size: int,
-                on_batch=None) -> PendingBlock:
-    """Runs a block's forward batches and fills `buffer` with their real tokens, packed in the plan's order
-    (longest first), zeros in the unused tail. Gather, cast and the inf/nan check (min and max) run on the
-    device; only real tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps
-    the copies."""
-    cursor, extremes, device = 0, [], None
-    for first in range(0, len(samples), batch_size):
-        batch_samples = samples[first:first + batch_size]
+def sort_groups(num_blocks: int, block_tokens: int, sort_tokens: int) -> list[list[int]]:
+    """Consecutive blocks whose samples are length-sorted together into forward batches.
+
+    Sorting within one block leaves batches with a wide spread of lengths (11% more tokens than a global sort
+    on 2,000 movie snippets, batch 32, 8,192-token blocks; 4.8% over 32,768 tokens). The groups are fixed by
+    block number, never by which blocks are pending, so a resumed run (which recomputes a partly done group)
+    and every distributed worker form the same batches and write the same bytes."""
+    size = max(1, sort_tokens // block_tokens)
+    return [list(range(first, min(first + size, num_blocks))) for first in range(0, num_blocks, size)]
+
+
+def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],
+                buffers: list[torch.Tensor], batch_size: int, on_batch=None) -> list[PendingBlock]:
+    """Runs the forward batches of a group of blocks and fills each block's buffer [K, block_tokens, D] with its
+    samples' real tokens in the block's layout order (block_samples[i]: longest first), zeros in the unused tail.
+
+    The samples of all the group's blocks are sorted by length together (stable: ties keep the layout order)
+    and cut into batches of `batch_size`. Gather, cast and the inf/nan check (min and max) run on the device;
+    only real tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps the
+    copies. on_batch(samples) is called after each batch with the batch's sample positions.
+    """
+    samples = np.concatenate(block_samples)
+    owner = np.repeat(np.arange(len(block_samples)), [len(b) for b in block_samples])
+    local_start = np.concatenate([np.cumsum(lengths[b]) - lengths[b] for b in block_samples]).astype(np.int64)
+    order = np.argsort(-lengths[samples], kind="stable")
+    extremes, device = [], None
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
         with torch.inference_mode():
-            hidden, lengths = forward(batch_samples)
+            hidden, batch_lengths = forward(samples[rows])
             device = hidden[0].device
-            count = int(lengths.sum())
-            batch, width = hidden[0].shape[:2]
+            width = hidden[0].shape[1]
+            # The batch's real tokens (right padding: row r's first batch_lengths[r] positions) grouped by block,
+            # each block's in its layout order, where they form one contiguous run.
+            by_block = np.lexsort((local_start[rows], owner[rows]))
+            index = _to_device(torch.from_numpy(ranges(by_block * width, batch_lengths[by_block])), device)
+            blocks, run_rows = np.unique(owner[rows][by_block], return_index=True)
+            run_starts = np.concatenate([[0], np.cumsum(batch_lengths[by_block])])[np.append(run_rows, len(rows))]
             with _one_cpu_thread():
-                index = None
-                if count < batch * width:  # right padding: row r's real tokens are its first lengths[r] positions
-                    index = _to_device(torch.from_numpy((np.arange(width) < lengths[:, None]).ravel().nonzero()[0]), device)
                 for k, layer in enumerate(layers):
-                    tokens = hidden[layer].reshape(batch * width, -1).to(buffer.dtype)
-                    target = buffer[k, cursor:cursor + count]
-                    if index is not None and device.type == "cpu":
-                        tokens = torch.index_select(tokens, 0, index, out=target)
-                    else:
-                        tokens = tokens if index is None else tokens.index_select(0, index)
-                        target.copy_(tokens, non_blocking=True)
+                    tokens = hidden[layer].reshape(-1, hidden[layer].shape[-1]).index_select(0, index)
+                    tokens = tokens.to(buffers[0].dtype)
                     extremes.extend(torch.aminmax(tokens))  # nan or inf makes one of them non-finite
-        cursor += count
+                    for n, block in enumerate(blocks):
+                        source = tokens[run_starts[n]:run_starts[n + 1]]
+                        start = local_start[rows[by_block[run_rows[n]]]]
+                        buffers[block][k, start:start + len(source)].copy_(source, non_blocking=True)
         if on_batch is not None:
-            on_batch(len(batch_samples))
+            on_batch(samples[rows])
     with torch.inference_mode(), _one_cpu_thread():
-        buffer[:, cursor:].zero_()
+        for buffer, block in zip(buffers, block_samples):
+            buffer[:, int(lengths[block].sum()):].zero_()
         finite = torch.isfinite(torch.stack(extremes)).all() if extremes else None
     copied = None
     if device is not None and device.type == "cuda":
         copied = torch.cuda.Event()
         copied.record()
-    return PendingBlock(buffer, finite, copied)
+    return [PendingBlock(buffer, finite, copied) for buffer in buffers[:len(block_samples)]]
 
 
-def block_features(forward, samples: np.ndarray, layers: list[int], block_tokens: int, hidden_size: int,
-                   dtype: str, batch_size: int, on_batch=None, device="cpu") -> np.ndarray:
-    """One block's [K, block_tokens, D] features: its samples (longest first, the plan's order) run in forward
-    batches of `batch_size`, their real tokens packed in that order, zeros in the unused tail.
+def group_features(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],
+                   block_tokens: int, hidden_size: int, dtype: str, batch_size: int, device="cpu") -> list[np.ndarray]:
+    """The [K, block_tokens, D] features of each block of a sort group (see `start_group`), waited for.
 
-    The one place a block's features are made: the single-process loop (through `start_block`, without
-    waiting) and every distributed worker use it, so both write the same bytes. on_batch(n) is called after
-    each batch of n samples.
+    The one place a block's features are made: the single-process loop (through `start_group`, without
+    waiting) and every distributed worker use it, so both write the same bytes.
     """
-    buffer = block_buffer(len(layers), block_tokens, hidden_size, dtype, device)
-    return start_block(forward, samples, layers, buffer, batch_size, on_batch).result()
+    buffers = [block_buffer(len(layers), block_tokens, hidden_size, dtype, device) for _ in block_samples]
+    return [pending.result() for pending in start_group(forward, block_samples, lengths, layers, buffers, batch_size)]
+
+
+class BufferPool:
+    """Block buffers made when first needed, up to `limit`, and reused (pinned memory is slow to allocate)."""
+
+    def __init__(self, limit: int, make):
+        self.free, self.made, self.limit, self.make = queue.Queue(), 0, limit, make
+
+    def take(self, background: BackgroundWriter) -> torch.Tensor:
+        if self.free.empty() and self.made < self.limit:
+            self.made += 1
+            return self.make()
+        return background.wait_for(self.free)
 
 
 def _run_blocks(forward, work: SplitWork, progress) -> None:
-    """Runs a split's pending blocks in this process. Writes run on background threads while the next blocks'
-    forward passes run; block buffers are reused (pinned memory is slow to allocate)."""
+    """Runs a split's pending blocks in this process, a sort group at a time. Writes run on background threads
+    while the next group's forward passes run. A group's blocks that are already done (a resumed run) are
+    computed again, so the batches are the same as in an uninterrupted run, but not written."""
     settings, plan = work.settings, work.plan
+    pending = set(work.pending)
+    groups = [g for g in sort_groups(plan.num_blocks, plan.block_tokens, settings.sort_tokens) if pending & set(g)]
     background = BackgroundWriter(threads=writer_threads(settings.device))
-    buffers = queue.Queue()
-    for _ in range(background.threads + background.depth + 1):
-        buffers.put(block_buffer(len(work.layers), plan.block_tokens, work.hidden_size, settings.dtype, settings.device))
+    group_size = max(len(g) for g in groups)
+    pool = BufferPool(2 * group_size + background.threads, lambda: block_buffer(
+        len(work.layers), plan.block_tokens, work.hidden_size, settings.dtype, settings.device))
+    counted = np.zeros(len(plan.token_start), dtype=bool)
+    counted[np.concatenate([plan.block_samples[b] for b in work.pending])] = True
 
-    def write(block: int, pending: PendingBlock) -> None:
+    def write(block: int, result: PendingBlock) -> None:
         try:
-            work.writer.write_block(block, pending.result())
+            features = result.result()
+            if block in pending:
+                work.writer.write_block(block, features)
         finally:
-            buffers.put(pending.buffer)
+            pool.free.put(result.buffer)
 
     started = time.perf_counter()
     try:
-        for block in work.pending:
-            buffer = background.wait_for(buffers)
-            pending = start_block(forward, plan.block_samples[block], work.layers, buffer, settings.batch_size,
-                                  progress.update)
-            background.submit(write, block, pending)
+        for group in groups:
+            buffers = [pool.take(background) for _ in group]
+            results = start_group(forward, [plan.block_samples[b] for b in group], work.lengths, work.layers, buffers,
+                                  settings.batch_size, lambda samples: progress.update(int(counted[samples].sum())))
+            for block, result in zip(group, results):
+                background.submit(write, block, result)
         background.close()
     finally:
         progress.close()

@@ -39,7 +39,7 @@ class TokenTable:
         lengths[positions] = self.lengths[positions]
         starts = np.zeros_like(self.starts)
         starts[positions] = np.concatenate([[0], np.cumsum(lengths[positions])[:-1]]) if len(positions) else []
-        index = _gather_index(self.starts[positions], self.lengths[positions])
+        index = ranges(self.starts[positions], self.lengths[positions])
         return TokenTable({name: values[index] for name, values in self.fields.items()}, starts, lengths, self.pad)
 
     def batch(self, samples) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -54,9 +54,8 @@ class TokenTable:
         return inputs, lengths
 
 
-def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Flat indices of the ranges [start, start + length), in order."""
-    if not len(lengths):
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
     return np.arange(int(lengths.sum()), dtype=np.int64) + offsets

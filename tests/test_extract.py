@@ -15,7 +15,7 @@ from pipeline.data import load_dataset
 from stages.backbones import load_backbone
 from stages.extract import ExtractSettings, extract
 
-SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
+SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256)
 
 
 def run_extract(model_folder, table, out, **overrides):
@@ -212,7 +212,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path
 
     table = write_table(tmp_path / "data.csv", sentiment_rows(1500))
     args = [sys.executable, "-m", "pipeline.cli", "extract", "--backbone", str(tiny_bert), "--data", str(table),
-            "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24"]
+            "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24", "--sort-tokens", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "clean.zarr")], check=True, capture_output=True, env=env)
     victim = subprocess.Popen(args + ["--out", str(tmp_path / "killed.zarr")], stdout=subprocess.DEVNULL,
