@@ -76,6 +76,12 @@ def validate_settings(settings: ExtractSettings) -> None:
         raise InputError(f"--precision {settings.precision}: use {', '.join(PRECISIONS)}")
     if settings.max_length < 2 or settings.batch_size < 1:
         raise InputError("--max-length must be at least 2 and --batch-size at least 1")
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError:
+        raise InputError(f"--device {settings.device}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {settings.device}: this machine's torch sees no CUDA GPU; use --device cpu")
     if settings.sort_tokens < 1:
         raise InputError("--sort-tokens must be at least 1")
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
