@@ -11,7 +11,7 @@ Ratios are against `sorted` and `+copies`. --write-only replaces the backbone by
 backbone's shapes, so the write path (batching, gather, cast, copies, compression, checksums, disk) is timed
 alone, once per codec, in GB/s of stored features and samples/s.
 
-    python bench/extract_throughput.py --samples 2000 --max-length 128
+    python bench/extract_throughput.py --samples 2000 --max-length 128 --skip-padded
     python bench/extract_throughput.py --device cuda --batch-size 128 --samples 10568
     python bench/extract_throughput.py --write-only --samples 10568 --codecs lz4,none
 """
@@ -116,6 +116,7 @@ def timed_extract(backbone, dataset, settings) -> tuple[float, float]:
 
 
 def write_table(folder: Path, texts, labels, names) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     table = folder / "movies.csv"
     with open(table, "w", newline="") as stream:
         writer = csv.writer(stream)
@@ -152,7 +153,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="for `pipeline extract`")
     parser.add_argument("--codec", default="lz4", help="for `pipeline extract`")
-    parser.add_argument("--repeat", type=int, default=1, help="run every row this many times; report each row's best")
+    parser.add_argument("--rounds", type=int, default=4, help="rows take turns on this many parts of the texts")
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded loop (slow on a CPU)")
     parser.add_argument("--write-only", action="store_true", help="time the write path alone, backbone replaced")
     parser.add_argument("--codecs", default="lz4,zstd,none", help="with --write-only")
@@ -166,32 +167,42 @@ def main():
     layers = parse_layers(args.layers, backbone.num_layers)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        dataset = load_dataset(str(write_table(folder, texts, labels, names)))
         if args.write_only:
+            dataset = load_dataset(str(write_table(folder, texts, labels, names)))
             return write_only(args, backbone, dataset, folder, n)
         sorted_loop(backbone, texts[:args.batch_size], args.batch_size, args.max_length, device, layers, True)  # warm-up
-        best: dict[str, float] = {}
-        startup = float("inf")
-        for attempt in range(args.repeat):
-            rows = {"sorted": lambda: timed(sorted_loop, backbone, texts, args.batch_size, args.max_length, device, layers),
-                    "+copies": lambda: timed(sorted_loop, backbone, texts, args.batch_size, args.max_length, device, layers,
-                                             copies=True)}
-            if not args.skip_padded:
-                rows["padded"] = lambda: timed(padded_loop, backbone, texts, args.batch_size, args.max_length, device, layers)
-            for name, run in rows.items():
-                best[name] = min(best.get(name, float("inf")), run())
-            settings = ExtractSettings(out=str(folder / f"f{attempt}.zarr"), layers=args.layers, max_length=args.max_length,
+        # Rows take turns on R consecutive parts of the texts (the order rotating each round), so a machine whose
+        # load changes over minutes slows every row alike; each row's time is its sum over the rounds.
+        parts = np.array_split(np.arange(n), args.rounds)
+        total = {name: 0.0 for name in (["padded"] if not args.skip_padded else []) + ["sorted", "+copies", "extract"]}
+        startup = 0.0
+        for round_, part in enumerate(parts):
+            chunk = [texts[i] for i in part]
+            dataset = load_dataset(str(write_table(folder / f"part{round_}", chunk, labels[part], names)))
+            settings = ExtractSettings(out=str(folder / f"f{round_}.zarr"), layers=args.layers, max_length=args.max_length,
                                        batch_size=args.batch_size, device=args.device, precision=args.precision,
                                        codec=args.codec)
-            seconds, first = timed_extract(backbone, dataset, settings)
-            if seconds < best.get("extract", float("inf")):
-                best["extract"], startup = seconds, first
-        facts = describe_store(settings.out)
+            rows = {"padded": lambda: timed(padded_loop, backbone, chunk, args.batch_size, args.max_length, device, layers),
+                    "sorted": lambda: timed(sorted_loop, backbone, chunk, args.batch_size, args.max_length, device, layers),
+                    "+copies": lambda: timed(sorted_loop, backbone, chunk, args.batch_size, args.max_length, device, layers,
+                                             copies=True),
+                    "extract": lambda: timed_extract(backbone, dataset, settings)}
+            names_now = list(total)[round_ % len(total):] + list(total)[:round_ % len(total)]
+            for name in names_now:
+                result = rows[name]()
+                if name == "extract":
+                    result, first = result
+                    startup += first
+                total[name] += result
+            facts = describe_store(settings.out)
+            size = {key: size.get(key, 0) + facts[key] for key in ("bytes_on_disk", "bytes_padded_fp32", "real_tokens")} \
+                if round_ else {key: facts[key] for key in ("bytes_on_disk", "bytes_padded_fp32", "real_tokens")}
+        best = total
     print(f"backbone {args.backbone}, {n} movie snippets, batch {args.batch_size}, max length {args.max_length}, "
           f"layers {args.layers}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} torch threads, extract precision {args.precision}, codec {args.codec}, "
-          f"best of {args.repeat}")
+          f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
     labels_of = {"padded": "bare loop, padded to max length", "sorted": "bare loop, length-sorted (forward only)",
                  "+copies": "length-sorted + real tokens to host fp16", "extract": "pipeline extract (end to end)"}
     for name in ("padded", "sorted", "+copies", "extract"):
@@ -201,9 +212,9 @@ def main():
     steady = best["extract"] - startup
     print(f"{'pipeline extract without start-up':42s}: {n / steady:9.1f} samples/s ({steady:.1f} s; start-up {startup:.1f} s)"
           f"   x{best['sorted'] / steady:.2f} of sorted, x{best['+copies'] / steady:.2f} of +copies")
-    print(f"cache bytes on disk: {facts['bytes_on_disk'] / 1e6:.1f} MB for {len(facts['layers'])} layers, "
-          f"{facts['real_tokens']} real tokens; padded float32 at max length: {facts['bytes_padded_fp32'] / 1e6:.1f} MB "
-          f"(ratio {facts['ratio_to_padded_fp32']:.3f})")
+    print(f"cache bytes on disk: {size['bytes_on_disk'] / 1e6:.1f} MB for {len(layers)} layers, "
+          f"{size['real_tokens']} real tokens; padded float32 at max length: {size['bytes_padded_fp32'] / 1e6:.1f} MB "
+          f"(ratio {size['bytes_on_disk'] / size['bytes_padded_fp32']:.3f})")
 
 
 if __name__ == "__main__":
