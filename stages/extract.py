@@ -222,6 +222,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         "codec": settings.codec, "lossy": settings.lossy, "modality": backbone.modality,
     })
     filters, compressors = codec_pipeline(settings.codec, settings.lossy)
+    writes = None
     for split in SPLITS:
         rows = dataset.rows(split)
         if len(rows) == 0:
@@ -244,8 +245,13 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         if run_split is not None:
             run_split(work)
             continue
+        if writes is None:
+            writes = Writes(settings, len(layers), backbone.hidden_size)
         forward = split_forward(backbone, model, work, settings.device)
-        _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {split}", unit="sample"))
+        _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {split}", unit="sample"),
+                    writes)
+    if writes is not None:
+        writes.background.close()  # every split's writes, then `complete`
     root.attrs["status"] = "complete"
     return "written"
 
@@ -422,17 +428,24 @@ class BufferPool:
         return background.wait_for(self.free)
 
 
-def _run_blocks(forward, work: SplitWork, progress) -> None:
-    """Runs a split's pending blocks in this process, a sort group at a time. Writes run on background threads
-    while the next group's forward passes run. A group's blocks that are already done (a resumed run) are
-    computed again, so the batches are the same as in an uninterrupted run, but not written."""
-    settings, plan = work.settings, work.plan
+class Writes:
+    """The background writer threads and block buffers of one extraction, shared by its splits (so a split's
+    last writes overlap the next split's forward passes)."""
+
+    def __init__(self, settings: ExtractSettings, layers: int, hidden_size: int):
+        self.background = BackgroundWriter(threads=writer_threads(settings.device))
+        group_blocks = max(1, settings.sort_tokens // settings.block_tokens)
+        self.pool = BufferPool(2 * group_blocks + self.background.threads, lambda: block_buffer(
+            layers, settings.block_tokens, hidden_size, settings.dtype, settings.device))
+
+
+def _run_blocks(forward, work: SplitWork, progress, writes: Writes) -> None:
+    """Runs a split's pending blocks in this process, a sort group at a time, handing finished blocks to the
+    background writers while the next group's forward passes run. A group's blocks that are already done (a
+    resumed run) are computed again, so the batches are the same as in an uninterrupted run, but not written."""
+    settings, plan, background, pool = work.settings, work.plan, writes.background, writes.pool
     pending = set(work.pending)
     groups = [g for g in sort_groups(plan.num_blocks, plan.block_tokens, settings.sort_tokens) if pending & set(g)]
-    background = BackgroundWriter(threads=writer_threads(settings.device))
-    group_size = max(len(g) for g in groups)
-    pool = BufferPool(2 * group_size + background.threads, lambda: block_buffer(
-        len(work.layers), plan.block_tokens, work.hidden_size, settings.dtype, settings.device))
     counted = np.zeros(len(plan.token_start), dtype=bool)
     counted[np.concatenate([plan.block_samples[b] for b in work.pending])] = True
 
@@ -452,7 +465,6 @@ def _run_blocks(forward, work: SplitWork, progress) -> None:
                                   settings.batch_size, lambda samples: progress.update(int(counted[samples].sum())))
             for block, result in zip(group, results):
                 background.submit(write, block, result)
-        background.close()
     finally:
         progress.close()
     elapsed = time.perf_counter() - started
