@@ -45,16 +45,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def padded_loop(backbone, texts, batch_size, max_length, device, layers) -> None:
+def padded_loop(backbone, texts, batch_size, max_length, device, layers, precision="fp32") -> None:
     for first in range(0, len(texts), batch_size):
         batch = backbone.tokenizer(texts[first:first + batch_size], truncation=True, max_length=max_length,
                                    padding="max_length", return_tensors="pt").to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), extract_module._autocast(device, precision):
             backbone.model(**batch, output_hidden_states=True)
     synchronize(device)
 
 
-def sorted_loop(backbone, texts, batch_size, max_length, device, layers, copies=False) -> None:
+def sorted_loop(backbone, texts, batch_size, max_length, device, layers, copies=False, precision="fp32") -> None:
     """Length-sorted batches, padded to each batch's longest; with copies, real tokens to the host in float16."""
     encoded = backbone.tokenizer(texts, truncation=True, max_length=max_length)
     order = np.argsort([-len(ids) for ids in encoded["input_ids"]], kind="stable")
@@ -63,7 +63,8 @@ def sorted_loop(backbone, texts, batch_size, max_length, device, layers, copies=
         features = [{name: values[i] for name, values in encoded.items()} for i in order[first:first + batch_size]]
         batch = backbone.tokenizer.pad(features, return_tensors="pt").to(device)
         with torch.inference_mode():
-            hidden = backbone.model(**batch, output_hidden_states=True).hidden_states
+            with extract_module._autocast(device, precision):
+                hidden = backbone.model(**batch, output_hidden_states=True).hidden_states
             if copies:
                 mask = batch["attention_mask"].bool()
                 kept.append([hidden[i][mask].to(torch.float16).cpu() for i in layers])
@@ -151,7 +152,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--layers", default="all")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="for `pipeline extract`")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the forward pass of every row (autocast)")
     parser.add_argument("--codec", default="lz4", help="for `pipeline extract`")
     parser.add_argument("--rounds", type=int, default=4, help="rows take turns on this many parts of the texts")
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded loop (slow on a CPU)")
@@ -182,10 +184,10 @@ def main():
             settings = ExtractSettings(out=str(folder / f"f{round_}.zarr"), layers=args.layers, max_length=args.max_length,
                                        batch_size=args.batch_size, device=args.device, precision=args.precision,
                                        codec=args.codec)
-            rows = {"padded": lambda: timed(padded_loop, backbone, chunk, args.batch_size, args.max_length, device, layers),
-                    "sorted": lambda: timed(sorted_loop, backbone, chunk, args.batch_size, args.max_length, device, layers),
-                    "+copies": lambda: timed(sorted_loop, backbone, chunk, args.batch_size, args.max_length, device, layers,
-                                             copies=True),
+            loop = (backbone, chunk, args.batch_size, args.max_length, device, layers)
+            rows = {"padded": lambda: timed(padded_loop, *loop, precision=args.precision),
+                    "sorted": lambda: timed(sorted_loop, *loop, precision=args.precision),
+                    "+copies": lambda: timed(sorted_loop, *loop, copies=True, precision=args.precision),
                     "extract": lambda: timed_extract(backbone, dataset, settings)}
             names_now = list(total)[round_ % len(total):] + list(total)[:round_ % len(total)]
             for name in names_now:
@@ -201,7 +203,7 @@ def main():
     print(f"backbone {args.backbone}, {n} movie snippets, batch {args.batch_size}, max length {args.max_length}, "
           f"layers {args.layers}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} torch threads, extract precision {args.precision}, codec {args.codec}, "
+          f"{torch.get_num_threads()} torch threads, precision {args.precision}, codec {args.codec}, "
           f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
     labels_of = {"padded": "bare loop, padded to max length", "sorted": "bare loop, length-sorted (forward only)",
                  "+copies": "length-sorted + real tokens to host fp16", "extract": "pipeline extract (end to end)"}
