@@ -7,6 +7,7 @@ The store may be a local path or an fsspec URL (s3://bucket/features.zarr, file:
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -67,6 +68,9 @@ class SplitWriter:
     def __init__(self, group: zarr.Group, plan: BlockPlan, layers: list[int]):
         self.group, self.plan, self.layers = group, plan, layers
         self.arrays = [group[layer_array_name(i)] for i in layers]
+        # Blocks are dense: zarr's scan of every chunk for its fill value (to leave empty chunks out) only costs
+        # time, except in a split's last block, whose whole empty chunks are worth leaving out.
+        self.dense_arrays = [array.with_config({"write_empty_chunks": True}) for array in self.arrays]
         self.done = group["done"]
 
     @classmethod
@@ -84,7 +88,8 @@ class SplitWriter:
     def write_block(self, block: int, buffer: np.ndarray) -> None:
         """buffer: [K, block_tokens, D], the whole block, zeros in the unused tail."""
         rows = slice(block * self.plan.block_tokens, (block + 1) * self.plan.block_tokens)
-        for array, data in zip(self.arrays, buffer):
+        last_chunk = buffer[:, -self.arrays[0].chunks[0]:] if self.arrays else buffer
+        for array, data in zip(self.dense_arrays if last_chunk.any() else self.arrays, buffer):
             array[rows] = data
         self.done[block] = 1
 
@@ -109,14 +114,27 @@ def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, 
     return SplitWriter(group, plan, layers)
 
 
-class BackgroundWriter:
-    """Runs writes on one thread so compression and I/O overlap the next forward pass."""
+def writer_threads(device: str = "cpu") -> int:
+    """Writer threads: with a GPU, enough to compress, checksum and write blocks as fast as it makes them (up
+    to 4, at most the CPUs); on a CPU one, since every thread it takes slows the forward pass, which needs the
+    cores, and one keeps up with a CPU forward pass many times over."""
+    if not str(device).startswith("cuda"):
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
-    def __init__(self, depth: int = 2):
+
+class BackgroundWriter:
+    """Runs writes on `threads` threads so compression and I/O overlap the next forward passes. Blocks own
+    whole shards, so writes of different blocks never touch the same file. The first error stops the rest and
+    is re-raised on the caller's thread."""
+
+    def __init__(self, threads: int = 1, depth: int = 2):
+        self.threads, self.depth = threads, depth
         self.tasks: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for worker in self.workers:
+            worker.start()
 
     def _run(self):
         while (task := self.tasks.get()) is not None:
@@ -124,15 +142,29 @@ class BackgroundWriter:
                 try:
                     task[0](*task[1:])
                 except BaseException as error:  # re-raised on the caller's thread
-                    self.error = error
+                    self.error = self.error or error
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
     def submit(self, function, *args) -> None:
-        if self.error is not None:
-            raise self.error
+        self._raise()
         self.tasks.put((function, *args))
 
+    def wait_for(self, items: queue.Queue):
+        """The next item of `items` (e.g. a free buffer that a finished write gives back); raises a write's
+        error instead of waiting for an item that a skipped write will never give back."""
+        while True:
+            self._raise()
+            try:
+                return items.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
     def close(self) -> None:
-        self.tasks.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        for _ in self.workers:
+            self.tasks.put(None)
+        for worker in self.workers:
+            worker.join()
+        self._raise()

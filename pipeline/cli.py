@@ -93,8 +93,10 @@ def data_options(command):
 @click.option("--layers", default="all", show_default=True, help="all | last:K | comma list of hidden_states indices (0 = embeddings).")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Tokens per sample after truncation (text; an image always gives its patches plus CLS).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Samples per forward batch [default: 32 on a CPU, 128 on a GPU].")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="The forward pass's precision (autocast); part of the store's key, since bf16/fp16 features differ.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
               help="Lossless compressor (blosc); every chunk also gets a crc32c checksum.")
 @click.option("--lossy", default=None, help="Opt-in lossy rounding, e.g. bitround:7 (about bfloat16 precision).")
@@ -104,14 +106,16 @@ def data_options(command):
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
+@click.option("--sort-tokens", type=int, default=32768, show_default=True,
+              help="Forward batches are length-sorted across consecutive blocks holding this many tokens (less padding).")
 @click.option("--workers", type=int, default=None,
               help="Run the forward passes on a dask LocalCluster of N one-thread worker processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, layers,
-            max_length, batch_size, dtype, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
-            workers, scheduler):
+            max_length, batch_size, dtype, precision, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
+            sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
     Re-running with the same settings does nothing; after a crash it resumes from the first
@@ -125,7 +129,8 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
-                               chunk_tokens=chunk_tokens, device=device)
+                               chunk_tokens=chunk_tokens, sort_tokens=sort_tokens, device=device,
+                               precision=precision)
     validate_settings(settings)
     distributed = workers is not None or bool(scheduler)
     if distributed:

@@ -137,12 +137,31 @@ class Backbone:
 
 
 def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per weight tensor group: noise, not progress
     folder = resolve_backbone(name)
+    with ThreadPoolExecutor(1) as pool:  # hashing releases the GIL: it overlaps loading the model
+        weights_hash = pool.submit(weights_sha256, folder)
+        model, tokenizer, processor, modality, config = _load(folder, trust_remote_code)
+        digest = weights_hash.result()
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if modality == "image":
+        pooling = "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
+    else:
+        pooling = pooling_of(folder)
+    return Backbone(folder, model, tokenizer, digest, pooling, processor, modality)
+
+
+def _load(folder: Path, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if config.model_type in VISION_TOWERS:  # a full CLIP/SigLIP checkpoint: build the vision tower only
@@ -155,6 +174,8 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
         else:
             model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+            from transformers import AutoImageProcessor  # imported only for images: it takes seconds
+
             # The PIL backend always: the same pixels whether or not torchvision is installed.
             processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code, backend="pil")
             tokenizer, modality = None, "image"
@@ -164,11 +185,4 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load the backbone from {folder}: {message}; check the folder holds a complete "
                          "Hugging Face model (config, weights, tokenizer or image processor)") from None
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    if modality == "image":
-        pooling = "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
-    else:
-        pooling = pooling_of(folder)
-    return Backbone(folder, model, tokenizer, weights_sha256(folder), pooling, processor, modality)
+    return model, tokenizer, processor, modality, config

@@ -4,8 +4,8 @@ The main process does what a single-process run does up to the forward passes (h
 tokenizes, plans blocks, creates the arrays: `stages.extract.extract`), then hands each split's pending
 blocks to the cluster, a few blocks per task. A worker process loads the backbone once (cached per
 process, keyed by folder and settings), turns each of its blocks into the block's [K, block_tokens, D]
-buffer with the same `block_features` the single-process loop uses, writes the block's shards whole and
-then its done flag. Every block is in exactly one task, so no two writers share a shard; a task whose
+buffer with the same `group_features` the single-process loop uses (a task holds whole sort groups, so its
+forward batches are the single-process ones), writes the block's shards whole and then its done flag. Every block is in exactly one task, so no two writers share a shard; a task whose
 worker dies is run again (on the same or another worker) and skips the blocks an earlier attempt
 flagged done. A killed run resumes from the done flags like a single-process one, with or without a
 cluster, and the arrays equal a single-process extraction byte for byte.
@@ -13,6 +13,7 @@ cluster, and the arrays equal a single-process extraction byte for byte.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -28,7 +29,7 @@ from cache.errors import InputError
 from cache.writer import SplitWriter, open_group
 
 from .backbones import Backbone, load_backbone
-from .extract import ExtractSettings, SplitWork, _image_forward, _text_forward, block_features, extract
+from .extract import ExtractSettings, sort_groups, SplitWork, _image_forward, _text_forward, extract, group_features
 from .progress import progress_bar
 
 SCHEDULER_TIMEOUT_S = 10  # how long to try to reach --scheduler before giving up
@@ -50,7 +51,7 @@ class BackboneSpec:
 
 @dataclass
 class BlockTask:
-    """One task: some blocks of one split, and the model inputs of exactly their samples."""
+    """One task: some whole sort groups of blocks of one split, and the model inputs of exactly their samples."""
 
     store: str
     split: str
@@ -64,7 +65,10 @@ class BlockTask:
     backbone: BackboneSpec
     modality: str
     workers_per_host: dict[str, int]
-    encoded: dict | None = None  # text: field -> {split position: token values}
+    encoded: object = None  # text: a TokenTable holding only these samples' tokens
+    precision: str = "fp32"
+    lengths: np.ndarray | None = None  # real tokens per sample, by split position
+    sort_tokens: int = 32768
     rows: dict | None = None  # images: split position -> dataset row
     images: object = None  # images: RowImages holding only these rows
     tokens_per_image: int | None = None
@@ -126,8 +130,6 @@ def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_
                 raise InputError(f"the backbone at {spec.path} on this worker has other weights than the one the store's "
                                  "key was made with; give every worker the same model folder")
             backbone.model.to(spec.device)
-            if backbone.modality == "text":
-                backbone.tokenizer.padding_side = "right"
             _BACKBONES[spec] = backbone
         return _BACKBONES[spec]
 
@@ -138,20 +140,25 @@ def run_block_task(task: BlockTask) -> dict:
     device = task.backbone.device
     if task.modality == "image":
         forward = _image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
-                                 task.tokens_per_image, device)
+                                 task.tokens_per_image, device, task.precision)
     else:
-        forward = _text_forward(backbone.model, backbone.tokenizer, task.encoded, device)
+        forward = _text_forward(backbone.model, task.encoded, device, task.precision)
     writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
     written = []
-    for block, samples in zip(task.blocks, task.samples):
-        if writer.is_done(block):  # an earlier attempt of this task (on a worker that died) wrote it
+    group_size = max(1, task.sort_tokens // task.block_tokens)
+    for _, members in itertools.groupby(zip(task.blocks, task.samples), key=lambda member: member[0] // group_size):
+        members = list(members)
+        if all(writer.is_done(block) for block, _ in members):  # an earlier attempt (on a worker that died) wrote them
             continue
-        buffer = block_features(forward, samples, task.layers, task.block_tokens, task.hidden_size, task.dtype,
-                                task.batch_size)
-        if task.before_write is not None:
-            task.before_write(task.split, block)
-        writer.write_block(block, buffer)
-        written.append(block)
+        features = group_features(forward, [samples for _, samples in members], task.lengths, task.layers,
+                                  task.block_tokens, task.hidden_size, task.dtype, task.batch_size, device)
+        for (block, _), buffer in zip(members, features):
+            if writer.is_done(block):
+                continue
+            if task.before_write is not None:
+                task.before_write(task.split, block)
+            writer.write_block(block, buffer)
+            written.append(block)
     return {"blocks": list(task.blocks), "written": written, "samples": int(sum(len(s) for s in task.samples))}
 
 
@@ -216,20 +223,25 @@ class DaskSplitRunner:
         client = self.connection.client
         workers = client.scheduler_info(**({"n_workers": -1} if _takes_n_workers(client) else {}))["workers"]
         workers_per_host = dict(Counter(get_address_host(address) for address in workers))
+        pending = set(work.pending)
+        groups = [g for g in sort_groups(work.plan.num_blocks, work.plan.block_tokens, work.settings.sort_tokens)
+                  if pending & set(g)]
         per_worker = len(work.pending) // (TASKS_PER_WORKER * max(1, len(workers)))
-        size = self.blocks_per_task or max(1, min(MAX_BLOCKS_PER_TASK, per_worker))
-        groups = [work.pending[first:first + size] for first in range(0, len(work.pending), size)]
+        blocks = self.blocks_per_task or max(1, min(MAX_BLOCKS_PER_TASK, per_worker))
+        size = max(1, blocks // len(groups[0]))  # whole sort groups per task (done blocks in them are not rewritten)
+        tasks = [sum(groups[first:first + size], []) for first in range(0, len(groups), size)]
         futures = [client.submit(run_block_task, self._task(work, blocks, workers_per_host), retries=TASK_RETRIES,
                                  pure=False, key=f"extract-{work.split}-blocks-{blocks[0]}-{blocks[-1]}-{uuid.uuid4().hex[:8]}")
-                   for blocks in groups]
-        progress = progress_bar(total=work.pending_samples, desc=f"extract {work.split} ({len(workers)} workers)",
-                                unit="sample")
+                   for blocks in tasks]
+        total_blocks = sum(map(len, tasks))
+        progress = progress_bar(total=sum(len(work.plan.block_samples[b]) for blocks in tasks for b in blocks),
+                                desc=f"extract {work.split} ({len(workers)} workers)", unit="sample")
         started, blocks_done = time.perf_counter(), 0
         try:
             for future in as_completed(futures):
                 result = _result(future)
                 blocks_done += len(result["blocks"])
-                progress.set_postfix_str(f"blocks {blocks_done}/{len(work.pending)}", refresh=False)
+                progress.set_postfix_str(f"blocks {blocks_done}/{total_blocks}", refresh=False)
                 progress.update(result["samples"])
         except BaseException:
             client.cancel(futures)
@@ -249,13 +261,14 @@ class DaskSplitRunner:
         positions = [int(i) for s in samples for i in s]
         task = BlockTask(self.store, work.split, list(blocks), samples, work.layers, work.plan.block_tokens,
                          work.hidden_size, work.settings.dtype, work.settings.batch_size, self.backbone, work.modality,
-                         workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads)
+                         workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads,
+                         precision=work.settings.precision, lengths=work.lengths, sort_tokens=work.settings.sort_tokens)
         if work.modality == "image":
             task.rows = {i: int(work.rows[i]) for i in positions}
             task.images = RowImages(work.dataset.images, sorted(set(task.rows.values())))
             task.tokens_per_image = work.tokens_per_image
         else:
-            task.encoded = {name: {i: values[i] for i in positions} for name, values in work.encoded.items()}
+            task.encoded = work.encoded.subset(positions)
         return task
 
 

@@ -22,8 +22,8 @@ from stages.extract import ExtractSettings, extract
 from tests.conftest import sentiment_rows, write_table
 from tests.test_extract import assert_one_line_error, cli
 
-SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
-CLI_SMALL = ["--block-tokens", 128, "--chunk-tokens", 32, "--batch-size", 8, "--max-length", 24]
+SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256)
+CLI_SMALL = ["--block-tokens", 128, "--chunk-tokens", 32, "--batch-size", 8, "--max-length", 24, "--sort-tokens", 256]
 
 
 def settings(out, **overrides) -> ExtractSettings:

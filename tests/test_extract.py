@@ -15,7 +15,7 @@ from pipeline.data import load_dataset
 from stages.backbones import load_backbone
 from stages.extract import ExtractSettings, extract
 
-SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
+SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256)
 
 
 def run_extract(model_folder, table, out, **overrides):
@@ -212,7 +212,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path
 
     table = write_table(tmp_path / "data.csv", sentiment_rows(1500))
     args = [sys.executable, "-m", "pipeline.cli", "extract", "--backbone", str(tiny_bert), "--data", str(table),
-            "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24"]
+            "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24", "--sort-tokens", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "clean.zarr")], check=True, capture_output=True, env=env)
     victim = subprocess.Popen(args + ["--out", str(tmp_path / "killed.zarr")], stdout=subprocess.DEVNULL,
@@ -244,3 +244,104 @@ def test_unpacked_model_folder_is_the_shallowest_config(tmp_path):
     (model / "1_Pooling" / "config.json").write_text("{}")
     (model / "config.json").write_text('{"model_type": "mpnet"}')
     assert _model_folder(tmp_path) == model
+
+
+def test_token_table_batches_equal_tokenizer_pad(tiny_bert):
+    from stages.token_table import TokenTable
+
+    tokenizer = load_backbone(str(tiny_bert)).tokenizer
+    texts = ["good movie", "the plot was very boring and the actor was not quite fine", "a", "awful film"]
+    pairs = ["great", "bad", "the scene", "dull plot is dull"]
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=12)
+    table = TokenTable.from_encoded(encoded, tokenizer)
+    for samples in ([1, 3, 0], [2], [3, 1]):
+        inputs, lengths = table.batch(np.array(samples))
+        expected = tokenizer.pad([{k: v[i] for k, v in encoded.items()} for i in samples], return_tensors="pt")
+        assert inputs.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(inputs[name], expected[name]), name
+        assert list(lengths) == [len(encoded["input_ids"][i]) for i in samples]
+    part = table.subset([3, 1])  # what one distributed task ships: positions keep their meaning
+    for name, values in part.batch(np.array([1, 3]))[0].items():
+        assert torch.equal(values, table.batch(np.array([1, 3]))[0][name]), name
+
+
+def test_precision_goes_into_the_key_and_bf16_features_are_close(tiny_bert, tiny_table, tmp_path):
+    out = tmp_path / "f.zarr"
+    run_extract(tiny_bert, tiny_table, out)
+    assert "precision" not in zarr.open_group(str(out)).attrs["key"]  # fp32: stores made before the option stay valid
+    with pytest.raises(InputError, match="precision"):
+        run_extract(tiny_bert, tiny_table, out, precision="bf16")
+    assert run_extract(tiny_bert, tiny_table, tmp_path / "bf16.zarr", precision="bf16") == "written"
+    assert zarr.open_group(str(tmp_path / "bf16.zarr")).attrs["key"]["precision"] == "bf16"
+    assert_matches_direct(tiny_bert, tiny_table, tmp_path / "bf16.zarr", SMALL["max_length"], atol=0.1)
+    fp32, bf16 = store_arrays(out), store_arrays(tmp_path / "bf16.zarr")
+    assert not np.array_equal(fp32["train/layer_02"], bf16["train/layer_02"])
+
+
+def test_sort_groups_give_the_same_features_as_sorting_each_block(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "block.zarr", sort_tokens=128, dtype="float32")
+    run_extract(tiny_bert, tiny_table, tmp_path / "group.zarr", sort_tokens=100_000, dtype="float32")
+    block, group = store_arrays(tmp_path / "block.zarr"), store_arrays(tmp_path / "group.zarr")
+    assert block.keys() == group.keys()
+    for name in block:
+        np.testing.assert_allclose(block[name], group[name], atol=1e-5, err_msg=name)
+
+
+def test_inf_or_nan_features_raise_one_input_error():
+    from stages.extract import block_buffer, start_group
+
+    def forward(samples):
+        hidden = torch.ones(len(samples), 3, 4)
+        hidden[0, 1, 2] = 1e6  # beyond float16
+        return (hidden, hidden), np.full(len(samples), 3)
+
+    lengths = np.full(4, 3)
+    buffers = [block_buffer(2, 16, 4, "float16", "cpu")]
+    [pending] = start_group(forward, [np.arange(4)], lengths, [0, 1], buffers, batch_size=2)
+    with pytest.raises(InputError, match="overflow float16"):
+        pending.result()
+    buffers = [block_buffer(2, 16, 4, "float32", "cpu")]
+    [pending] = start_group(forward, [np.arange(4)], lengths, [0, 1], buffers, batch_size=2)
+    assert pending.result()[0, :12].max() == 1e6 and not pending.result()[:, 12:].any()
+
+
+def test_several_writer_threads_write_everything_and_raise_the_first_error():
+    from cache.writer import BackgroundWriter
+
+    done = []
+    background = BackgroundWriter(threads=3)
+    for i in range(20):
+        background.submit(done.append, i)
+    background.close()
+    assert sorted(done) == list(range(20))
+
+    def fail(i):
+        raise OSError(f"disk full at {i}")
+
+    background = BackgroundWriter(threads=2)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(20):
+            background.submit(fail, i)
+        background.wait_for(__import__("queue").Queue())  # a buffer that a failed write never gives back
+    with pytest.raises(OSError, match="disk full"):
+        background.close()
+
+
+def test_bad_device_or_precision_exits_2(tiny_bert, tiny_table, tmp_path):
+    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", tmp_path / "f.zarr"]
+    if not torch.cuda.is_available():
+        assert_one_line_error(cli(*args, "--device", "cuda"), "no CUDA GPU")
+    assert_one_line_error(cli(*args, "--device", "tpu9"), "--device tpu9")
+    assert cli(*args, "--precision", "fp8").exit_code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_extraction_matches_the_cpu(tiny_bert, tiny_table, tmp_path, precision):
+    run_extract(tiny_bert, tiny_table, tmp_path / "cpu.zarr")
+    run_extract(tiny_bert, tiny_table, tmp_path / "gpu.zarr", device="cuda", precision=precision)
+    cpu, gpu = store_arrays(tmp_path / "cpu.zarr"), store_arrays(tmp_path / "gpu.zarr")
+    for name in cpu:
+        np.testing.assert_allclose(cpu[name].astype(np.float32), gpu[name].astype(np.float32),
+                                   atol=5e-3 if precision == "fp32" else 0.1, err_msg=name)
