@@ -35,8 +35,16 @@ def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run(pipeline(*args), capture_output=True, text=True, env=ENV)
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """A test runner started in the background (nohup, `cmd &` without job control) ignores SIGINT, and its
+    children inherit that; Python then never turns SIGINT into KeyboardInterrupt. Restore the default, as a
+    terminal has it, so a signal sent by the test is the user's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen(pipeline(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(pipeline(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def last_line(text: str) -> str:
