@@ -7,7 +7,7 @@ import torch
 from cache.reader import CacheReader
 
 from .metrics import task_metrics
-from .runtime import Runtime
+from .runtime import CPU, Runtime
 
 
 def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +20,7 @@ def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
 def predict_split(model: torch.nn.Module, reader: CacheReader, batch_size: int = 64,
                   runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C], labels [N]) for the reader's samples, in their sorted order."""
-    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    runtime = runtime or CPU
     model.eval()
     chunks, order = [], []
     for batch in reader.batches(batch_size, pin_memory=runtime.pin_memory):

@@ -8,7 +8,7 @@ from cache.errors import InputError
 
 from .backbones import load_backbone
 from .extract import preprocessor_sha256
-from .runtime import Runtime
+from .runtime import CPU, Runtime
 from .side_model import SideModel
 
 
@@ -29,7 +29,7 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
                   batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
     """Logits [N, C]. Features are rounded to the cache's dtype, as the side network saw them in training; the
     backbone runs in float32, as stage one ran it."""
-    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    runtime = runtime or CPU
     dtype = torch.float16 if side.info["dtype"] == "float16" else torch.float32
     backbone.tokenizer.padding_side = "right"
     outputs = []

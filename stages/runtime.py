@@ -75,6 +75,9 @@ class Runtime:
         return {"device": str(self.device), "device_name": self.name, "precision": self.precision}
 
 
+CPU = Runtime(torch.device("cpu"), "fp32")  # the default wherever no runtime is passed
+
+
 def _device(text: str) -> torch.device:
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .memory import peak_rss_mb
 from .metrics import primary_metric
 from .progress import progress_bar
-from .runtime import Runtime
+from .runtime import CPU, Runtime
 
 
 @dataclass
@@ -63,17 +63,17 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
     under the runtime's autocast; snapshot() copies the weights to keep.
 
     checkpoint (stages.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
-    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    runtime = runtime or CPU
     optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
     scaler = runtime.grad_scaler()
     steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, schedule.warmup_ratio))
     metric, _ = primary_metric(task)
     history, best, best_state, best_epoch, seconds = [], -math.inf, None, 0, []
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what a checkpoint carries
     if checkpoint is not None:
         history, best, best_state, best_epoch, seconds = checkpoint.restore(
-            modules, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
-            (history, best, best_state, best_epoch, seconds))
+            modules, stateful, (history, best, best_state, best_epoch, seconds))
     for epoch in range(len(history), schedule.epochs):
         started = time.perf_counter()
         modules.train()
@@ -108,8 +108,7 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
             best, best_state, best_epoch = validation[metric], snapshot(), epoch + 1
         if checkpoint is not None:
             weights = best_state if best_epoch == epoch + 1 else snapshot()  # torch.save stores shared tensors once
-            checkpoint.save(weights, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
-                            (history, best, best_state, best_epoch, seconds))
+            checkpoint.save(weights, stateful, (history, best, best_state, best_epoch, seconds))
     return TrainingRun(history, best_epoch, best, best_state, sum(seconds) / len(seconds))
 
 
@@ -119,7 +118,7 @@ def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, trai
     reports use; RSS is kept beside it."""
     peak = peak_rss_mb()
     metric, _ = primary_metric(task)
-    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    runtime = runtime or CPU
     return {**runtime.describe(), **runtime.peak_memory(),
         "method": method, "test": test, "best_epoch": run.best_epoch, f"best_validation_{metric}": run.best_value,
         "history": run.history, "trainable_parameters": sum(p.numel() for p in trainable),
