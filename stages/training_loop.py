@@ -55,61 +55,100 @@ def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) 
     return [group for group in groups if group["params"]]
 
 
+class Learner:
+    """One network's optimisation, a step at a time: AdamW over `parameter_groups`, warm-up then linear decay,
+    gradient clipping, the running training loss, and per epoch the history and the best epoch's weights.
+    `train_epochs` drives one learner; a sweep (stages/sweep.py) drives many on the same batches.
+
+    forward(inputs) gives logits, run under the runtime's autocast; snapshot() copies the weights to keep.
+    checkpoint (stages.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
+
+    def __init__(self, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
+                 snapshot: Callable[[], dict], schedule: Schedule, train_size: int, task: str,
+                 runtime: Runtime | None = None, checkpoint=None):
+        self.forward, self.trainable, self.modules, self.snapshot = forward, trainable, modules, snapshot
+        self.schedule, self.task, self.runtime, self.checkpoint = schedule, task, runtime or CPU, checkpoint
+        self.optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
+        self.scaler = self.runtime.grad_scaler()
+        steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_then_linear_decay(steps, schedule.warmup_ratio))
+        self.metric, _ = primary_metric(task)
+        self.stateful = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        progress = ([], -math.inf, None, 0, [])  # history, best value, best state, best epoch, seconds per epoch
+        if checkpoint is not None:
+            progress = checkpoint.restore(modules, self.stateful, progress)
+        self.history, self.best, self.best_state, self.best_epoch, self.seconds = progress
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def start_epoch(self) -> None:
+        self.modules.train()
+        self.total, self.count = torch.zeros((), device=self.runtime.device), 0
+
+    def step(self, inputs, labels: torch.Tensor) -> None:
+        with self.runtime.autocast():
+            logits = self.forward(inputs)
+        loss = loss_of(logits.float(), labels, self.task)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.total, self.count = self.total + loss.detach() * len(labels), self.count + len(labels)
+
+    def running_loss(self) -> float:
+        """The epoch's mean training loss so far (.item() waits for the device)."""
+        return self.total.item() / max(self.count, 1)
+
+    def finish_epoch(self, validation: dict, seconds: float) -> dict:
+        """Record the epoch (keeping the weights if it is the best so far), write the checkpoint; the history row."""
+        self.seconds.append(seconds)
+        epoch = self.epochs_done + 1
+        row = {"epoch": epoch, "train_loss": self.running_loss(),
+               **{f"validation_{k}": v for k, v in validation.items()}, "seconds": seconds}
+        self.history.append(row)
+        if validation[self.metric] > self.best:
+            self.best, self.best_state, self.best_epoch = validation[self.metric], self.snapshot(), epoch
+        if self.checkpoint is not None:
+            weights = self.best_state if self.best_epoch == epoch else self.snapshot()  # shared tensors stored once
+            self.checkpoint.save(weights, self.stateful,
+                                 (self.history, self.best, self.best_state, self.best_epoch, self.seconds))
+        return row
+
+    def result(self) -> TrainingRun:
+        return TrainingRun(self.history, self.best_epoch, self.best, self.best_state,
+                           sum(self.seconds) / len(self.seconds))
+
+
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
                  show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None) -> TrainingRun:
-    """batches(epoch) yields (inputs, labels) already on the runtime's device; forward(inputs) gives logits, run
-    under the runtime's autocast; snapshot() copies the weights to keep.
-
-    checkpoint (stages.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
-    runtime = runtime or CPU
-    optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
-    scaler = runtime.grad_scaler()
-    steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(steps, schedule.warmup_ratio))
-    metric, _ = primary_metric(task)
-    history, best, best_state, best_epoch, seconds = [], -math.inf, None, 0, []
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}  # what a checkpoint carries
-    if checkpoint is not None:
-        history, best, best_state, best_epoch, seconds = checkpoint.restore(
-            modules, stateful, (history, best, best_state, best_epoch, seconds))
-    for epoch in range(len(history), schedule.epochs):
-        started = time.perf_counter()
-        modules.train()
-        total, count, shown = torch.zeros((), device=runtime.device), 0, started
+    """batches(epoch) yields (inputs, labels) already on the runtime's device; see `Learner` for the rest."""
+    learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint)
+    for epoch in range(learner.epochs_done, schedule.epochs):
+        started = shown = time.perf_counter()
+        learner.start_epoch()
         bar = progress_bar(total=train_size, desc=f"{name} epoch {epoch + 1}/{schedule.epochs}", unit="sample",
                            disable=not show_progress)
         for inputs, labels in batches(epoch):
-            with runtime.autocast():
-                logits = forward(inputs)
-            loss = loss_of(logits.float(), labels, task)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            total, count = total + loss.detach() * len(labels), count + len(labels)
+            learner.step(inputs, labels)
             bar.update(len(labels))
-            if not bar.disable and time.perf_counter() - shown >= bar.mininterval:  # .item() waits for the device
-                bar.set_postfix(loss=f"{total.item() / count:.4f}", refresh=False)
+            if not bar.disable and time.perf_counter() - shown >= bar.mininterval:
+                bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
                 shown = time.perf_counter()
         bar.close()
-        total = float(total)
-        seconds.append(time.perf_counter() - started)
-        validation = validate()
-        history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1),
-                        **{f"validation_{k}": v for k, v in validation.items()}, "seconds": seconds[-1]})
+        seconds = time.perf_counter() - started
+        row = learner.finish_epoch(validate(), seconds)
         if show_progress:
-            tqdm.write(f"epoch {epoch + 1}: train loss {total / max(count, 1):.4f}, validation {metric} {validation[metric]:.4f}")
-        if validation[metric] > best:
-            best, best_state, best_epoch = validation[metric], snapshot(), epoch + 1
-        if checkpoint is not None:
-            weights = best_state if best_epoch == epoch + 1 else snapshot()  # torch.save stores shared tensors once
-            checkpoint.save(weights, stateful, (history, best, best_state, best_epoch, seconds))
-    return TrainingRun(history, best_epoch, best, best_state, sum(seconds) / len(seconds))
+            tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation {learner.metric} "
+                       f"{row[f'validation_{learner.metric}']:.4f}")
+    return learner.result()
 
 
 def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, train_samples: int, task: str,
