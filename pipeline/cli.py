@@ -234,64 +234,101 @@ def _runtime(device, precision):
 
 
 class MethodChoice(click.Choice):
-    """Choices taken from the registry when first needed, so --help stays fast."""
+    """Choices taken from the registry when first needed, so --help stays fast; auto adds `auto`."""
 
-    def __init__(self):
+    def __init__(self, auto: bool = False):
         super().__init__([])
+        self.auto = auto
+
+    def _names(self) -> list[str]:
+        return _method_names() + (["auto"] if self.auto else [])
 
     def convert(self, value, param, ctx):
-        self.choices = _method_names()
+        self.choices = self._names()
         return super().convert(value, param, ctx)
 
     def get_metavar(self, param, ctx=None):
-        return "[" + "|".join(_method_names()) + "]"
+        return "[" + "|".join(self._names()) + "]"
+
+
+def training_options(command):
+    """The cache, schedule and data-path options shared by `fit` and `sweep`."""
+    options = [
+        click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True, help="Store written by `pipeline extract`."),
+        click.option("--epochs", type=int, default=5, show_default=True),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
+                     help="Share of steps with linear warm-up; then linear decay to 0."),
+        click.option("--buffer-blocks", type=int, default=2, show_default=True,
+                     help="Cache blocks in the shuffle buffer (memory vs randomness)."),
+        click.option("--in-memory", is_flag=True,
+                     help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather "
+                          "batches there."),
+        click.option("--length-buckets", is_flag=True,
+                     help="Batches of similar length within the shuffle buffer, served in shuffled order (less padding)."),
+        click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size."),
+        click.option("--backbone", "backbone_path", default=None,
+                     help="Backbone folder, if it moved since extraction (methods with frozen layers)."),
+    ]
+    command = runtime_options(command)
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets, max_train_samples,
+                  device, precision, lr=1e-3, weight_decay=0.01, seed=0):
+    from stages.fit import FitSettings
+
+    if epochs < 1 or batch_size < 1:
+        raise InputError("--epochs and --batch-size must be at least 1")
+    _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
+    return FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                       seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
+                       device=device, precision=precision, length_buckets=length_buckets)
 
 
 @main.command()
-@click.option("--method", type=MethodChoice(), default="sherl", show_default=True, help="Side network; see `pipeline methods`.")
-@click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True, help="Store written by `pipeline extract`.")
+@click.option("--method", type=MethodChoice(auto=True), default="sherl", show_default=True,
+              help="Side network (see `pipeline methods`), or auto: every method at its defaults in one sweep, the best "
+                   "by validation kept.")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="A method option, e.g. --set r=4; repeat for more.")
 @click.option("--config", "config_file", default=None, help="YAML or JSON file of method options (--set wins).")
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.1, show_default=True, help="Share of steps with linear warm-up; then linear decay to 0.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--buffer-blocks", type=int, default=2, show_default=True, help="Cache blocks in the shuffle buffer (memory vs randomness).")
-@click.option("--in-memory", is_flag=True,
-              help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather batches there.")
-@click.option("--length-buckets", is_flag=True,
-              help="Batches of similar length within the shuffle buffer, served in shuffled order (less padding).")
-@click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size.")
-@click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction (methods with frozen layers).")
-@runtime_options
+@training_options
 @user_errors
-def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, weight_decay, warmup_ratio, seed,
+def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epochs, batch_size, warmup_ratio,
         buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision):
     """Stage two: train a side network on the cached features.
 
     Keeps the epoch with the best validation metric, reports test metrics, and writes
-    config.json, model.safetensors and metrics.json to the model folder.
+    config.json, model.safetensors and metrics.json to the model folder. With --method auto,
+    every registered method trains on the same batches (`pipeline sweep`); the one with the best
+    validation metric becomes the model folder, with sweep.json and sweep.csv beside its files.
     """
     from pathlib import Path
 
     from pipeline.method_options import collect_options
-    from stages.fit import FitSettings, fit as run_fit
+    from stages.fit import fit as run_fit
     from stages.methods import config_from_options
 
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise InputError("--epochs and --batch-size must be at least 1 and --lr positive")
+    if lr <= 0:
+        raise InputError("--lr must be positive")
+    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
+                             max_train_samples, device, precision, lr, weight_decay, seed)
+    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
+    if method == "auto":
+        if pairs or config_file:
+            raise InputError("--method auto trains every method at its defaults; drop --set/--config, or run "
+                             "`pipeline sweep --methods ... --set KEY=V1,V2`")
+        return _fit_auto(cache_path, settings, out_dir, backbone_path)
     try:
         config = config_from_options(method, collect_options(pairs, config_file))
     except ValueError as error:
         raise InputError(str(error)) from None
-    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                           seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
-                           device=device, precision=precision, length_buckets=length_buckets)
-    _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
-    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
         metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     except OSError as error:
@@ -300,6 +337,83 @@ def fit(method, cache_path, out, pairs, config_file, epochs, batch_size, lr, wei
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")
+
+
+def _fit_auto(cache_path, settings, out_dir, backbone_path):
+    """The sweep's runs go to OUT/runs; the best run's files are copied into OUT itself, beside the tables."""
+    import shutil
+
+    from stages.methods import method_names
+    from stages.sweep import RUNS_DIR
+    from stages.sweep_grid import make_grid
+
+    grid = make_grid({}, methods=method_names(), lrs=[settings.lr], weight_decays=[settings.weight_decay],
+                     seeds=[settings.seed])
+    summary = _run_sweep(cache_path, grid.runs(), settings, out_dir, backbone_path)
+    best = out_dir / RUNS_DIR / summary["best"]
+    for name in ("config.json", "model.safetensors", "metrics.json"):
+        shutil.copyfile(best / name, out_dir / f".{name}.partial")
+        os.replace(out_dir / f".{name}.partial", out_dir / name)
+    click.echo(f"auto: kept {summary['best']} (best validation {summary['metric']}); saved to {out_dir}")
+
+
+@main.command()
+@click.option("--methods", default=None,
+              help="Comma-separated methods, e.g. lst,unipt,sherl [default: the grid file's, else every method].")
+@click.option("--grid", "grid_file", default=None,
+              help="YAML file of the grid (methods, set, lr, weight-decay, seeds), or params.yaml (its sweep section); "
+                   "the command line's lists override it.")
+@click.option("--set", "pairs", multiple=True, metavar="KEY=V1,V2",
+              help="Values of a method option, applied to the methods that have it, e.g. --set r=4,8; repeat for more.")
+@click.option("--lr", "lrs", default=None, help="Comma-separated learning rates, e.g. 3e-4,1e-3,3e-3 [default: 1e-3].")
+@click.option("--weight-decay", "weight_decays", default=None, help="Comma-separated weight decays [default: 0.01].")
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2 [default: 0]; one pass over the cache each.")
+@click.option("--out", default=os.path.join(DEFAULT_MODELS, "sweep"), show_default=True,
+              help="Folder of the tables (sweep.json, sweep.csv) and of each run's model folder (runs/NAME).")
+@training_options
+@user_errors
+def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path, epochs, batch_size, warmup_ratio,
+          buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision):
+    """Train many side networks on one pass over the cache: every combination of methods, options, learning
+    rates, weight decays and seeds.
+
+    \b
+    Runs with the same seed share every batch (read and decoded once); each run's result equals
+    `pipeline fit` with the same settings. A rerun skips finished runs and resumes the others.
+    Example: pipeline sweep --methods lst,unipt,sherl --set r=4,8 --lr 3e-4,1e-3 --seeds 0,1,2
+    """
+    from pathlib import Path
+
+    from stages.methods import method_names
+    from stages.sweep_grid import make_grid, read_grid_file
+
+    file = read_grid_file(grid_file) if grid_file else {}
+    if methods is None and "methods" not in file:
+        methods = ",".join(method_names())
+    grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
+    runs = grid.runs()
+    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
+                             max_train_samples, device, precision)
+    if any(run.lr <= 0 for run in runs):
+        raise InputError("--lr values must be positive")
+    _run_sweep(cache_path, runs, settings, Path(out), backbone_path)
+
+
+def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
+    from stages.sweep import SWEEP_CSV, sweep as run_sweep
+
+    try:
+        summary = run_sweep(cache_path, runs, settings, out_dir, backbone_path)
+    except OSError as error:
+        raise StorageError(_training_error(error, out_dir)) from None
+    metric = summary["metric"]
+    click.echo(f"{len(runs)} runs ({summary['trained_now']} trained now) in {summary['wall_seconds']:.0f} s; "
+               f"{_format_memory(summary)}; {summary['device_name']}, {summary['precision']}")
+    for row in sorted(summary["runs"], key=lambda row: -row[f"validation_{metric}"]):
+        click.echo(f"  {row['name']:40s} validation {metric} {row[f'validation_{metric}']:.4f}  "
+                   f"test {metric} {row.get(f'test_{metric}', float('nan')):.4f}")
+    click.echo(f"best by validation: {summary['best']}; table: {out_dir / SWEEP_CSV}")
+    return summary
 
 
 def _format_memory(metrics: dict) -> str:

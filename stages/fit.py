@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from cache.errors import InputError
+from cache.layout import key_sha256
 from cache.reader import CacheReader, open_store
 
 from .atomic_folder import atomic_folder
@@ -53,6 +54,11 @@ def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) ->
     return layers
 
 
+def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
+    """What two runs must share to give the same model: a checkpoint or a finished folder is reused only on a match."""
+    return {"fit": config.to_dict(), "settings": asdict(settings), "cache_key_sha256": cache_key_sha256}
+
+
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
         backbone_path: str | None = None, show_progress: bool = True) -> dict:
     runtime = Runtime.resolve(settings.device, settings.precision)
@@ -74,8 +80,8 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
                         settings.warmup_ratio, settings.seed)
 
-    checkpoint = Checkpoint.beside(out_dir, {"fit": config.to_dict(), "settings": asdict(settings),
-                                             "cache_key_sha256": attrs["key_sha256"]})
+    identity = run_identity(config, settings, attrs["key_sha256"])
+    checkpoint = Checkpoint.beside(out_dir, identity)
 
     def batches(epoch):
         for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
@@ -96,10 +102,20 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           "peak RSS of the fit (Linux VmHWM, reset when fit began) minus the RSS when fit began "
                           "(after importing torch and zarr; the cache, model and frozen layers load later)",
                           asdict(settings), runtime)
-    info = {"task": task, "label_names": attrs["label_names"], "cache_key": attrs["key"], "cache_key_sha256": attrs["key_sha256"],
-            "max_length": attrs["max_length"], "dtype": attrs["dtype"], "model_type": attrs["model_type"]}
-    with atomic_folder(out_dir) as folder:
-        save_side_model(SideModel(model, config, spec, info), folder, run.best_state)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics["identity_sha256"] = key_sha256(identity)
+    write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs)), run.best_state, metrics)
     checkpoint.remove()
     return metrics
+
+
+def model_info(attrs: dict) -> dict:
+    """The facts of the cache a model folder records (see stages/side_model.py)."""
+    return {"task": attrs["task"], "label_names": attrs["label_names"], "cache_key": attrs["key"],
+            "cache_key_sha256": attrs["key_sha256"], "max_length": attrs["max_length"], "dtype": attrs["dtype"],
+            "model_type": attrs["model_type"]}
+
+
+def write_model_folder(out_dir: Path, side: SideModel, best_state: dict, metrics: dict) -> None:
+    with atomic_folder(out_dir) as folder:
+        save_side_model(side, folder, best_state)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
