@@ -3,7 +3,8 @@
 A model folder is any folder under the models directory holding a metrics.json written by
 `pipeline fit` (or by a baseline run, same format, method "lora" or "full"). The report goes to
 OUT/report.md, with OUT/accuracy_vs_memory.png, OUT/training_curves.png and one per-epoch
-OUT/history/NAME.csv per model (the files `dvc plots show` draws).
+OUT/history/NAME.csv per model (the files `dvc plots show` draws). A sweep (a folder with a sweep.json)
+gets a section of its own, with OUT/sweep_NAME.png; its runs are not rows of the main table.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ REPORT_NAME = "report.md"
 SCATTER_NAME = "accuracy_vs_memory.png"
 CURVES_NAME = "training_curves.png"
 HISTORY_DIR = "history"
+SWEEP_JSON = "sweep.json"  # as stages/sweep.py writes it (not imported: the report stays free of torch)
 # Test metrics shown in the table, by task: (metrics.json key, column title).
 CLASSIFICATION_COLUMNS = (("accuracy", "test accuracy"), ("macro_f1", "macro-F1"))
 REGRESSION_COLUMNS = (("pearson", "test Pearson r"), ("mse", "test MSE"))
 
 
-def find_models(models_dir: Path) -> list[dict]:
+def find_models(models_dir: Path, required: bool = True) -> list[dict]:
     """Every model folder under models_dir (at any depth), as {name, folder, metrics}, sorted by name."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
@@ -40,9 +42,11 @@ def find_models(models_dir: Path) -> list[dict]:
         if not isinstance(metrics, dict) or "method" not in metrics or "test" not in metrics:
             raise InputError(f"{path}: not a metrics.json written by `pipeline fit` (needs 'method' and 'test')")
         folder = path.parent
+        if any((above / SWEEP_JSON).exists() for above in folder.parents if above.is_relative_to(models_dir)):
+            continue  # one run of a sweep: the sweep's own section shows it
         name = folder.relative_to(models_dir).as_posix() if folder != models_dir else folder.name
         models.append({"name": name, "folder": folder, "metrics": metrics})
-    if not models:
+    if not models and required:
         raise InputError(f"no model folders (folders with a metrics.json) under {models_dir}; "
                          "fit a method first (pipeline fit --method NAME)")
     return models
@@ -71,7 +75,8 @@ def primary_history_metric(history: list[dict]) -> str | None:
 
 def write_report(models_dir: Path, out_dir: Path) -> Path:
     """Read every model folder under models_dir; write the table, the plots and per-epoch history files to out_dir."""
-    models = find_models(Path(models_dir))
+    sweeps = find_sweeps(Path(models_dir)) if Path(models_dir).is_dir() else []
+    models = find_models(Path(models_dir), required=not sweeps)
     models.sort(key=lambda m: (is_baseline(m["metrics"]), m["name"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +84,88 @@ def write_report(models_dir: Path, out_dir: Path) -> Path:
     plot_accuracy_vs_memory(models, out_dir / SCATTER_NAME)
     plot_training_curves(models, out_dir / CURVES_NAME)
     report = out_dir / REPORT_NAME
-    report.write_text(markdown_report(models, Path(models_dir)))
+    text = markdown_report(models, Path(models_dir))
+    for stale in out_dir.glob("sweep_*.png"):
+        stale.unlink()
+    for sweep in sweeps:
+        plot_sweep(sweep, out_dir / sweep_plot_name(sweep["name"]))
+        text += sweep_section(sweep)
+    report.write_text(text)
     return report
+
+
+def find_sweeps(models_dir: Path) -> list[dict]:
+    """Every sweep.json under models_dir (`pipeline sweep`, `fit --method auto`), as {name, summary}."""
+    sweeps = []
+    for path in sorted(models_dir.rglob(SWEEP_JSON)):
+        if any(part.startswith(".") for part in path.relative_to(models_dir).parts):
+            continue
+        try:
+            summary = json.loads(path.read_text())
+            summary["runs"], summary["metric"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{path}: not a sweep.json written by `pipeline sweep` ({type(error).__name__}); "
+                             "rerun the sweep") from None
+        name = path.parent.relative_to(models_dir).as_posix() if path.parent != models_dir else path.parent.name
+        sweeps.append({"name": name, "summary": summary})
+    return sweeps
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def sweep_section(sweep: dict) -> str:
+    """One row per configuration (its runs over seeds averaged), best validation first."""
+    summary, metric = sweep["summary"], sweep["summary"]["metric"]
+    groups = {}
+    for row in summary["runs"]:
+        groups.setdefault(row["group"], []).append(row)
+
+    def cell(rows, key):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if not values:
+            return "–"
+        mean, spread = mean_and_spread(values)
+        return f"{mean:.4f} ± {spread:.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+    order = sorted(groups, key=lambda g: -mean_and_spread([r[f"validation_{metric}"] for r in groups[g]])[0])
+    lines = ["", f"## Sweep `{sweep['name']}`", "",
+             f"{len(summary['runs'])} runs trained on shared batches; mean ± standard deviation over seeds. Best run by "
+             f"validation (never test): `{summary['best']}`.", "",
+             f"| configuration | seeds | validation {metric} | test {metric} | trainable parameters |",
+             "|---|---:|---:|---:|---:|"]
+    for group in order:
+        rows = groups[group]
+        lines.append(f"| {group} | {len(rows)} | {cell(rows, f'validation_{metric}')} | {cell(rows, f'test_{metric}')} "
+                     f"| {rows[0]['trainable_parameters']:,} |")
+    lines += ["", f"![validation against test per run]({sweep_plot_name(sweep['name'])})", ""]
+    return "\n".join(lines)
+
+
+def sweep_plot_name(name: str) -> str:
+    return "sweep_" + name.replace("/", "__") + ".png"
+
+
+def plot_sweep(sweep: dict, path: Path) -> None:
+    """Validation against test, one point per run, one colour per method: how far validation ranks runs right."""
+    plt = _pyplot()
+    summary, metric = sweep["summary"], sweep["summary"]["metric"]
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    for method in sorted({row["method"] for row in summary["runs"]}):
+        rows = [row for row in summary["runs"] if row["method"] == method and f"test_{metric}" in row]
+        axes.scatter([row[f"validation_{metric}"] for row in rows], [row[f"test_{metric}"] for row in rows], label=method)
+    axes.set_xlabel(f"validation {metric} (best epoch)")
+    axes.set_ylabel(f"test {metric}")
+    axes.set_title(f"sweep {sweep['name']}: validation against test per run")
+    axes.grid(True, alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _number(value, digits: int) -> str:

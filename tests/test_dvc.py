@@ -80,7 +80,9 @@ def test_project_pipeline_resolves_to_one_fit_per_method(tmp_path):
     with Repo(str(repo)) as dvc_repo:
         commands = {stage.name: stage.cmd for stage in dvc_repo.index.stages}
     methods = list(project_params()["fit"]["methods"])
-    assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], "report"]
+    assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], "sweep", "report"]
+    assert commands["sweep"].startswith("pipeline sweep --grid params.yaml --cache artifacts/features.zarr "
+                                        "--out artifacts/models/sweep --epochs 5")
     assert commands["extract"].startswith("pipeline extract --backbone minilm --data movies --layers all "
                                           "--max-length 128 --batch-size 32 --out artifacts/features.zarr")
     assert re.fullmatch(r"pipeline fit --method sherl .*--epochs 5 --batch-size 32 --lr 0\.001 .*--device auto --precision auto ?", commands["fit@sherl"])
@@ -95,18 +97,20 @@ def test_dvc_repro_end_to_end_then_no_op_then_only_the_changed_fit(tiny_bert, ti
     params["extract"].update({"backbone": str(tiny_bert), "data": str(tiny_table), "max-length": 24, "batch-size": 8})
     params["fit"].update({"epochs": 1, "batch-size": 16})
     params["fit"]["methods"] = {"linear": {}, "sherl": {"set": ["r=4", "late_layers=1"]}}
+    params["sweep"] = {"methods": ["linear"], "lr": [0.001, 0.003], "seeds": [0]}
     repo = make_repo(tmp_path / "repo", params)
 
     first = dvc("repro", cwd=repo)
-    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "report"}, first
+    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "sweep", "report"}, first
     for name in ("linear", "sherl"):
         metrics = json.loads((repo / "artifacts" / "models" / name / "metrics.json").read_text())
         assert metrics["method"] == name and metrics["settings"]["epochs"] == 1 and len(metrics["history"]) == 1
     assert "--set r=4 --set late_layers=1" in first
     report = (repo / "reports" / "report.md").read_text()
     assert "| linear |" in report and "| sherl |" in report
+    assert "## Sweep `sweep`" in report and "| linear-lr=0.003 | 1 |" in report
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "report"}
+    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "sweep", "report"}
 
     second = dvc("repro", cwd=repo)
     assert ran_stages(second) == set() and "Data and pipelines are up to date" in second, second
@@ -124,3 +128,9 @@ def test_dvc_repro_end_to_end_then_no_op_then_only_the_changed_fit(tiny_bert, ti
     sherl = json.loads((repo / "artifacts" / "models" / "sherl" / "metrics.json").read_text())
     linear = json.loads((repo / "artifacts" / "models" / "linear" / "metrics.json").read_text())
     assert sherl["settings"]["lr"] == 0.01 and linear["settings"]["lr"] == 0.001
+
+    params["sweep"]["lr"] = [0.001, 0.003, 0.01]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = dvc("repro", cwd=repo)
+    assert ran_stages(fourth) == {"sweep", "report"}, fourth
+    assert "3 runs (1 trained now)" in fourth  # the two finished runs are kept, not retrained

@@ -49,12 +49,22 @@ def test_tables_and_best_by_validation(tiny_cache, tmp_path):
     assert [run.name for run in runs] == ["linear-lr=0.003-seed=0", "linear-lr=0.003-seed=1",
                                           "unipt-r=2-lr=0.003-seed=0", "unipt-r=2-lr=0.003-seed=1",
                                           "unipt-r=4-lr=0.003-seed=0", "unipt-r=4-lr=0.003-seed=1"]
-    summary = sweep(str(cache), runs, SETTINGS, tmp_path, show_progress=False)
-    saved = json.loads((tmp_path / SWEEP_JSON).read_text())
+    out = tmp_path / "models" / "sweep"
+    summary = sweep(str(cache), runs, SETTINGS, out, show_progress=False)
+    saved = json.loads((out / SWEEP_JSON).read_text())
     validations = {row["name"]: row["validation_accuracy"] for row in saved["runs"]}
     assert saved["best"] == max(validations, key=validations.get) == summary["best"]
-    assert len((tmp_path / SWEEP_CSV).read_text().splitlines()) == 1 + len(runs)
+    assert len((out / SWEEP_CSV).read_text().splitlines()) == 1 + len(runs)
     assert all("test_accuracy" in row for row in saved["runs"])
+
+    from pipeline.report import write_report
+
+    report = write_report(tmp_path / "models", tmp_path / "reports").read_text()
+    assert "## Sweep `sweep`" in report and (tmp_path / "reports" / "sweep_sweep.png").exists()
+    row = next(line for line in report.splitlines() if line.startswith("| unipt-r=2-lr=0.003 |"))
+    tests = [r["test_accuracy"] for r in saved["runs"] if r["group"] == "unipt-r=2-lr=0.003"]
+    assert f"| 2 |" in row and f"{sum(tests) / 2:.4f} ± " in row
+    assert "runs/" not in report  # the runs are the sweep's rows, not the main table's
 
 
 def test_rerun_skips_finished_runs_and_resumes_the_rest(tiny_cache, tmp_path, monkeypatch):
