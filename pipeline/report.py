@@ -160,12 +160,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     axes.set_xlabel(f"validation {metric} (best epoch)")
     axes.set_ylabel(f"test {metric}")
     axes.set_title(f"sweep {sweep['name']}: validation against test per run")
-    axes.grid(True, alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, [axes], path)
 
 
 def _number(value, digits: int) -> str:
@@ -242,6 +237,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, figure, axes_list, path: Path, legend: bool = True) -> None:
+    for axes in axes_list:
+        axes.grid(True, alpha=0.3)
+        if legend and axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot_accuracy_vs_memory(models: list[dict], path: Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
@@ -262,10 +267,7 @@ def plot_accuracy_vs_memory(models: list[dict], path: Path) -> None:
     axes.set_ylabel("test " + (" / ".join(sorted(metric_names)) or "accuracy"))
     baselines = any(is_baseline(model["metrics"]) for model in models)
     axes.set_title("test metric against peak memory" + (" (squares: baselines)" if baselines else ""))
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, [axes], path, legend=False)
 
 
 def plot_training_curves(models: list[dict], path: Path) -> None:
@@ -290,9 +292,4 @@ def plot_training_curves(models: list[dict], path: Path) -> None:
     for axes in (loss_axes, validation_axes):
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(True, alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, [loss_axes, validation_axes], path)
