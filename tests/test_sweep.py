@@ -22,17 +22,19 @@ def grid(methods, *pairs, lrs="3e-3", seeds="0"):
     return make_grid({}, methods=methods, pairs=pairs, lrs=lrs, seeds=seeds)
 
 
-def test_each_run_equals_its_fit_alone(tiny_cache, tmp_path):
+@pytest.mark.parametrize("data_path", [{}, {"in_memory": True, "length_buckets": True}], ids=["streamed", "in_memory"])
+def test_each_run_equals_its_fit_alone(tiny_cache, tmp_path, data_path):
     """synqt has dropout, so this holds only if each run draws from its own random stream; lst and unipt read
     different layers of the shared batches; two learning rates share one pass."""
     cache, _ = tiny_cache
-    runs = grid("synqt,lst,unipt", "r=2", lrs="3e-3,1e-2").runs()
-    summary = sweep(str(cache), runs, SETTINGS, tmp_path / "sweep", show_progress=False)
+    settings = FitSettings(**{**SETTINGS.__dict__, **data_path})
+    runs = grid("synqt,lst,unipt", "r=2", lrs="3e-3,1e-2" if not data_path else "3e-3").runs()
+    summary = sweep(str(cache), runs, settings, tmp_path / "sweep", show_progress=False)
     assert [row["name"] for row in summary["runs"]] == [run.name for run in runs]
     for run in runs:
         if run.config.method == "unipt" and run.lr == 1e-2:
             continue  # two of three methods at both rates already cover it; keep the test short
-        alone = fit(str(cache), run.config, FitSettings(**{**SETTINGS.__dict__, "lr": run.lr, "seed": run.seed}),
+        alone = fit(str(cache), run.config, FitSettings(**{**settings.__dict__, "lr": run.lr, "seed": run.seed}),
                     tmp_path / "alone" / run.name, show_progress=False)
         folder = tmp_path / "sweep" / RUNS_DIR / run.name
         swept = json.loads((folder / "metrics.json").read_text())
