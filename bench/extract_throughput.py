@@ -5,7 +5,7 @@ from the texts (tokenizing included) to the last result on the host:
   padded   bare `model(**batch, output_hidden_states=True)`, file order, padded to --max-length
   sorted   bare forward over length-sorted batches padded to the batch's longest (the honest baseline)
   +copies  the sorted loop, also copying each layer's real tokens to the host as float16
-  extract  `pipeline extract` (stages.extract.extract) into a fresh store; also shown without its start-up
+  extract  `pipeline extract` (stages.extraction.extract.extract) into a fresh store; also shown without its start-up
            (everything before the first forward batch)
 Ratios are against `sorted` and `+copies`. --write-only replaces the backbone by random tensors of the
 backbone's shapes, so the write path (batching, gather, cast, copies, compression, checksums, disk) is timed
@@ -34,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cache.info import describe_store  # noqa: E402
 from pipeline.data import load_dataset, load_movies  # noqa: E402
-from stages import extract as extract_module  # noqa: E402
+from stages.extraction import extract as extract_module  # noqa: E402
 from stages.backbones import Backbone, load_backbone  # noqa: E402
-from stages.extract import ExtractSettings, extract  # noqa: E402
-from stages.layer_selection import parse_layers  # noqa: E402
+from stages.extraction.extract import ExtractSettings, extract  # noqa: E402
+from stages.extraction.layer_selection import parse_layers  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--work", default="artifacts/bench/sweep")
     args = parser.parse_args()
 
-    from stages.sweep_grid import make_grid
+    from stages.training.sweep_grid import make_grid
 
     runs = make_grid({}, methods=args.methods, pairs=tuple(args.pairs or ["r=4,8"]), lrs=args.lr, seeds=args.seeds).runs()
     work = ROOT / args.work

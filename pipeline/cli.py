@@ -125,7 +125,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     from cache.store_lock import store_lock
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
-    from stages.extract import ExtractSettings, extract as run_extract, validate_settings
+    from stages.extraction.extract import ExtractSettings, extract as run_extract, validate_settings
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
@@ -134,7 +134,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     validate_settings(settings)
     distributed = workers is not None or bool(scheduler)
     if distributed:
-        from stages.distributed_extract import check_cluster_options, extract_distributed
+        from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
 
         check_cluster_options(workers, scheduler)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
@@ -157,7 +157,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 def _store_error(error: OSError, model, dataset, settings) -> str:
     """One line for an OS error while writing the store: what failed, where, the room the rest needs, resume."""
     from cache.errors import is_disk_full
-    from stages.store_room import describe_room
+    from stages.extraction.store_room import describe_room
 
     room = describe_room(model, dataset, settings) if is_disk_full(error) else ""
     fix = "free room" if is_disk_full(error) else "fix that"
@@ -278,7 +278,7 @@ def training_options(command):
 
 def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets, max_train_samples,
                   device, precision, lr=1e-3, weight_decay=0.01, seed=0):
-    from stages.fit import FitSettings
+    from stages.training.fit import FitSettings
 
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
@@ -312,7 +312,7 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
     from pathlib import Path
 
     from pipeline.method_options import collect_options
-    from stages.fit import fit as run_fit
+    from stages.training.fit import fit as run_fit
     from stages.methods import config_from_options
 
     if lr <= 0:
@@ -344,8 +344,8 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
     import shutil
 
     from stages.methods import method_names
-    from stages.sweep import RUNS_DIR
-    from stages.sweep_grid import make_grid
+    from stages.training.sweep import RUNS_DIR
+    from stages.training.sweep_grid import make_grid
 
     grid = make_grid({}, methods=method_names(), lrs=[settings.lr], weight_decays=[settings.weight_decay],
                      seeds=[settings.seed])
@@ -385,7 +385,7 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
     from pathlib import Path
 
     from stages.methods import method_names
-    from stages.sweep_grid import make_grid, read_grid_file
+    from stages.training.sweep_grid import make_grid, read_grid_file
 
     file = read_grid_file(grid_file) if grid_file else {}
     if methods is None and "methods" not in file:
@@ -400,7 +400,7 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
 
 
 def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
-    from stages.sweep import SWEEP_CSV, sweep as run_sweep
+    from stages.training.sweep import SWEEP_CSV, sweep as run_sweep
 
     try:
         summary = run_sweep(cache_path, runs, settings, out_dir, backbone_path)
@@ -445,8 +445,8 @@ def _format_metrics(metrics: dict) -> str:
 def evaluate(model_dir, cache_path, split, batch_size, device, precision):
     """Metrics of a saved side network on a cached split (printed as JSON)."""
     from cache.reader import CacheReader, open_store
-    from stages.evaluate import evaluate_split
-    from stages.side_model import load_side_model
+    from stages.training.evaluate import evaluate_split
+    from stages.training.side_model import load_side_model
 
     runtime = _runtime(device, precision)
     side = load_side_model(model_dir)
@@ -474,8 +474,8 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 @user_errors
 def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone_path, device, precision):
     """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
-    from stages.predict import load_matching_backbone, logits_to_records, predict_texts
-    from stages.side_model import load_side_model
+    from stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
+    from stages.training.side_model import load_side_model
 
     if bool(texts) == bool(data):
         raise InputError("give either --text (one or more) or --data FILE")
@@ -547,7 +547,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     from pathlib import Path
 
     from pipeline.data import load_dataset
-    from stages.baseline import BaselineSettings, train_baseline
+    from stages.training.baseline import BaselineSettings, train_baseline
 
     _runtime(device, precision)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)

@@ -20,7 +20,7 @@ REPORT_NAME = "report.md"
 SCATTER_NAME = "accuracy_vs_memory.png"
 CURVES_NAME = "training_curves.png"
 HISTORY_DIR = "history"
-SWEEP_JSON = "sweep.json"  # as stages/sweep.py writes it (not imported: the report stays free of torch)
+SWEEP_JSON = "sweep.json"  # as stages/training/sweep.py writes it (not imported: the report stays free of torch)
 # Test metrics shown in the table, by task: (metrics.json key, column title).
 CLASSIFICATION_COLUMNS = (("accuracy", "test accuracy"), ("macro_f1", "macro-F1"))
 REGRESSION_COLUMNS = (("pearson", "test Pearson r"), ("mse", "test MSE"))

@@ -16,9 +16,9 @@ from cache.info import describe_store
 from cache.layout import layer_array_name
 from cache.reader import CacheReader
 from pipeline.data import load_dataset
-from stages import distributed_extract
+from stages.extraction import distributed_extract
 from stages.backbones import load_backbone
-from stages.extract import ExtractSettings, extract
+from stages.extraction.extract import ExtractSettings, extract
 from tests.conftest import sentiment_rows, write_table
 from tests.test_extract import assert_one_line_error, cli
 

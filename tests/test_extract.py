@@ -13,7 +13,7 @@ from cache.reader import CacheReader
 from pipeline.cli import main
 from pipeline.data import load_dataset
 from stages.backbones import load_backbone
-from stages.extract import ExtractSettings, extract
+from stages.extraction.extract import ExtractSettings, extract
 
 SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256)
 
@@ -247,7 +247,7 @@ def test_unpacked_model_folder_is_the_shallowest_config(tmp_path):
 
 
 def test_token_table_batches_equal_tokenizer_pad(tiny_bert):
-    from stages.token_table import TokenTable
+    from stages.extraction.token_table import TokenTable
 
     tokenizer = load_backbone(str(tiny_bert)).tokenizer
     texts = ["good movie", "the plot was very boring and the actor was not quite fine", "a", "awful film"]
@@ -289,7 +289,7 @@ def test_sort_groups_give_the_same_features_as_sorting_each_block(tiny_bert, tin
 
 
 def test_inf_or_nan_features_raise_one_input_error():
-    from stages.extract import block_buffer, start_group
+    from stages.extraction.extract import block_buffer, start_group
 
     def forward(samples):
         hidden = torch.ones(len(samples), 3, 4)

@@ -9,11 +9,11 @@ import pytest
 from cache.errors import InputError
 from cache.reader import CacheReader
 from pipeline.data import load_dataset
-from stages.evaluate import predict_split
-from stages.fit import FitSettings, fit
+from stages.training.evaluate import predict_split
+from stages.training.fit import FitSettings, fit
 from stages.methods import config_from_options
-from stages.predict import load_matching_backbone, predict_texts
-from stages.side_model import load_side_model
+from stages.training.predict import load_matching_backbone, predict_texts
+from stages.training.side_model import load_side_model
 from tests.test_extract import assert_one_line_error, cli, run_extract
 
 METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl": {"r": "4"}, "utuning": {}, "synqt": {}}

@@ -138,7 +138,7 @@ def test_config_round_trip(name):
 
 
 def test_weight_decay_spares_biases_norms_and_gates(task):
-    from stages.training_loop import parameter_groups
+    from stages.training.training_loop import parameter_groups
 
     spec, _, _, _ = task
     _, model, _ = build("lst", spec)

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, Roberta
 from stages.backbone_layers import load_frozen_layers
 from stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
 from stages.methods.synqt import extract, layer_parts
-from stages.side_model import trainable_state
+from stages.training.side_model import trainable_state
 
 METHODS = ["utuning", "synqt"]
 LEARNING_RATE = {"utuning": 1e-2, "synqt": 1e-2}

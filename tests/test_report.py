@@ -23,8 +23,8 @@ def fit_tiny_models(tiny_bert, tiny_table, folder, methods=(("linear", {}), ("sh
 
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
-    from stages.extract import ExtractSettings, extract
-    from stages.fit import FitSettings, fit
+    from stages.extraction.extract import ExtractSettings, extract
+    from stages.training.fit import FitSettings, fit
     from stages.methods import config_from_options
 
     store = folder.parent / "f.zarr"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cache.reader import CacheReader
-from stages.fit import FitSettings, fit
+from stages.training.fit import FitSettings, fit
 from stages.methods import config_from_options
 from stages.runtime import Runtime
 from tests.test_extract import assert_one_line_error, cli

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from cache.errors import InputError
-from stages.fit import FitSettings, fit
+from stages.training.fit import FitSettings, fit
 from stages.methods import config_from_options
-from stages.sweep import RUNS_DIR, SWEEP_CSV, SWEEP_JSON, sweep
-from stages.sweep_grid import make_grid, read_grid_file
+from stages.training.sweep import RUNS_DIR, SWEEP_CSV, SWEEP_JSON, sweep
+from stages.training.sweep_grid import make_grid, read_grid_file
 from tests.test_extract import assert_one_line_error, cli
 from tests.test_fit import tiny_cache  # noqa: F401  (module fixture: a tiny BERT's cache of 160 texts)
 
@@ -79,7 +79,7 @@ def test_rerun_skips_finished_runs_and_resumes_the_rest(tiny_cache, tmp_path, mo
     sweep(str(cache), grid("lst", "r=4").runs(), settings, tmp_path / "killed", show_progress=False)  # finished
     finished = tmp_path / "killed" / RUNS_DIR / "lst-r=4-lr=0.003-seed=0" / "metrics.json"
     finished_bytes = finished.read_bytes()
-    from stages import training_loop
+    from stages.training import training_loop
 
     calls = {"n": 0}
     original = training_loop.Learner.finish_epoch

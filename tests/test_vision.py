@@ -22,8 +22,8 @@ from cache.reader import CacheReader
 from pipeline.data import Images, fashion_mnist_dir, load_dataset
 from stages.backbone_layers import load_frozen_layers
 from stages.backbones import load_backbone
-from stages.extract import ExtractSettings, extract
-from stages.fit import FitSettings, fit
+from stages.extraction.extract import ExtractSettings, extract
+from stages.training.fit import FitSettings, fit
 from stages.methods import config_from_options
 from stages.methods.synqt import extract as synqt_extract
 from stages.methods.synqt import key_value_input, layer_parts

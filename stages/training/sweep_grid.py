@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cache.errors import InputError
 
-from .methods import MethodConfig, config_from_options, get_method, method_names
+from ..methods import MethodConfig, config_from_options, get_method, method_names
 
 GRID_KEYS = ("methods", "set", "lr", "weight-decay", "seeds")
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save
 
 from cache.errors import InputError
 
-from .methods import FeatureSpec, MethodConfig, build_model, config_from_dict
+from ..methods import FeatureSpec, MethodConfig, build_model, config_from_dict
 
 FROZEN_PREFIX = "frozen."
 

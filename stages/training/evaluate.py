@@ -6,8 +6,8 @@ import torch
 
 from cache.reader import CacheReader
 
-from .metrics import task_metrics
-from .runtime import CPU, Runtime
+from ..metrics import task_metrics
+from ..runtime import CPU, Runtime
 
 
 def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,12 +11,12 @@ from cache.errors import InputError
 from cache.layout import key_sha256
 from cache.reader import CacheReader, open_store
 
-from .atomic_folder import atomic_folder
+from ..atomic_folder import atomic_folder
 from .checkpoint import Checkpoint
 from .evaluate import evaluate_split, side_inputs
-from .memory import current_rss_mb, limit_allocator_slack, reset_peak
-from .methods import FeatureSpec, MethodConfig, build_model, get_method
-from .runtime import Runtime
+from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
+from ..methods import FeatureSpec, MethodConfig, build_model, get_method
+from ..runtime import Runtime
 from .side_model import SideModel, save_side_model, trainable_state
 from .training_loop import Schedule, run_metrics, train_epochs
 
@@ -109,7 +109,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
 
 
 def model_info(attrs: dict) -> dict:
-    """The facts of the cache a model folder records (see stages/side_model.py)."""
+    """The facts of the cache a model folder records (see stages/training/side_model.py)."""
     return {"task": attrs["task"], "label_names": attrs["label_names"], "cache_key": attrs["key"],
             "cache_key_sha256": attrs["key_sha256"], "max_length": attrs["max_length"], "dtype": attrs["dtype"],
             "model_type": attrs["model_type"]}

@@ -16,13 +16,13 @@ from safetensors.torch import save
 from cache.errors import InputError
 from cache.reader import subset_positions
 
-from .atomic_folder import atomic_folder
-from .backbones import load_backbone
+from ..atomic_folder import atomic_folder
+from ..backbones import load_backbone
 from .checkpoint import Checkpoint
-from .memory import current_rss_mb, limit_allocator_slack, reset_peak
-from .methods import pool
-from .runtime import Runtime
-from .metrics import task_metrics
+from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
+from ..methods import pool
+from ..runtime import Runtime
+from ..metrics import task_metrics
 from .training_loop import Schedule, run_metrics, train_epochs
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .memory import peak_rss_mb
-from .metrics import primary_metric
-from .progress import progress_bar
-from .runtime import CPU, Runtime
+from ..memory import peak_rss_mb
+from ..metrics import primary_metric
+from ..progress import progress_bar
+from ..runtime import CPU, Runtime
 
 
 @dataclass
@@ -58,10 +58,10 @@ def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) 
 class Learner:
     """One network's optimisation, a step at a time: AdamW over `parameter_groups`, warm-up then linear decay,
     gradient clipping, the running training loss, and per epoch the history and the best epoch's weights.
-    `train_epochs` drives one learner; a sweep (stages/sweep.py) drives many on the same batches.
+    `train_epochs` drives one learner; a sweep (stages/training/sweep.py) drives many on the same batches.
 
     forward(inputs) gives logits, run under the runtime's autocast; snapshot() copies the weights to keep.
-    checkpoint (stages.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
+    checkpoint (stages.training.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
 
     def __init__(self, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  snapshot: Callable[[], dict], schedule: Schedule, train_size: int, task: str,

@@ -6,9 +6,9 @@ import torch
 
 from cache.errors import InputError
 
-from .backbones import load_backbone
-from .extract import preprocessor_sha256
-from .runtime import CPU, Runtime
+from ..backbones import load_backbone
+from ..extraction.extract import preprocessor_sha256
+from ..runtime import CPU, Runtime
 from .side_model import SideModel
 
 

@@ -1,6 +1,6 @@
 """Stage one: run the frozen backbone once over every split and write per-layer features to the store.
 
-Text: tokenized up front into a packed table (stages/token_table.py), padded per batch; only real tokens are stored. Images: decoded and run through the
+Text: tokenized up front into a packed table (stages/extraction/token_table.py), padded per batch; only real tokens are stored. Images: decoded and run through the
 backbone's image processor per batch (never all at once); every image gives the same tokens (patches plus CLS,
 plus DeiT's distillation token), so the mask is all ones and `max_length` in the key is that token count.
 """
@@ -21,9 +21,9 @@ from cache.errors import InputError
 from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
-from .backbones import Backbone
+from ..backbones import Backbone
 from .layer_selection import parse_layers
-from .progress import progress_bar
+from ..progress import progress_bar
 from .token_table import TokenTable, ranges
 
 SPLITS = ("train", "validation", "test")
@@ -192,7 +192,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     """Writes or resumes the store; returns 'complete' (was up to date) or 'written'.
 
     run_split: runs one split's pending blocks (a `SplitWork`) somewhere else, e.g. on a dask cluster
-    (stages/distributed_extract.py); by default they run here. The backbone here then only hashes,
+    (stages/extraction/distributed_extract.py); by default they run here. The backbone here then only hashes,
     tokenizes and (for images) counts tokens, on the CPU.
     """
     validate_settings(settings)

@@ -1,7 +1,7 @@
 """Stage one on a dask.distributed cluster: `pipeline extract --workers N` or `--scheduler ADDRESS`.
 
 The main process does what a single-process run does up to the forward passes (hashes the backbone,
-tokenizes, plans blocks, creates the arrays: `stages.extract.extract`), then hands each split's pending
+tokenizes, plans blocks, creates the arrays: `stages.extraction.extract.extract`), then hands each split's pending
 blocks to the cluster, a few blocks per task. A worker process loads the backbone once (cached per
 process, keyed by folder and settings), turns each of its blocks into the block's [K, block_tokens, D]
 buffer with the same `group_features` the single-process loop uses (a task holds whole sort groups, so its
@@ -28,9 +28,9 @@ import numpy as np
 from cache.errors import InputError
 from cache.writer import SplitWriter, open_group
 
-from .backbones import Backbone, load_backbone
+from ..backbones import Backbone, load_backbone
 from .extract import ExtractSettings, sort_groups, SplitWork, _image_forward, _text_forward, extract, group_features
-from .progress import progress_bar
+from ..progress import progress_bar
 
 SCHEDULER_TIMEOUT_S = 10  # how long to try to reach --scheduler before giving up
 MAX_BLOCKS_PER_TASK = 4

@@ -30,11 +30,11 @@ from cache.reader import CacheReader, open_store, subset_positions
 from .checkpoint import Checkpoint
 from .evaluate import layer_subsets, predict_split_many, side_inputs
 from .fit import FitSettings, model_info, required_layers, run_identity, spec_from_store, write_model_folder
-from .memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
-from .methods import build_model
-from .metrics import primary_metric, task_metrics
-from .progress import progress_bar
-from .runtime import Runtime
+from ..memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
+from ..methods import build_model
+from ..metrics import primary_metric, task_metrics
+from ..progress import progress_bar
+from ..runtime import Runtime
 from .side_model import SideModel, trainable_state
 from .sweep_grid import SweepRun
 from .training_loop import Learner, Schedule, run_metrics

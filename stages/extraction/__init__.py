@@ -1,0 +1,1 @@
+"""Stage one: run the frozen backbone over a dataset once and write its layers to the cache."""
