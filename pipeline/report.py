@@ -134,7 +134,9 @@ def sweep_section(sweep: dict) -> str:
     order = sorted(groups, key=lambda g: -mean_and_spread([r[f"validation_{metric}"] for r in groups[g]])[0])
     lines = ["", f"## Sweep `{sweep['name']}`", "",
              f"{len(summary['runs'])} runs trained on shared batches; mean ± standard deviation over seeds. Best run by "
-             f"validation (never test): `{summary['best']}`.", "",
+             f"validation (never test): `{summary['best']}`. Last invocation: {summary.get('trained_now', '?')} runs "
+             f"trained in {_number(summary.get('wall_seconds'), 0)} s, peak memory {_number(peak_memory(summary), 0)} MB "
+             f"({measured_on(summary)}).", "",
              f"| configuration | seeds | validation {metric} | test {metric} | trainable parameters |",
              "|---|---:|---:|---:|---:|"]
     for group in order:
