@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from stages.methods import method_names  # noqa: E402
 
 REDUCTION = {"minilm": 4, "mpnet": 8}  # LST's reference side widths: h = D / r
-OPTIONS = {"lst": ["r"]}  # sherl, unipt, utuning, synqt: their authors' defaults
+OPTIONS = {"lst": ["r"]}  # sherl, unipt, utuning, synqt: their defaults (see each method's docstring)
 
 
 def bare_import_peak_mb() -> float:

@@ -117,8 +117,8 @@ def test_utuning_options(task):
     spec, hidden, mask, _ = task
     config, model, layers = build("utuning", spec)
     assert layers == list(range(LAYERS + 1))
-    assert (config.tuner, config.bottleneck, config.zero_init_last) == ("adapter", 10, False)  # ms-swift's adapter_length
-    assert model.lateral[0].down.out_features == 10
+    assert (config.tuner, config.bottleneck, config.zero_init_last) == ("adapter", 32, False)  # see utuning.py
+    assert model.lateral[0].down.out_features == 32
     _, model, _ = build("utuning", spec, tuner="lora", rank="3")
     assert model.vertical[0].a.out_features == 3
     _, model, _ = build("utuning", spec, tuner="prefix", prefixes="5", zero_init_last="true")
