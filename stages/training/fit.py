@@ -54,6 +54,29 @@ def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) ->
     return layers
 
 
+def require_training_splits(root, cache_path: str) -> None:
+    missing = [split for split in ("train", "validation") if split not in root]
+    if missing:
+        raise InputError(f"the cache at {cache_path} needs train and validation splits to train side networks; "
+                         f"it lacks {', '.join(missing)}")
+
+
+def open_readers(cache_path: str, root, layers: list[int], settings: FitSettings, runtime: Runtime) -> dict:
+    """A reader of `layers` per split the cache has (train limited to max_train_samples); train and validation
+    are required."""
+    require_training_splits(root, cache_path)
+    return {split: CacheReader(cache_path, split, layers, settings.in_memory,
+                               settings.max_train_samples if split == "train" else None, runtime.device)
+            for split in ("train", "validation", "test") if split in root}
+
+
+def train_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtime: Runtime):
+    """One epoch's training batches, in the order the seed and epoch fix: `fit` and `sweep` both read them here."""
+    return reader.batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
+                          buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
+                          by_length=settings.length_buckets)
+
+
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
     """What two runs must share to give the same model: a checkpoint or a finished folder is reused only on a match."""
     return {"fit": config.to_dict(), "settings": asdict(settings), "cache_key_sha256": cache_key_sha256}
@@ -70,11 +93,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     spec = spec_from_store(root, backbone_path)
     task, attrs = root.attrs["task"], dict(root.attrs)
     layers = required_layers(config, spec, cache_path)
-    readers = {split: CacheReader(cache_path, split, layers, settings.in_memory,
-                                  settings.max_train_samples if split == "train" else None, runtime.device)
-               for split in ("train", "validation", "test") if split in root}
-    if "train" not in readers or "validation" not in readers:
-        raise InputError(f"the cache at {cache_path} needs train and validation splits to fit; it has {sorted(readers)}")
+    readers = open_readers(cache_path, root, layers, settings, runtime)
     model = build_model(config, spec).to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
@@ -84,9 +103,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     checkpoint = Checkpoint.beside(out_dir, identity)
 
     def batches(epoch):
-        for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                                              buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
-                                              by_length=settings.length_buckets):
+        for batch in train_batches(readers["train"], settings, epoch, runtime):
             yield side_inputs(batch, runtime), runtime.to_device(batch.labels)
 
     def evaluate(split):

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from cache.errors import InputError
 from cache.layout import key_sha256
 from cache.reader import CacheReader, open_store, subset_positions
 
 from .checkpoint import Checkpoint
 from .evaluate import layer_subsets, predict_split_many, side_inputs
-from .fit import FitSettings, model_info, required_layers, run_identity, spec_from_store, write_model_folder
+from .fit import (FitSettings, model_info, open_readers, require_training_splits, required_layers, run_identity,
+                  spec_from_store, train_batches, write_model_folder)
 from ..memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
 from ..methods import build_model
 from ..metrics import primary_metric, task_metrics
@@ -70,7 +70,6 @@ class Member:
     subset: tuple[int, ...]  # positions of its layers among the group's
     stream: RandomStream
     learner: Learner
-    checkpoint: Checkpoint
 
 
 def run_folder(out_dir: Path, run: SweepRun) -> Path:
@@ -97,9 +96,7 @@ def sweep(cache_path: str, runs: list[SweepRun], settings: FitSettings, out_dir:
     rss_at_start, started = current_rss_mb(), time.perf_counter()
     root = open_store(cache_path)
     attrs, spec = dict(root.attrs), spec_from_store(root, backbone_path)
-    for split in ("train", "validation"):
-        if split not in root:
-            raise InputError(f"the cache at {cache_path} needs train and validation splits to sweep; it lacks {split!r}")
+    require_training_splits(root, cache_path)
     layers = {run.name: required_layers(run.config, spec, cache_path) for run in runs}
     settings_of = {run.name: replace(settings, lr=run.lr, weight_decay=run.weight_decay, seed=run.seed) for run in runs}
     identity_of = {run.name: run_identity(run.config, settings_of[run.name], attrs["key_sha256"]) for run in runs}
@@ -110,13 +107,13 @@ def sweep(cache_path: str, runs: list[SweepRun], settings: FitSettings, out_dir:
     bar = progress_bar(total=len(seeds) * settings.epochs * train_size, unit="sample", disable=not show_progress,
                        desc=f"sweep: {len(todo)} of {len(runs)} runs to train"
                             + (f", {len(seeds)} passes (one per seed)" if len(seeds) > 1 else ""))
-    best = _best(runs, results)
+    best = _best(runs, results, primary_metric(attrs["task"])[0])
     if best:
         bar.set_postfix(best=f"{best[0]} {best[1]:.4f}", refresh=False)
     for seed in seeds:
         group = [run for run in todo if run.seed == seed]
-        for run, metrics in _train_group(cache_path, list(root.group_keys()), group, layers, settings_of, identity_of, spec, attrs, runtime,
-                                         out_dir, bar, rss_at_start, runs, results):
+        for run, metrics in _train_group(cache_path, root, group, layers, settings_of, identity_of, spec, attrs,
+                                         runtime, out_dir, bar, rss_at_start, runs, results):
             results[run.name] = metrics
     bar.close()
     summary = _summary(runs, results, settings, time.perf_counter() - started, peak_rss_mb() - rss_at_start,
@@ -125,19 +122,19 @@ def sweep(cache_path: str, runs: list[SweepRun], settings: FitSettings, out_dir:
     return summary
 
 
-def _train_group(cache_path, splits, group, layers, settings_of, identity_of, spec, attrs, runtime, out_dir, bar,
+def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec, attrs, runtime, out_dir, bar,
                  rss_at_start, runs, results):
     """Train the runs of one seed on shared batches; yield (run, metrics) as each model folder is written."""
     settings = settings_of[group[0].name]
     union = sorted(set().union(*(layers[run.name] for run in group)))
-    readers = {split: CacheReader(cache_path, split, union, settings.in_memory,
-                                  settings.max_train_samples if split == "train" else None, runtime.device)
-               for split in ("train", "validation", "test") if split in splits}
+    readers = open_readers(cache_path, root, union, settings, runtime)
     train_size, task = len(readers["train"]), attrs["task"]
     members = [_member(run, settings_of[run.name], identity_of[run.name], layers[run.name], union, spec, train_size,
                        task, runtime, out_dir, bar) for run in group]
     runtime.reset_peak_memory()
-    for epoch in range(min(member.learner.epochs_done for member in members), settings.epochs):
+    first = min(member.learner.epochs_done for member in members)
+    bar.update(first * train_size)  # epochs every run of the group finished before a resume
+    for epoch in range(first, settings.epochs):
         active = [member for member in members if member.learner.epochs_done == epoch]  # a resumed run may be ahead
         if not active:
             bar.update(train_size)
@@ -145,9 +142,7 @@ def _train_group(cache_path, splits, group, layers, settings_of, identity_of, sp
         began = time.perf_counter()
         for member in active:
             member.learner.start_epoch()
-        for batch in readers["train"].batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                                              buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
-                                              by_length=settings.length_buckets):
+        for batch in train_batches(readers["train"], settings, epoch, runtime):
             features, mask = side_inputs(batch, runtime)
             labels = runtime.to_device(batch.labels)
             for member, inputs in zip(active, layer_subsets(features, [m.subset for m in active])):
@@ -159,7 +154,7 @@ def _train_group(cache_path, splits, group, layers, settings_of, identity_of, sp
         for member, validation in zip(active, validations):
             with member.stream.active():  # the checkpoint stores the run's own random state
                 member.learner.finish_epoch(validation, seconds)
-        best = _best(runs, results, members)
+        best = _best(runs, results, members[0].learner.metric, members)
         bar.set_postfix(best=f"{best[0]} {best[1]:.4f}", refresh=False)
         if not bar.disable:
             bar.write(f"seed {settings.seed} epoch {epoch + 1}/{settings.epochs}: best so far {best[0]}, validation "
@@ -178,7 +173,7 @@ def _train_group(cache_path, splits, group, layers, settings_of, identity_of, sp
                        sweep_runs_sharing_batches=len(members))
         side = SideModel(member.model, member.run.config, spec, model_info(attrs))
         write_model_folder(run_folder(out_dir, member.run), side, run.best_state, metrics)
-        member.checkpoint.remove()
+        member.learner.checkpoint.remove()
         yield member.run, metrics
 
 
@@ -194,7 +189,7 @@ def _member(run, settings, identity, layers, union, spec, train_size, task, runt
         learner = Learner(lambda inputs: model(*inputs), trainable, model, lambda: trainable_state(model), schedule,
                           train_size, task, runtime, checkpoint)
     subset = tuple(union.index(layer) for layer in layers)
-    return Member(run, settings, identity, model, subset, stream, learner, checkpoint)
+    return Member(run, settings, identity, model, subset, stream, learner)
 
 
 def _evaluate(members: list[Member], reader: CacheReader, task: str, num_labels: int, runtime: Runtime) -> list[dict]:
@@ -203,18 +198,11 @@ def _evaluate(members: list[Member], reader: CacheReader, task: str, num_labels:
     return [task_metrics(each, labels, task, num_labels) for each in logits]
 
 
-def _best(runs: list[SweepRun], results: dict, members: list[Member] = ()) -> tuple[str, float] | None:
+def _best(runs: list[SweepRun], results: dict, metric: str, members: list[Member] = ()) -> tuple[str, float] | None:
     """(name, best validation value) over the finished runs and those still training."""
-    scores = {name: value for name, value in ((run.name, _validation(results.get(run.name))) for run in runs)
-              if value is not None}
+    scores = {run.name: results[run.name][f"best_validation_{metric}"] for run in runs if results.get(run.name)}
     scores.update({m.run.name: m.learner.best for m in members if m.learner.best_epoch})
     return max(scores.items(), key=lambda item: item[1]) if scores else None
-
-
-def _validation(metrics: dict | None) -> float | None:
-    if not metrics:
-        return None
-    return next((value for key, value in metrics.items() if key.startswith("best_validation_")), None)
 
 
 def _summary(runs, results, settings, seconds, peak_mb, runtime, trained, attrs) -> dict:
