@@ -200,6 +200,15 @@ def expected_sherl(model, features, mask):
     return lin(pool(late, mask, model.spec.pooling), model.head)
 
 
+def assert_hand_layer_reproduces(model, hidden, mask, layer: int):
+    """The hand-written BERT layer, on the model's frozen copy of backbone layer `layer`, maps H_{layer-1} to the
+    backbone's own H_layer at real tokens: the hand computation is checked before it checks the method."""
+    with torch.no_grad():
+        again, _, _ = bert_layer(model.frozen.layer[str(layer - 1)], hidden[:, layer - 1], mask)
+    real = mask[:, :, None].expand_as(again)
+    torch.testing.assert_close(again[real], hidden[:, layer][real], rtol=1e-6, atol=1e-5)
+
+
 def sherl_case(folder, model_class=None):
     hidden, mask = write_bert(folder, SHERL_LAYERS, seed=20)
     spec = make_spec(SHERL_LAYERS, folder)
@@ -216,10 +225,7 @@ def sherl_case(folder, model_class=None):
         scores = torch.stack([lin(z[l] * z[-1], model.score)[..., 0] for l in range(SHERL_LAYERS - 1)], -1)
     assert ((scores > 0).sum(-1) >= 2).sum() >= B * T // 2
     # The hand-written frozen layer reproduces the backbone: layer L on H_{L-1} gives H_L.
-    with torch.no_grad():
-        again, _, _ = bert_layer(model.frozen.layer[str(SHERL_LAYERS - 1)], hidden[:, SHERL_LAYERS - 1], mask)
-    real = mask[:, :, None].expand_as(again)
-    torch.testing.assert_close(again[real], hidden[:, SHERL_LAYERS][real], rtol=1e-6, atol=1e-5)
+    assert_hand_layer_reproduces(model, hidden, mask, SHERL_LAYERS)
     return model, hidden[:, layers], mask
 
 
@@ -394,10 +400,7 @@ def synqt_case(folder, model_class=None):
     layers = type(model).required_layers(config, spec)
     assert layers == list(range(SYNQT_LAYERS))  # H_0 .. H_{L-1}
     # The hand-written layer is the backbone's own: layer 2 on H_1 gives H_2 at real tokens.
-    with torch.no_grad():
-        again, _, _ = bert_layer(model.frozen.layer["1"], hidden[:, 1], mask)
-    real = mask[:, :, None].expand_as(again)
-    torch.testing.assert_close(again[real], hidden[:, 2][real], rtol=1e-6, atol=1e-5)
+    assert_hand_layer_reproduces(model, hidden, mask, 2)
     return model, hidden[:, layers], mask
 
 
