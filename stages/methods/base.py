@@ -16,7 +16,7 @@ class FeatureSpec:
     hidden_size: int  # D
     num_layers: int  # L; hidden_states has L + 1 entries, 0 = embeddings
     num_labels: int  # classes, or 1 for regression
-    pooling: str  # "cls" or "mean": the backbone family's own pooling
+    pooling: str  # "cls", "mean" or "last" (the last real token: causal decoders)
     backbone_path: str  # local folder of the backbone, for methods that load frozen layers
     cached_layers: tuple[int, ...]  # hidden_states indices present in the cache
 
@@ -57,9 +57,18 @@ def side_width(hidden_size: int, r: int) -> int:
 
 
 def pool(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B, T, D] -> [B, D] by the first token (cls) or the mean over real tokens (mean)."""
+    """[B, T, D] -> [B, D] by the first token (cls), the mean over real tokens (mean), or the last real token (last).
+
+    `last` is what transformers' `*ForSequenceClassification` does for decoders: in a causal model only the last
+    token has seen the whole text. mask [B, T] bool; cached batches hold real tokens first (padding on the right),
+    but the index is taken from the mask so either padding side works.
+    """
     if mode == "cls":
         return x[:, 0]
+    if mode == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).amax(1).clamp_min(0)  # [B]
+        return x[torch.arange(x.shape[0], device=x.device), last]
     weights = mask.to(x.dtype).unsqueeze(-1)
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
