@@ -13,6 +13,10 @@ class InputError(Exception):
     """A problem with what the user asked for; the message names the problem and the fix."""
 
 
+class OtherStoreError(InputError):
+    """The store at --out was made with other settings: it is someone else's, so nothing is written into it."""
+
+
 class StorageError(Exception):
     """An OS error while writing the store or a model folder; the message says what failed, where, and how to go on."""
 

@@ -31,6 +31,10 @@ def open_store(path: str) -> zarr.Group:
     except Exception:
         raise InputError(f"no cache at {path}; run `pipeline extract` first or pass --cache PATH") from None
     if root.attrs.get("status") != "complete":
+        stopped_by = root.attrs.get("stopped_by")  # written by `pipeline extract` when a check or the model failed
+        if stopped_by:
+            raise InputError(f"the cache at {path} is unfinished: its `pipeline extract` stopped with: {stopped_by} "
+                             "(fix that, then extract again)")
         raise InputError(f"the cache at {path} is incomplete; rerun the same `pipeline extract` command to finish it")
     return root
 

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import zarr
 
-from .errors import InputError
+from .errors import InputError, OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
 
 
@@ -51,7 +51,7 @@ def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Gr
             return root, "complete" if root.attrs.get("status") == "complete" else "resume"
         if not overwrite:
             differing = _differing_settings(root.attrs.get("key", {}) if root is not None else {}, key)
-            raise InputError(f"{path} holds a cache made with other settings ({differing}); "
+            raise OtherStoreError(f"{path} holds a cache made with other settings ({differing}); "
                              "pass --overwrite to replace it, or --out for a new store")
         fs.rm(fs_path, recursive=True)
     root = open_group(path, mode="w")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from functools import wraps
 
 import click
 
-from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, StorageError, describe_os_error
+from cache.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, OtherStoreError, StorageError,
+                          describe_os_error)
 
 DEFAULT_CACHE = os.path.join("artifacts", "features.zarr")
 DEFAULT_MODELS = os.path.join("artifacts", "models")
@@ -22,12 +24,15 @@ def _method_names() -> list[str]:
 
 def user_errors(function):
     """Faults end in one line on stderr and a documented exit code, never a traceback: bad input 2, an OS
-    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130."""
+    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130. A closed stdout (the reader of
+    a pipe quit: `pipeline info | head -1`) is no fault: a quiet exit 0."""
 
     @wraps(function)
     def run(*args, **kwargs):
         try:
             return function(*args, **kwargs)
+        except BrokenPipeError:
+            _quiet_exit()
         except InputError as error:
             _fail(f"error: {error}", EXIT_INPUT)
         except StorageError as error:
@@ -39,6 +44,35 @@ def user_errors(function):
             _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
 
     return run
+
+
+def _quiet_exit():
+    """stdout is pointed at /dev/null first, so the interpreter's last flush cannot fail (and print) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, ValueError, OSError):  # no real file descriptor (a test runner's stdout)
+        pass
+    sys.exit(0)
+
+
+@contextmanager
+def library_errors(step: str, backbone: str):
+    """An error the model, tokenizer or layer code raises during `step` becomes one InputError line (exit 2)
+    naming the step and the backbone: rerunning the same command would fail the same way, so the line says to
+    change the backbone or the options instead. CACHETUNE_TRACEBACK=1 lets the traceback through (for a report)."""
+    try:
+        yield
+    except (InputError, StorageError, OSError, KeyboardInterrupt, click.exceptions.ClickException, SystemExit):
+        raise
+    except Exception as error:
+        if os.environ.get("CACHETUNE_TRACEBACK"):
+            raise
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+        raise InputError(f"{step} failed inside the model code on the backbone {backbone} ({reason}); the same command "
+                         "will fail again: change the backbone or the options (CACHETUNE_TRACEBACK=1 shows where)") from None
 
 
 def _fail(line: str, code: int):
@@ -78,6 +112,9 @@ def data_options(command):
                           "has it and no text column; giving this option always reads images]."),
         click.option("--text-pair-column", default=None, help="Second text of a pair task (optional)."),
         click.option("--label-column", default="label", show_default=True),
+        click.option("--delimiter", default=None,
+                     help="Column delimiter of a CSV/TSV file, e.g. ';' or tab [default: ',' (.csv) or tab (.tsv), or the "
+                          "one that splits the header when those do not]."),
         click.option("--split-column", default=None,
                      help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made."),
         click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True),
@@ -113,8 +150,8 @@ def data_options(command):
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
-def extract(backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, layers,
-            max_length, batch_size, dtype, precision, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
+def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
+            split_seed, layers, max_length, batch_size, dtype, precision, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
             sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -126,6 +163,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
     from stages.extraction.extract import ExtractSettings, extract as run_extract, validate_settings
+    from stages.extraction.preflight import method_support_note, preflight
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
@@ -137,21 +175,73 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
 
         check_cluster_options(workers, scheduler)
-    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
+                           _delimiter(delimiter), _log)
     model = load_backbone(backbone, trust_remote_code)
+    name = f"at {model.path} ({model.model.config.model_type})"
+    with library_errors("extract's checks", name):
+        preflight(model, dataset, settings, _log)
+    method_support_note(model, _log)
     try:
-        with store_lock(out, log=lambda line: click.echo(line, err=True)):
-            if distributed:
-                state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
-                                            trust_remote_code=trust_remote_code)
-            else:
-                state = run_extract(model, dataset, settings)
+        with store_lock(out, log=_log):
+            _clear_failure(out)
+            try:
+                with library_errors("extract (tokenizing and forward passes)", name):
+                    if distributed:
+                        state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
+                                                    trust_remote_code=trust_remote_code)
+                    else:
+                        state = run_extract(model, dataset, settings)
+            except OtherStoreError:  # not this run's store: leave it alone
+                raise
+            except InputError as error:  # the unfinished store says why, so `fit` does not send the user back here
+                _record_failure(out, str(error))
+                raise
     except OSError as error:
         raise StorageError(_store_error(error, model, dataset, settings)) from None
     if state == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
     else:
         click.echo(f"wrote {out}")
+
+
+def _log(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _delimiter(text):
+    from pipeline.tables import parse_delimiter
+
+    return parse_delimiter(text)
+
+
+FAILURE_ATTRIBUTE = "stopped_by"  # cache/reader.py names it when `fit` finds the store unfinished
+
+
+def _existing_store(out: str):
+    """The root group of the store at `out` for writing, or None when there is none."""
+    from cache.writer import open_group, store_fs
+
+    fs, path = store_fs(out)
+    if not fs.exists(path):
+        return None
+    try:
+        return open_group(out, mode="r+")
+    except Exception:
+        return None
+
+
+def _record_failure(out: str, message: str) -> None:
+    """Writes why extract stopped into this run's unfinished store (nothing when there is no store)."""
+    root = _existing_store(out)
+    if root is not None and root.attrs.get("status") != "complete":
+        root.attrs[FAILURE_ATTRIBUTE] = message
+
+
+def _clear_failure(out: str) -> None:
+    root = _existing_store(out)
+    if root is not None and FAILURE_ATTRIBUTE in root.attrs:
+        del root.attrs[FAILURE_ATTRIBUTE]
 
 
 def _store_error(error: OSError, model, dataset, settings) -> str:
@@ -206,6 +296,7 @@ def info(path, as_json, stats):
 
 
 @main.command()
+@user_errors
 def methods():
     """List the registered side networks, one line each."""
     from stages.methods import get_method, method_names
@@ -330,7 +421,8 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
     except ValueError as error:
         raise InputError(str(error)) from None
     try:
-        metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+        with library_errors(f"fit --method {method}", _cache_backbone(cache_path, backbone_path)):
+            metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
@@ -347,8 +439,8 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
     from stages.training.sweep import RUNS_DIR
     from stages.training.sweep_grid import make_grid
 
-    grid = make_grid({}, methods=method_names(), lrs=[settings.lr], weight_decays=[settings.weight_decay],
-                     seeds=[settings.seed])
+    grid = make_grid({}, methods=_runnable_methods(method_names(), cache_path, backbone_path), lrs=[settings.lr],
+                     weight_decays=[settings.weight_decay], seeds=[settings.seed])
     summary = _run_sweep(cache_path, grid.runs(), settings, out_dir, backbone_path)
     best = out_dir / RUNS_DIR / summary["best"]
     for name in ("config.json", "model.safetensors", "metrics.json"):
@@ -388,8 +480,8 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
     from stages.training.sweep_grid import make_grid, read_grid_file
 
     file = read_grid_file(grid_file) if grid_file else {}
-    if methods is None and "methods" not in file:
-        methods = ",".join(method_names())
+    if methods is None and "methods" not in file:  # every method that can run on this cache's backbone
+        methods = ",".join(_runnable_methods(method_names(), cache_path, backbone_path))
     grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
     runs = grid.runs()
     settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
@@ -403,7 +495,8 @@ def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
     from stages.training.sweep import SWEEP_CSV, sweep as run_sweep
 
     try:
-        summary = run_sweep(cache_path, runs, settings, out_dir, backbone_path)
+        with library_errors("sweep", _cache_backbone(cache_path, backbone_path)):
+            summary = run_sweep(cache_path, runs, settings, out_dir, backbone_path)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None
     metric = summary["metric"]
@@ -414,6 +507,34 @@ def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
                    f"test {metric} {row.get(f'test_{metric}', float('nan')):.4f}")
     click.echo(f"best by validation: {summary['best']}; table: {out_dir / SWEEP_CSV}")
     return summary
+
+
+def _cache_backbone(cache_path: str, backbone_path: str | None) -> str:
+    """'DIR (model type) of the cache at PATH', for messages; what the store records, --backbone first."""
+    from cache.reader import open_store
+
+    try:
+        attrs = open_store(cache_path).attrs
+    except InputError:
+        return f"of the cache at {cache_path}"
+    return f"{backbone_path or attrs.get('backbone_path')} ({attrs.get('model_type')}) of the cache at {cache_path}"
+
+
+def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | None) -> list[str]:
+    """The methods that can run on the cache's backbone (stages/methods/support.py); the others are named on
+    stderr. A missing cache is left for the training code to report."""
+    from cache.reader import open_store
+    from stages.methods.support import split_supported
+
+    try:
+        attrs = open_store(cache_path).attrs
+    except InputError:
+        return methods
+    runnable, reasons = split_supported(methods, backbone_path or attrs["backbone_path"])
+    if reasons:
+        _log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
+             f"({next(iter(reasons.values()))})")
+    return runnable
 
 
 def _format_memory(metrics: dict) -> str:
@@ -468,11 +589,12 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 @click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--text-pair-column", default=None)
+@click.option("--delimiter", default=None, help="Column delimiter of a CSV/TSV file, e.g. ';' or tab.")
 @click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction.")
 @runtime_options
 @user_errors
-def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone_path, device, precision):
+def predict(model_dir, texts, data, text_column, text_pair_column, delimiter, out, backbone_path, device, precision):
     """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
     from stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
     from stages.training.side_model import load_side_model
@@ -486,7 +608,7 @@ def predict(model_dir, texts, data, text_column, text_pair_column, out, backbone
 
         from pipeline.data import _read_table
 
-        frame = _read_table(Path(data)) if Path(data).exists() else None
+        frame = _read_table(Path(data), _delimiter(delimiter), _log) if Path(data).exists() else None
         if frame is None:
             raise InputError(f"--data {data}: file not found")
         for column in [text_column] + ([text_pair_column] if text_pair_column else []):
@@ -537,7 +659,7 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @runtime_options
 @user_errors
-def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, split_column, task, split_seed, max_length,
+def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task, split_seed, max_length,
              epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out,
              device, precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
@@ -550,7 +672,8 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     from stages.training.baseline import BaselineSettings, train_baseline
 
     _runtime(device, precision)
-    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column)
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
+                           _delimiter(delimiter), _log)
     if dataset.modality != "text":
         raise InputError("baseline trains text backbones only; images are not supported there yet")
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

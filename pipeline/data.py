@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import numpy as np
 
 from cache.errors import InputError
 
+from .tables import READABLE_SUFFIXES, read_table
+
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-READABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 BUILTIN_DATASETS = ("movies", "trec")
 IMAGE_BUILTINS = ("fashion-mnist", "digits")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -77,6 +79,28 @@ def _first_line(error: BaseException) -> str:
 
 
 @dataclass
+class Origin:
+    """Per dataset row: which file (index into `files`) and which line, record or row of it (`unit`)."""
+
+    files: list[str]
+    file_index: np.ndarray  # [N] int
+    lines: np.ndarray  # [N] int, 1-based
+    units: list[str]  # per file: "line", "record" or "row"
+
+    def where(self, rows: list[int], limit: int = 5) -> str:
+        parts, shown = [], rows[:limit]
+        for file in dict.fromkeys(int(self.file_index[r]) for r in shown):
+            numbers = [str(int(self.lines[r])) for r in shown if self.file_index[r] == file]
+            unit = self.units[file] + ("s" if len(numbers) > 1 else "")
+            parts.append(f"{self.files[file]} {unit} {', '.join(numbers)}")
+        more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+        return "; ".join(parts) + more
+
+    def take(self, keep: np.ndarray) -> "Origin":
+        return Origin(self.files, self.file_index[keep], self.lines[keep], self.units)
+
+
+@dataclass
 class Dataset:
     """Texts (and optional pairs) or images with labels, divided into splits. Rows keep their source order.
 
@@ -93,9 +117,18 @@ class Dataset:
     split_seed: int | None = None  # None when the splits came from the source
     images: Images | None = None
     modality: str = "text"  # "text" or "image"
+    origin: "Origin | None" = None  # where each row is in the source files (tables), for messages
 
     def __len__(self) -> int:
         return len(self.images) if self.modality == "image" else len(self.texts)
+
+    def where(self, rows, limit: int = 5) -> str:
+        """'train.csv lines 4, 9 and 2 more' (tables) or 'rows 3, 8' for dataset rows `rows`."""
+        rows = [int(row) for row in rows]
+        if self.origin is not None:
+            return self.origin.where(rows, limit)
+        more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+        return f"row{'s' if len(rows) > 1 else ''} {', '.join(str(r + 1) for r in rows[:limit])}{more}"
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(split))
@@ -163,22 +196,9 @@ def stratified_split(labels: np.ndarray, seed: int, fractions=(0.8, 0.1, 0.1), t
     return split
 
 
-def _read_table(path: Path):
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix == ".tsv":
-            return pd.read_csv(path, sep="\t")
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl")
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except Exception as error:  # pandas raises many types for unreadable files
-        raise InputError(f"cannot read {path}: {str(error).splitlines()[0]}; check the file is valid {suffix[1:]}") from None
-    raise InputError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(READABLE_SUFFIXES)}")
+def _read_table(path: Path, delimiter: str | None = None, log=None):
+    """A table file as a pandas DataFrame of strings, read as written (see pipeline/tables.py)."""
+    return read_table(path, delimiter, log).frame()
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -317,14 +337,24 @@ def _has_split_tables(folder: Path) -> bool:
     return any(p.suffix.lower() in READABLE_SUFFIXES and p.stem.lower() in SPLIT_FILE_NAMES["train"] for p in folder.iterdir())
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def load_dataset(source: str, text_column="text", label_column="label", text_pair_column=None,
-                 task="classification", split_seed=0, split_column=None, image_column=None) -> Dataset:
+                 task="classification", split_seed=0, split_column=None, image_column=None, delimiter=None,
+                 log=_stderr) -> Dataset:
     """A built-in name (movies, trec; fashion-mnist, digits), a table file, a folder with one table per split,
     or a folder of images in class subfolders.
 
     A table holds images when `image_column` is given, or when it has an `image` column and no text column;
-    image paths are relative to the table's folder (or absolute).
+    image paths are relative to the table's folder (or absolute). Tables are read as written (every cell a
+    string, see pipeline/tables.py); rows with an empty text, pair, image or label are dropped and `log` names
+    them; labels lose surrounding spaces. Without validation rows, a seeded stratified share of train becomes
+    validation and `log` says so; a class without training rows is refused (pipeline/data_checks.py).
     """
+    from .data_checks import check_splits
+
     if source in BUILTIN_DATASETS:
         texts, labels, names = load_movies() if source == "movies" else load_trec()
         return Dataset(source, "classification", texts, labels, stratified_split(labels, split_seed), names, None, split_seed)
@@ -336,62 +366,114 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
     if not path.exists():
         raise InputError(f"data {source!r} not found; give a file (.csv/.tsv/.jsonl/.parquet), a folder of split files, "
                          f"a folder of class subfolders of images, or one of: {', '.join(BUILTIN_DATASETS + IMAGE_BUILTINS)}")
-    import pandas as pd
-
+    if path.is_dir() and not _has_split_tables(path) and _subfolders(path):
+        if task == "regression":
+            raise InputError(f"{source}: an image folder is labelled by its class subfolders; regression needs a table")
+        return check_splits(load_image_folder(path, split_seed), split_seed, log)
     if path.is_dir():
-        if not _has_split_tables(path) and _subfolders(path):
-            if task == "regression":
-                raise InputError(f"{source}: an image folder is labelled by its class subfolders; regression needs a table")
-            return load_image_folder(path, split_seed)
-        parts = []
-        for split, file in _split_files(path).items():
-            part = _read_table(file)
-            part["__split__"] = split
-            parts.append(part)
-        frame = pd.concat(parts, ignore_index=True)
-        split_column, base = "__split__", path
+        tables = {split: read_table(file, delimiter, log) for split, file in _split_files(path).items()}
+        base, split_column = path, None  # the files are the splits
     else:
-        frame, base = _read_table(path), path.parent
+        tables, base = {None: read_table(path, delimiter, log)}, path.parent
+    dataset = _table_dataset(source, path, tables, base, text_column, label_column, text_pair_column, task, split_seed,
+                             split_column, image_column, log)
+    return check_splits(dataset, split_seed, log)
+
+
+def _table_dataset(source, path, tables: dict, base, text_column, label_column, text_pair_column, task, split_seed,
+                   split_column, image_column, log) -> Dataset:
+    first = next(iter(tables.values()))
     images_column = image_column or "image"
-    is_image = image_column is not None or (images_column in frame.columns and text_column not in frame.columns)
+    is_image = image_column is not None or (images_column in first.columns and text_column not in first.columns)
     if is_image:
         columns = [images_column, label_column]
     else:
         columns = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
-    for column in columns + ([split_column] if split_column else []):
-        if column not in frame.columns:
-            which = "--image-column/--label-column" if is_image else "--text-column/--label-column"
-            raise InputError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))} (set {which})")
-    frame = frame.dropna(subset=columns)
-    if len(frame) == 0:
-        raise InputError(f"{source}: no rows with {'image' if is_image else 'text'} and label; the data is empty")
-    texts = [] if is_image else frame[text_column].astype(str).tolist()
-    pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column and not is_image else None
-    if task == "regression":
-        try:
-            labels, names = frame[label_column].astype(np.float32).to_numpy(), []
-        except ValueError:
-            raise InputError(f"{source}: column {label_column!r} is not numeric; regression needs numbers (or use --task classification)") from None
+    for table in tables.values():
+        for column in columns + ([split_column] if split_column else []):
+            if column not in table.columns:
+                which = "--image-column/--label-column" if is_image else "--text-column/--label-column"
+                where = source if table.path == path else str(table.path)
+                raise InputError(f"{where}: no column {column!r}; columns are: {', '.join(map(str, table.columns))} "
+                                 f"(set {which}{', or --delimiter' if len(table.columns) == 1 else ''})")
+    values = {column: [v for table in tables.values() for v in table.columns[column]] for column in columns}
+    origin = Origin([_shown_name(t.path, path) for t in tables.values()],
+                    np.concatenate([np.full(len(t), i, dtype=np.int32) for i, t in enumerate(tables.values())]),
+                    np.concatenate([np.asarray(t.lines, dtype=np.int64) for t in tables.values()]),
+                    [t.unit for t in tables.values()])
+    if split_column:
+        split_values = [v.strip().lower() for t in tables.values() for v in t.columns[split_column]]
+    elif len(tables) > 1 or None not in tables:
+        split_values = [split for split, t in tables.items() for _ in range(len(t))]
     else:
-        raw = frame[label_column].tolist()
+        split_values = None
+    values[label_column] = [v.strip() for v in values[label_column]]  # "positive " and "positive" are one class
+    keep = _drop_empty(source, values, columns, origin, log)
+    values = {column: [column_values[i] for i in keep] for column, column_values in values.items()}
+    origin = origin.take(keep)
+    if split_values is not None:
+        split_values = [split_values[i] for i in keep]
+    if not keep.size:
+        raise InputError(f"{source}: no rows with {'image' if is_image else 'text'} and label; the data is empty")
+    raw = values[label_column]
+    if task == "regression":
+        labels, names = _targets(source, label_column, raw, origin), []
+    else:
         names = _sort_names(raw)
         if len(names) < 2:
             raise InputError(f"{source}: column {label_column!r} has only one class ({names[0]!r}); classification needs at least two")
-        labels = np.array([names.index(str(value)) for value in raw], dtype=np.int64)
-    if split_column:
-        values = frame[split_column].astype(str).str.lower().tolist()
+        index = {name: i for i, name in enumerate(names)}
+        labels = np.array([index[value] for value in raw], dtype=np.int64)
+    if split_values is not None:
         lookup = {stem: SPLITS.index(s) for s, stems in SPLIT_FILE_NAMES.items() for stem in stems}
-        unknown = sorted(set(values) - set(lookup))
+        unknown = [i for i, v in enumerate(split_values) if v not in lookup]
         if unknown:
-            raise InputError(f"{source}: split column {split_column!r} has values {unknown[:3]}; use train/validation/test")
-        split = np.array([lookup[v] for v in values], dtype=np.int8)
-        seed = None
+            shown = sorted({split_values[i] for i in unknown})[:3]
+            raise InputError(f"{source}: split column {split_column!r} has values {shown} ({origin.where(unknown)}); "
+                             "use train/validation/test")
+        split, seed = np.array([lookup[v] for v in split_values], dtype=np.int8), None
     else:
         split, seed = stratified_split(labels, split_seed, task=task), split_seed
     if is_image:
-        paths = [Path(str(value)).expanduser() for value in frame[images_column].tolist()]
+        paths = [Path(value.strip()).expanduser() for value in values[images_column]]
         paths = [p if p.is_absolute() else base / p for p in paths]
         for image_path in paths:
             _check_image(image_path, source)
-        return Dataset(path.stem, task, [], labels, split, names, None, seed, Images(paths=paths), "image")
-    return Dataset(path.stem, task, texts, labels, split, names, pairs, seed)
+        return Dataset(path.stem, task, [], labels, split, names, None, seed, Images(paths=paths), "image", origin)
+    pairs = values[text_pair_column] if text_pair_column else None
+    return Dataset(path.stem, task, values[text_column], labels, split, names, pairs, seed, None, "text", origin)
+
+
+def _shown_name(file: Path, source: Path) -> str:
+    return file.name if file != source else str(source)
+
+
+def _drop_empty(source, values: dict, columns: list[str], origin: Origin, log) -> np.ndarray:
+    """Positions of the rows to keep: those with every needed cell non-blank. The dropped ones are reported."""
+    count = len(values[columns[0]])
+    empty = {column: [i for i, v in enumerate(values[column]) if not v.strip()] for column in columns}
+    dropped = sorted(set().union(*map(set, empty.values())))
+    if dropped:
+        kinds = ", ".join(f"{len(rows)} with an empty {column!r}" for column, rows in empty.items() if rows)
+        log(f"warning: {source}: dropped {len(dropped)} of {count} rows ({kinds}): {origin.where(dropped)}; "
+            "fill those cells in or remove the rows")
+    return np.setdiff1d(np.arange(count), np.asarray(dropped, dtype=np.int64))
+
+
+def _targets(source, column: str, raw: list[str], origin: Origin) -> np.ndarray:
+    """Regression targets as float32; text that is not a number, or a non-finite one (inf, nan, beyond float32),
+    is refused with the lines that hold it."""
+    numbers, not_numbers = np.zeros(len(raw), dtype=np.float64), []
+    for i, value in enumerate(raw):
+        try:
+            numbers[i] = float(value)
+        except ValueError:
+            not_numbers.append(i)
+    if not_numbers:
+        raise InputError(f"{source}: column {column!r} is not numeric ({raw[not_numbers[0]]!r} at "
+                         f"{origin.where(not_numbers)}); regression needs numbers (or use --task classification)")
+    bad = np.flatnonzero(~np.isfinite(numbers) | (np.abs(numbers) > np.finfo(np.float32).max))
+    if bad.size:
+        raise InputError(f"{source}: column {column!r} has non-finite targets ({raw[bad[0]]!r} at {origin.where(bad)}); "
+                         "regression targets must be finite numbers within float32's range: fix or remove those rows")
+    return numbers.astype(np.float32)

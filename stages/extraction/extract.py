@@ -319,16 +319,37 @@ class PendingBlock:
     """A block whose copies to the host may still be running (GPU); `result()` waits for them and checks them."""
 
     buffer: torch.Tensor
-    finite: torch.Tensor | None  # computed on the device: False if any feature was inf or nan
+    bounds: torch.Tensor | None  # [K, 2] per layer: min and max of the group's features as the model gave them
     copied: object = None  # torch.cuda.Event recorded after the last copy
+    layers: tuple[int, ...] = ()  # hidden_states index of each of the K layers
 
     def result(self) -> np.ndarray:
         if self.copied is not None:
             self.copied.synchronize()
-        if self.finite is not None and not bool(self.finite):
-            dtype = "float16" if self.buffer.dtype == torch.float16 else "float32"
-            raise InputError(f"features overflow {dtype} (inf or nan); extract with --dtype float32")
+        if self.bounds is not None:
+            check_finite(self.bounds, self.buffer.dtype, self.layers)
         return self.buffer.numpy()
+
+
+def check_finite(bounds: torch.Tensor, store_dtype: torch.dtype, layers) -> None:
+    """Raises InputError naming the first layer with inf or nan, and whose fault it is: the model's own output
+    (a broken checkpoint, or an fp16/bf16 forward pass) or the cast to a float16 store (an overflow).
+    bounds [K, 2]: per layer, the min and max of its features in the forward pass's dtype (nan propagates)."""
+    source_ok, stored_ok = torch.isfinite(bounds).all(1), torch.isfinite(bounds.to(store_dtype)).all(1)
+    if bool(stored_ok.all()):
+        return
+    k = int((~stored_ok).nonzero()[0])
+    layer = layers[k] if k < len(layers) else k
+    if not bool(source_ok[k]):
+        forward = str(bounds.dtype).removeprefix("torch.")
+        fix = ("use --precision fp32, or check the checkpoint" if bounds.dtype != torch.float32 else
+               "the checkpoint's weights (or this input) break the model: check them against the model's own "
+               "forward pass; --dtype does not change this")
+        raise InputError(f"the backbone itself gives inf or nan at layer {layer} (hidden_states index) in its {forward} "
+                         f"forward pass, before anything is stored; {fix}")
+    largest = float(bounds[k].abs().max())
+    raise InputError(f"layer {layer}'s features overflow {str(store_dtype).removeprefix('torch.')} (max |x| {largest:.4g}, "
+                     f"the store's largest is {torch.finfo(store_dtype).max:.6g}); extract with --dtype float32")
 
 
 @contextmanager
@@ -385,8 +406,8 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
             with _one_cpu_thread():
                 for k, layer in enumerate(layers):
                     tokens = hidden[layer].reshape(-1, hidden[layer].shape[-1]).index_select(0, index)
+                    extremes.append(torch.stack(torch.aminmax(tokens)))  # as the model gave them; nan propagates
                     tokens = tokens.to(buffers[0].dtype)
-                    extremes.extend(torch.aminmax(tokens))  # nan or inf makes one of them non-finite
                     for n, block in enumerate(blocks):
                         source = tokens[run_starts[n]:run_starts[n + 1]]
                         start = local_start[rows[by_block[run_rows[n]]]]
@@ -396,12 +417,15 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
     with torch.inference_mode(), _one_cpu_thread():
         for buffer, block in zip(buffers, block_samples):
             buffer[:, int(lengths[block].sum()):].zero_()
-        finite = torch.isfinite(torch.stack(extremes)).all() if extremes else None
+        bounds = None
+        if extremes:  # [batches, K, 2] -> per layer, the group's min and max
+            stats = torch.stack(extremes).view(-1, len(layers), 2)
+            bounds = torch.stack([stats[..., 0].amin(0), stats[..., 1].amax(0)], 1)
     copied = None
     if device is not None and device.type == "cuda":
         copied = torch.cuda.Event()
         copied.record()
-    return [PendingBlock(buffer, finite, copied) for buffer in buffers[:len(block_samples)]]
+    return [PendingBlock(buffer, bounds, copied, tuple(layers)) for buffer in buffers[:len(block_samples)]]
 
 
 def group_features(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, side_width
 from .registry import register_method
+from .support import needs_layer_shape
 
 
 @dataclass
@@ -66,6 +67,8 @@ class SideBlock(nn.Module):
 
 
 class LadderSideNetwork(nn.Module):
+    supports_backbone = staticmethod(needs_layer_shape)  # sized from the layer config: stages/methods/support.py
+
     def __init__(self, config: LSTConfig, spec: FeatureSpec):
         super().__init__()
         self.spec = spec

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, side_width
 from .registry import register_method
+from .support import needs_frozen_layers
 
 TRANSFORMS = ("linear_ln", "gated")
 
@@ -51,6 +52,8 @@ def _check(config: SHERLConfig, spec: FeatureSpec) -> None:
 
 
 class SHERL(nn.Module):
+    supports_backbone = staticmethod(needs_frozen_layers)  # loads the last layer(s): stages/methods/support.py
+
     def __init__(self, config: SHERLConfig, spec: FeatureSpec):
         super().__init__()
         _check(config, spec)

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from .base import FeatureSpec, MethodConfig
 from .registry import register_method
+from .support import needs_frozen_layers
 
 
 @dataclass
@@ -206,6 +207,8 @@ def _check(config: SynQTConfig) -> None:
 
 
 class SynQT(nn.Module):
+    supports_backbone = staticmethod(needs_frozen_layers)  # loads every layer: stages/methods/support.py
+
     def __init__(self, config: SynQTConfig, spec: FeatureSpec):
         super().__init__()
         _check(config)

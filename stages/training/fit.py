@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint
 from .evaluate import evaluate_split, side_inputs
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import FeatureSpec, MethodConfig, build_model, get_method
+from ..methods.support import require_support
 from ..runtime import Runtime
 from .side_model import SideModel, save_side_model, trainable_state
 from .training_loop import Schedule, run_metrics, train_epochs
@@ -46,6 +47,7 @@ def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
 
 
 def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) -> list[int]:
+    require_support(config.method, spec.backbone_path)  # before anything is built: one line naming the fix
     layers = get_method(config.method).model_class.required_layers(config, spec)
     missing = [i for i in layers if i not in spec.cached_layers]
     if missing:
