@@ -682,7 +682,8 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
                                 device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
-        metrics = train_baseline(backbone, dataset, settings, out_dir)
+        with library_errors(f"baseline --method {method}", backbone):
+            metrics = train_baseline(backbone, dataset, settings, out_dir)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "

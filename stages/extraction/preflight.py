@@ -28,6 +28,9 @@ POSITION_TABLES = ("position_embeddings", "wpe")  # learned absolute positions (
 def preflight(backbone, dataset, settings, log=None) -> None:
     """Raises InputError (one line naming the fix) when the backbone cannot give meaningful features for this
     data and these options. Rotary or relative positions have no table, so no length limit is checked for them."""
+    from .extract import _check_modality
+
+    _check_modality(backbone, dataset)  # image data on a text backbone (or back) is named as such first
     if backbone.modality != "text":
         return
     check_vocabulary(backbone)
@@ -143,5 +146,6 @@ def method_support_note(backbone, log) -> None:
 
     _, reasons = split_supported(method_names(), str(backbone.path))
     if reasons:
-        log(f"note: {', '.join(reasons)} cannot run on {backbone.model.config.model_type} caches "
-            f"({next(iter(reasons.values()))}); the other methods can")
+        first, reason = next(iter(reasons.items()))
+        log(f"note: {', '.join(reasons)} cannot run on {backbone.model.config.model_type} caches ({first}: {reason}); "
+            "the other methods can")
