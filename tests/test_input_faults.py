@@ -120,6 +120,20 @@ def test_a_bert_tokenizer_on_a_one_token_type_roberta_with_pairs_is_refused(tiny
     assert cli(*extract_args(folder, table, tmp_path / "g.zarr")).exit_code == 0  # no pairs: type id 0 only
 
 
+def test_position_limits_follow_each_family_s_table():
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, MPNetConfig, MPNetModel, RobertaConfig,
+                              RobertaModel)
+
+    from stages.extraction.preflight import position_limit
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=40,
+                 max_position_embeddings=66)
+    assert position_limit(BertModel(BertConfig(**shape))) == 66
+    assert position_limit(RobertaModel(RobertaConfig(**shape))) == 64  # positions start after padding_idx 1
+    assert position_limit(MPNetModel(MPNetConfig(**shape))) == 64
+    assert position_limit(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=40, n_positions=50))) == 50
+
+
 @pytest.mark.parametrize("method", ["lst", "sherl", "synqt"])
 def test_fit_with_a_method_that_cannot_rebuild_the_model_type_is_one_line_before_training(method, gpt2_cache, tmp_path):
     out = tmp_path / method
