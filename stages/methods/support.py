@@ -14,12 +14,18 @@ from cache.errors import InputError
 
 
 def _config(backbone_path: str):
-    """The backbone's config, or None when its folder (config.json) is not there."""
+    """The backbone's config, or None when its folder (config.json) is not there. A config.json transformers
+    cannot read is an InputError (extract could not have loaded that model either)."""
     if not backbone_path or not os.path.exists(os.path.join(backbone_path, "config.json")):
         return None
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(backbone_path)
+    try:
+        return AutoConfig.from_pretrained(backbone_path)
+    except (ValueError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot read the backbone's config at {backbone_path}: {message}; pass --backbone DIR "
+                         "with the model the cache was extracted from") from None
 
 
 def needs_frozen_layers(backbone_path: str) -> str | None:
