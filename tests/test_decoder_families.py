@@ -208,7 +208,8 @@ def test_lst_side_block_is_the_family_shape(family, backbones):
 
 METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl": {"r": "4"}, "utuning": {},
                   "synqt": {"queries": "2"}}
-LEARNING_RATE = {"linear": 3e-2, "lst": 3e-3, "unipt": 3e-3, "sherl": 3e-3, "utuning": 3e-3, "synqt": 3e-3}
+LEARNING_RATE = {"linear": 3e-2, "lst": 3e-3, "unipt": 3e-3, "sherl": 3e-3, "utuning": 3e-3, "synqt": 1e-2}
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_every_method_trains_on_every_family(family, method, tasks):
         start = F.cross_entropy(model(features, mask), labels).item()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE[method])
-    for step in range(30):
+    for step in range(STEPS):
         batch = torch.randperm(len(labels), generator=torch.Generator().manual_seed(step))[:16]
         loss = F.cross_entropy(model(features[batch], mask[batch]), labels[batch])
         optimizer.zero_grad()
