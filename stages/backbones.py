@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cache.errors import InputError
 
-BUILTIN_BACKBONES = ("minilm", "mpnet")
+BUILTIN_BACKBONES = ("minilm", "mpnet", "smollm2")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -73,12 +73,20 @@ def _model_folder(root: Path) -> Path:
 
 
 def resolve_backbone(name: str) -> Path:
-    """A built-in name, a local folder, or a hub id already in the local Hugging Face cache."""
+    """A built-in name, a local folder, a `.gguf` file (converted once), or a hub id already in the local cache."""
     if name == "minilm":
         return _minilm_path()
     if name == "mpnet":
         return _mpnet_path()
+    if name == "smollm2":  # SmolLM2-135M-Instruct, GGUF Q4_1, dequantized once (stages/gguf_backbone.py)
+        from .gguf_backbone import gguf_folder, smollm2_gguf
+
+        return gguf_folder(smollm2_gguf())
     path = Path(name)
+    if path.suffix == ".gguf":
+        from .gguf_backbone import gguf_folder
+
+        return gguf_folder(path)
     if path.exists():
         if not (path / "config.json").exists():
             raise InputError(f"{name}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained")
