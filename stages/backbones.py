@@ -238,7 +238,7 @@ def _load(folder: Path, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise InputError(f"cannot read the config of the backbone at {folder}: {_first_line(error)}") from None
+        raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check its config.json") from None
     check_family(config)
     try:
         if config.model_type in ENCODER_ONLY:  # AutoModel would build the whole encoder-decoder
