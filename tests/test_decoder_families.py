@@ -292,3 +292,52 @@ def test_real_smollm2_late_route_and_query_pass():
         q_out, _, _ = one.query_pass(index, query, hidden[index], real)
         expected = joint_layer_output("llama", model, index, hidden[index], real, query, 0)
     torch.testing.assert_close(q_out[:, 0], expected, atol=1e-3, rtol=1e-4)
+
+
+def test_decoder_side_block_matches_equations():
+    """LST's Llama-layout side block against its equations written out by hand (float64, eval mode):
+    x += W_o Attn(RMSNorm_1 x) with rotary positions (half-split, theta), causal and padded keys masked, each key /
+    value head shared by heads / kv_heads query heads; then x += W_down(SiLU(W_gate y) * W_up y), y = RMSNorm_2 x."""
+    torch.manual_seed(3)
+    width, heads, kv_heads, ffn, theta, eps = 12, 3, 1, 20, 500.0, 1e-6
+    block = PreNormSideBlock(width, heads, kv_heads, ffn, 0.0, eps, rope_theta=theta).double().eval()
+    with torch.no_grad():
+        for name, parameter in block.named_parameters():
+            parameter.copy_(torch.randn_like(parameter) * (0.3 if "norm" in name else 0.5) + ("norm" in name))
+    B, T, d = 2, 5, width // heads
+    x = torch.randn(B, T, width, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+
+    def rms(v, weight):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rope(v, position):  # v [d]: pairs (i, i + d/2) rotated by position * theta^(-2i/d)
+        half = d // 2
+        angle = position * theta ** (-torch.arange(half, dtype=torch.float64) * 2 / d)
+        first, second = v[:half], v[half:]
+        return torch.cat([first * angle.cos() - second * angle.sin(), second * angle.cos() + first * angle.sin()])
+
+    expected = x.clone()
+    y = rms(x, block.norm1.weight)
+    q = F.linear(y, block.q.weight, block.q.bias)
+    kv = F.linear(y, block.kv.weight, block.kv.bias)
+    k, v = kv[..., :kv_heads * d], kv[..., kv_heads * d:]
+    attended = torch.zeros(B, T, width, dtype=torch.float64)
+    for b in range(B):
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            for i in range(T):
+                if not mask[b, i]:
+                    continue
+                qi = rope(q[b, i, head * d:(head + 1) * d], i)
+                scores = torch.stack([rope(k[b, j, group * d:(group + 1) * d], j) @ qi / d ** 0.5 for j in range(i + 1)])
+                keep = mask[b, :i + 1]
+                weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), 0)
+                attended[b, i, head * d:(head + 1) * d] = weights @ v[b, :i + 1, group * d:(group + 1) * d]
+    expected = x + F.linear(attended, block.out.weight, block.out.bias)
+    y = rms(expected, block.norm2.weight)
+    hidden = F.silu(F.linear(y, block.gate.weight, block.gate.bias)) * F.linear(y, block.up.weight, block.up.bias)
+    expected = expected + F.linear(hidden, block.down.weight, block.down.bias)
+    with torch.no_grad():
+        out = block(x, mask)
+    torch.testing.assert_close(out[mask], expected[mask], rtol=1e-9, atol=1e-10)

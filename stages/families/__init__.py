@@ -5,6 +5,8 @@ Llama layout (decoder.py), GPT-2 (gpt2.py), the T5 encoder (t5.py). Adding a fam
 """
 from __future__ import annotations
 
+from cache.errors import InputError
+
 from .base import Family
 from .decoder import GEMMA3, LLAMA, MISTRAL, QWEN2
 from .encoder import BERT, MPNET, ROBERTA, XLM_ROBERTA
@@ -20,9 +22,13 @@ ADAPTERS: dict[str, Family] = {
 }
 
 
+class UnsupportedFamily(InputError, ValueError):
+    """A backbone family without an adapter: the CLI prints it as one line (InputError), exit 2."""
+
+
 def family_for(model_type: str) -> Family:
-    """The adapter of a model_type; ValueError naming the supported ones otherwise."""
+    """The adapter of a model_type; UnsupportedFamily (an InputError and a ValueError) naming the supported ones."""
     if model_type not in ADAPTERS:
-        raise ValueError(f"model_type {model_type!r} is not supported for frozen layers; supported: "
-                         f"{', '.join(ADAPTERS)}")
+        raise UnsupportedFamily(f"model_type {model_type!r} has no frozen-layer support (needed by sherl and synqt); "
+                                f"supported: {', '.join(ADAPTERS)}; linear, lst, unipt and utuning read only the cache")
     return ADAPTERS[model_type]

@@ -34,8 +34,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE (Su et al. 2021) in the Llama (half-split) arrangement: x [B, heads, T, d], positions [B, T]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, T, d/2]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # angles in float32 at least, as Llama
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d))
+    angles = positions[:, None, :, None].to(dtype) * inv_freq  # [B, 1, T, d/2]
     angles = torch.cat([angles, angles], -1)
     return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
 
