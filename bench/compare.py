@@ -9,6 +9,7 @@ against one LoRA run per method.
     python bench/compare.py --backbone minilm
     python bench/compare.py --backbone mpnet --max-train-samples 2000
     python bench/compare.py --backbone minilm --device cuda      # on a GPU: memory is peak GPU allocated
+    python bench/compare.py --backbone smollm2 --data FOLDER --baselines lora   # see bench/decoder.py
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stages.methods import method_names  # noqa: E402
 
-REDUCTION = {"minilm": 4, "mpnet": 8}  # LST's reference side widths: h = D / r
+REDUCTION = {"minilm": 4, "mpnet": 8, "smollm2": 8}  # LST's reference side widths: h = D / r
 OPTIONS = {"lst": ["r"]}  # sherl, unipt, utuning, synqt: their defaults (see each method's docstring)
 
 
@@ -47,6 +48,7 @@ def run(command: list[str], log: Path) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="minilm", choices=sorted(REDUCTION))
+    parser.add_argument("--data", default="movies", help="for extract and every baseline (a built-in name, file or folder)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train-samples", type=int, default=None)
@@ -68,7 +70,7 @@ def main():
     subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
     runtime = ["--device", args.device, "--precision", args.precision]
     bare = bare_import_peak_mb()
-    extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--layers", "all", "--max-length",
+    extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--data", args.data, "--layers", "all", "--max-length",
                                       str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)],
                           work / "extract.log")
     methods = method_names() if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
@@ -84,7 +86,7 @@ def main():
     if "lora" in args.baselines and args.device.startswith("cuda") and args.precision != "fp32":
         baselines.append(("lora_fp32", "lora", ["--device", args.device, "--precision", "fp32"]))
     for name, method, options in baselines:
-        wall[name] = run(pipeline + ["baseline", "--method", method, "--backbone", args.backbone, "--max-length",
+        wall[name] = run(pipeline + ["baseline", "--method", method, "--backbone", args.backbone, "--data", args.data, "--max-length",
                                      str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(work / name)]
                          + subset + options, work / f"{name}.log")
         rows[name] = json.loads((work / name / "metrics.json").read_text())

@@ -102,7 +102,7 @@ def data_options(command):
     """The backbone and data options shared by `extract` and `baseline`."""
     options = [
         click.option("--backbone", default="minilm", show_default=True,
-                     help="Built-in name (minilm, mpnet), a local model folder, or a hub id already in the local cache."),
+                     help="Built-in name (minilm, mpnet, smollm2), a .gguf file, a local model folder, or a hub id already in the local cache."),
         click.option("--data", default="movies", show_default=True,
                      help="Built-in name (movies, trec; images: fashion-mnist, digits), a .csv/.tsv/.jsonl/.parquet file, "
                           "a folder of train/validation/test files, or a folder of images in one subfolder per class."),
@@ -137,6 +137,9 @@ def data_options(command):
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
               help="Lossless compressor (blosc); every chunk also gets a crc32c checksum.")
 @click.option("--lossy", default=None, help="Opt-in lossy rounding, e.g. bitround:7 (about bfloat16 precision).")
+@click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
+              help="What side networks pool by [default: last for a causal decoder, else the encoder's own: cls or mean]; "
+                   "recorded in the store.")
 @click.option("--out", default=DEFAULT_CACHE, show_default=True, help="Where the zarr store goes.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
@@ -151,7 +154,8 @@ def data_options(command):
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
-            split_seed, layers, max_length, batch_size, dtype, precision, codec, lossy, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
+            split_seed, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out, overwrite, device, trust_remote_code,
+            block_tokens, chunk_tokens,
             sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -168,7 +172,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
                                codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
                                chunk_tokens=chunk_tokens, sort_tokens=sort_tokens, device=device,
-                               precision=precision)
+                               precision=precision, pooling=pooling)
     validate_settings(settings)
     distributed = workers is not None or bool(scheduler)
     if distributed:
@@ -655,13 +659,15 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=int, default=16, show_default=True)
 @click.option("--lora-targets", default=None,
-              help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet].")
+              help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet and T5; q_proj,v_proj for Llama-layout and Gemma-3 decoders; c_attn for GPT-2].")
+@click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
+              help="[default: last for a causal decoder, else the encoder's own]; match the cache's for a fair comparison.")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @runtime_options
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task, split_seed, max_length,
-             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, out,
-             device, precision):
+             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, pooling,
+             out, device, precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
     Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
@@ -679,7 +685,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
-                                device=device, precision=precision)
+                                pooling=pooling, device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
         with library_errors(f"baseline --method {method}", backbone):

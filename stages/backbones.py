@@ -1,6 +1,10 @@
-"""Frozen Hugging Face encoders: built-in names, offline loading, weight hashing, pooling family.
+"""Frozen Hugging Face backbones: built-in names, offline loading, weight hashing, pooling family.
 
-Text encoders load with AutoModel + AutoTokenizer. Vision transformers (ViT, DeiT, DINOv2, and the vision tower
+Text encoders load with AutoModel + AutoTokenizer. Causal decoders (the Llama layout: llama, mistral, qwen2; Gemma-3
+text; GPT-2) load with AutoModel too, which builds the base model without its LM head; their pooling is the last
+real token (only it has seen the whole text) and a tokenizer without a pad token pads with EOS. T5 loads as
+`T5EncoderModel` (AutoModel would build the encoder-decoder); its pooling is the mean (it has no CLS token). Any
+other decoder-only or encoder-decoder family is refused in one line naming the supported ones. Vision transformers (ViT, DeiT, DINOv2, and the vision tower
 of CLIP or SigLIP) load with AutoModel + AutoImageProcessor; from a full CLIP/SigLIP checkpoint only the vision
 tower is built (CLIPVisionModel / SiglipVisionModel). Pooling: CLS for ViT, DeiT, DINOv2 and CLIP; mean for
 SigLIP (it has no CLS token).
@@ -12,17 +16,23 @@ import json
 import os
 import sysconfig
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cache.errors import InputError
 
-BUILTIN_BACKBONES = ("minilm", "mpnet")
+BUILTIN_BACKBONES = ("minilm", "mpnet", "smollm2")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 MEAN_POOLED_VISION = ("siglip", "siglip_vision_model")  # no CLS token
 MPNET_PARTS = 5
+# Causal decoders (model_type) whose base model AutoModel builds; positions come from the mask (causal_position_ids).
+CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt2")
+# Encoder-decoder checkpoints of which only the encoder is loaded: model_type -> the encoder's class in transformers.
+ENCODER_ONLY = {"t5": "T5EncoderModel"}
+POOLINGS = ("cls", "mean", "last")
 
 
 def artifacts_dir() -> Path:
@@ -73,12 +83,20 @@ def _model_folder(root: Path) -> Path:
 
 
 def resolve_backbone(name: str) -> Path:
-    """A built-in name, a local folder, or a hub id already in the local Hugging Face cache."""
+    """A built-in name, a local folder, a `.gguf` file (converted once), or a hub id already in the local cache."""
     if name == "minilm":
         return _minilm_path()
     if name == "mpnet":
         return _mpnet_path()
+    if name == "smollm2":  # SmolLM2-135M-Instruct, GGUF Q4_1, dequantized once (stages/gguf_backbone.py)
+        from .gguf_backbone import gguf_folder, smollm2_gguf
+
+        return gguf_folder(smollm2_gguf())
     path = Path(name)
+    if path.suffix == ".gguf":
+        from .gguf_backbone import gguf_folder
+
+        return gguf_folder(path)
     if path.exists():
         if not (path / "config.json").exists():
             raise InputError(f"{name}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained")
@@ -118,7 +136,7 @@ class Backbone:
     model: object  # a transformers PreTrainedModel in eval mode
     tokenizer: object  # None for a vision backbone
     weights_sha256: str
-    pooling: str
+    pooling: str  # "cls", "mean" or "last"
     image_processor: object = None  # None for a text backbone
     modality: str = "text"  # "text" or "image"
 
@@ -128,12 +146,69 @@ class Backbone:
         return self.image_processor if self.modality == "image" else self.tokenizer
 
     @property
+    def causal(self) -> bool:
+        """A decoder whose token t sees only tokens <= t (pooling `last`, positions from the mask)."""
+        return is_causal(self.model.config)
+
+    @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+
+def is_causal(config) -> bool:
+    return config.model_type in CAUSAL_MODEL_TYPES
+
+
+def causal_position_ids(attention_mask):
+    """[B, T] positions 0, 1, ... counted over real tokens only, so a sample gets the same positions whatever its
+    padding side and batch (left padding would otherwise shift every position: absolute embeddings such as GPT-2's
+    change, and rotary ones change numerically). Padding positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def check_family(config) -> None:
+    """Raises InputError for a decoder-only or encoder-decoder family this project does not support."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    kind = config.model_type
+    decoder_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if (decoder_only or kind in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES) and not (is_causal(config) or kind in ENCODER_ONLY):
+        raise InputError(f"backbone family {kind!r} is not supported; decoders: {', '.join(CAUSAL_MODEL_TYPES)}; "
+                         f"encoder-decoders (encoder only): {', '.join(ENCODER_ONLY)}; or an encoder (BERT, RoBERTa, MPNet, ...)")
+
+
+def default_pooling(folder: Path, config, modality: str) -> str:
+    if modality == "image":
+        return "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
+    if is_causal(config):
+        return "last"
+    if config.model_type in ENCODER_ONLY:
+        return "mean"
+    return pooling_of(folder)
+
+
+def check_pooling(backbone: "Backbone", pooling: str) -> None:
+    """Raises InputError for an unknown pooling, or `cls` on a causal decoder (its first token has seen only itself)."""
+    if pooling not in POOLINGS:
+        raise InputError(f"--pooling {pooling}: use one of {', '.join(POOLINGS)}")
+    if pooling == "cls" and backbone.causal:
+        raise InputError(f"--pooling cls on a causal decoder ({backbone.model.config.model_type}): its first token has "
+                         "seen only itself, so it carries nothing about the text; use --pooling last (default) or mean")
+
+
+def _set_pad_token(tokenizer, folder: Path) -> None:
+    """A causal LM's tokenizer often has no pad token: pad with EOS (padded positions are masked and never stored)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise InputError(f"the tokenizer at {folder} has neither a pad nor an EOS token, so batches cannot be padded; "
+                         "set pad_token in its tokenizer_config.json")
+    tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
@@ -150,11 +225,9 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if modality == "image":
-        pooling = "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
-    else:
-        pooling = pooling_of(folder)
-    return Backbone(folder, model, tokenizer, digest, pooling, processor, modality)
+    if is_causal(config):
+        _set_pad_token(tokenizer, folder)
+    return Backbone(folder, model, tokenizer, digest, default_pooling(folder, config, modality), processor, modality)
 
 
 def _load(folder: Path, trust_remote_code: bool):
@@ -164,13 +237,18 @@ def _load(folder: Path, trust_remote_code: bool):
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        if config.model_type in VISION_TOWERS:  # a full CLIP/SigLIP checkpoint: build the vision tower only
-            verbosity = transformers_logging.get_verbosity()
-            transformers_logging.set_verbosity_error()  # its load report lists every text-tower key as unexpected
-            try:
+    except Exception as error:
+        raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check its config.json") from None
+    check_family(config)
+    try:
+        if config.model_type in ENCODER_ONLY:  # AutoModel would build the whole encoder-decoder
+            model = getattr(transformers, ENCODER_ONLY[config.model_type]).from_pretrained(folder)
+        elif config.model_type in VISION_TOWERS:  # a full CLIP/SigLIP checkpoint: build the vision tower only
+            with _quiet(transformers_logging):  # its load report lists every text-tower key as unexpected
                 model = getattr(transformers, VISION_TOWERS[config.model_type]).from_pretrained(folder)
-            finally:
-                transformers_logging.set_verbosity(verbosity)
+        elif is_causal(config):
+            with _quiet(transformers_logging):  # the base model: its load report lists an untied lm_head as unexpected
+                model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         else:
             model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
@@ -182,7 +260,20 @@ def _load(folder: Path, trust_remote_code: bool):
         else:
             tokenizer, processor, modality = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code), None, "text"
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load the backbone from {folder}: {message}; check the folder holds a complete "
-                         "Hugging Face model (config, weights, tokenizer or image processor)") from None
+        raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check the folder holds a "
+                         "complete Hugging Face model (config, weights, tokenizer or image processor)") from None
     return model, tokenizer, processor, modality, config
+
+
+@contextmanager
+def _quiet(transformers_logging):
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

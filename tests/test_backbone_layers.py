@@ -80,8 +80,12 @@ def test_prefixed_checkpoint_and_pytorch_bin_fallback(tmp_path):
 
 
 def test_unsupported_family_and_bad_index(tmp_path, tiny):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "electra", "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="supported: bert"):
+        load_frozen_layers(str(tmp_path), [1])
+    from cache.errors import InputError
+
+    with pytest.raises(InputError, match="'electra' has no frozen-layer support"):  # the CLI: one line, exit 2
         load_frozen_layers(str(tmp_path), [1])
     with pytest.raises(ValueError, match="1..3"):
         load_frozen_layers(tiny[1], [4])

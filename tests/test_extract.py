@@ -294,7 +294,7 @@ def test_inf_or_nan_features_raise_one_input_error():
     def forward(samples):
         hidden = torch.ones(len(samples), 3, 4)
         hidden[0, 1, 2] = 1e6  # beyond float16
-        return (hidden, hidden), np.full(len(samples), 3)
+        return (hidden, hidden), np.full(len(samples), 3), np.zeros(len(samples), np.int64)
 
     lengths = np.full(4, 3)
     buffers = [block_buffer(2, 16, 4, "float16", "cpu")]

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, Roberta
 
 from stages.backbone_layers import load_frozen_layers
 from stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
-from stages.methods.synqt import extract, layer_parts
+from stages.families.encoder import Encoder, extract
 from stages.training.side_model import trainable_state
 
 METHODS = ["utuning", "synqt"]
@@ -169,7 +169,7 @@ def test_synqt_extraction_matches_hand_written_attention(task):
     spec, hidden, mask, _ = task
     _, model, _ = build("synqt", spec)
     layer = model.frozen.layer["1"]  # layer 2, reads H_1
-    parts = layer_parts(layer)
+    parts = Encoder.parts(layer)
     torch.manual_seed(1)
     B, T, D, heads = 3, hidden.shape[2], 32, 4
     d = D // heads
@@ -209,7 +209,7 @@ def test_synqt_extraction_matches_the_layer_itself(tmp_path, family):
     B, T, D = 4, hidden.shape[2], 32
     torch.manual_seed(2)
     query = torch.randn(B, 1, D)
-    parts = layer_parts(model.frozen.layer["1"])
+    parts = Encoder.parts(model.frozen.layer["1"])
     with torch.no_grad():
         keys = parts.key(hidden[:B, 1]).view(B, T, 4, 8).transpose(1, 2)
         values = parts.value(hidden[:B, 1]).view(B, T, 4, 8).transpose(1, 2)

@@ -25,8 +25,9 @@ from stages.backbones import load_backbone
 from stages.extraction.extract import ExtractSettings, extract
 from stages.training.fit import FitSettings, fit
 from stages.methods import config_from_options
-from stages.methods.synqt import extract as synqt_extract
-from stages.methods.synqt import key_value_input, layer_parts
+from stages.families.encoder import extract as synqt_extract
+from stages.families.encoder import key_value_input
+from stages.families.vision import Vision
 from tests.test_extract import assert_one_line_error, cli
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
@@ -318,7 +319,7 @@ def test_synqt_extraction_matches_the_pre_ln_layer_itself(family, backbones):
     hidden = hidden_states(family, model, seed=1)[1]
     B, T, D = hidden.shape
     frozen = load_frozen_layers(str(folder), [2])
-    parts = layer_parts(frozen.layer["1"])
+    parts = Vision.parts(frozen.layer["1"])
     assert parts.pre_norm
     query = torch.randn(B, 2, D, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(B, T, dtype=torch.bool)

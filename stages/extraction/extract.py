@@ -21,7 +21,7 @@ from cache.errors import InputError
 from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
-from ..backbones import Backbone
+from ..backbones import Backbone, causal_position_ids, check_pooling, is_causal
 from .layer_selection import parse_layers
 from ..progress import progress_bar
 from .token_table import TokenTable, ranges
@@ -46,6 +46,7 @@ class ExtractSettings:
     chunk_tokens: int = 1024  # tokens per compressed chunk inside a shard
     device: str = "cpu"
     precision: str = "fp32"  # the forward pass: fp32, or autocast to bf16 / fp16
+    pooling: str | None = None  # what stage two pools by: cls | mean | last; None: the backbone family's default
 
     def __post_init__(self):
         if self.batch_size is None:
@@ -120,6 +121,9 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
         key["modality"] = backbone.modality
     if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
         key["precision"] = settings.precision
+    pooling = settings.pooling or backbone.pooling
+    if backbone.causal or pooling != backbone.pooling:  # absent means the encoder family's default, as before
+        key["pooling"] = pooling
     return key
 
 
@@ -197,6 +201,8 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     """
     validate_settings(settings)
     _check_modality(backbone, dataset)
+    if settings.pooling is not None:
+        check_pooling(backbone, settings.pooling)
     layers = parse_layers(settings.layers, backbone.num_layers)
     device = settings.device if run_split is None else "cpu"
     model = backbone.model.to(device)
@@ -217,7 +223,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     root.attrs.update({
         "backbone_path": str(Path(backbone.path).resolve()), "model_type": backbone.model.config.model_type,
         "hidden_size": backbone.hidden_size, "num_layers": backbone.num_layers, "layers": layers,
-        "pooling": backbone.pooling, "task": dataset.task, "label_names": dataset.label_names,
+        "pooling": settings.pooling or backbone.pooling, "task": dataset.task, "label_names": dataset.label_names,
         "dataset": dataset.name, "max_length": key["max_length"], "dtype": settings.dtype,
         "codec": settings.codec, "lossy": settings.lossy, "modality": backbone.modality,
     })
@@ -277,20 +283,28 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _text_forward(model, table: TokenTable, device, precision: str = "fp32"):
-    """batch samples (split positions) -> (hidden_states, real tokens per row; padding is on the right)."""
+    """batch samples (split positions) -> (hidden_states, real tokens per row, column of each row's first real token).
+
+    Padding is on the tokenizer's side. A causal decoder gets position ids counted over real tokens
+    (causal_position_ids), so every sample's hidden states are the same whatever its batch, padding side and length
+    sort; its own causal mask combined with the attention mask keeps real tokens from seeing padding."""
     device = torch.device(device)
+    causal = is_causal(model.config)
 
     def forward(batch_samples):
         inputs, lengths = table.batch(batch_samples)
+        if causal:
+            inputs["position_ids"] = causal_position_ids(inputs["attention_mask"])
         with _autocast(device, precision):
             hidden = model(**{name: _to_device(t, device) for name, t in inputs.items()}, output_hidden_states=True)
-        return hidden.hidden_states, lengths
+        return hidden.hidden_states, lengths, table.first_real(lengths, inputs["attention_mask"].shape[1])
 
     return forward
 
 
 def _image_forward(model, backbone, dataset, rows, tokens_per_image, device, precision: str = "fp32"):
-    """batch samples (split positions) -> (hidden_states, real tokens per row: all of them), images decoded per batch."""
+    """batch samples (split positions) -> (hidden_states, real tokens per row: all of them, first real column: 0),
+    images decoded per batch."""
     device = torch.device(device)
 
     def forward(batch_samples):
@@ -300,7 +314,7 @@ def _image_forward(model, backbone, dataset, rows, tokens_per_image, device, pre
         if hidden[0].shape[1] != tokens_per_image:
             raise InputError(f"images give {hidden[0].shape[1]} tokens here but {tokens_per_image} for the first image; "
                              "the image processor must resize every image to one size")
-        return hidden, np.full(len(batch_samples), tokens_per_image, dtype=np.int64)
+        return hidden, np.full(len(batch_samples), tokens_per_image, dtype=np.int64), np.zeros(len(batch_samples), np.int64)
 
     return forward
 
@@ -378,7 +392,8 @@ def sort_groups(num_blocks: int, block_tokens: int, sort_tokens: int) -> list[li
 
 def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],
                 buffers: list[torch.Tensor], batch_size: int, on_batch=None) -> list[PendingBlock]:
-    """Runs the forward batches of a group of blocks and fills each block's buffer [K, block_tokens, D] with its
+    """Runs the forward batches of a group of blocks (forward(samples) -> hidden_states, real tokens per row,
+    column of each row's first real token) and fills each block's buffer [K, block_tokens, D] with its
     samples' real tokens in the block's layout order (block_samples[i]: longest first), zeros in the unused tail.
 
     The samples of all the group's blocks are sorted by length together (stable: ties keep the layout order)
@@ -394,13 +409,14 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         with torch.inference_mode():
-            hidden, batch_lengths = forward(samples[rows])
+            hidden, batch_lengths, first_real = forward(samples[rows])
             device = hidden[0].device
             width = hidden[0].shape[1]
-            # The batch's real tokens (right padding: row r's first batch_lengths[r] positions) grouped by block,
+            # The batch's real tokens (row r's positions first_real[r] ... + batch_lengths[r]) grouped by block,
             # each block's in its layout order, where they form one contiguous run.
             by_block = np.lexsort((local_start[rows], owner[rows]))
-            index = _to_device(torch.from_numpy(ranges(by_block * width, batch_lengths[by_block])), device)
+            index = _to_device(torch.from_numpy(ranges(by_block * width + first_real[by_block], batch_lengths[by_block])),
+                               device)
             blocks, run_rows = np.unique(owner[rows][by_block], return_index=True)
             run_starts = np.concatenate([[0], np.cumsum(batch_lengths[by_block])])[np.append(run_rows, len(rows))]
             with _one_cpu_thread():

@@ -73,6 +73,14 @@ def pool(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def rms_normalize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[..., D] -> x / sqrt(mean(x^2) + eps) per token and layer, no parameters (RMSNorm without its weight, Zhang &
+    Sennrich 2019): what a pre-norm backbone layer does to its input before using it. Decoder residual streams carry
+    massive activations (SmolLM2-135M: |x| up to ~24,500 on a few channels of layers 12-28, most values < 10); this
+    puts every cached layer at unit RMS before a side network's first projection. Padded positions stay finite."""
+    return torch.nn.functional.rms_norm(features, features.shape[-1:], eps=eps)
+
+
 def per_layer_linear(x: torch.Tensor, linears) -> torch.Tensor:
     """[B, n, T, D] -> [B, n, T, h]: slice l through linears[l], as one batched matmul instead of n small ones (on
     a GPU, n tiny kernels cost more than the arithmetic). The weights stay one nn.Linear per layer, so saved models

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig, pool, rms_normalize
 from .registry import register_method
 
 
@@ -14,12 +14,14 @@ from .registry import register_method
 class LinearConfig(MethodConfig):
     method = "linear"
     dropout: float = 0.0
+    rms_norm: bool = False  # normalise each cached layer to unit RMS first (no parameters); see base.rms_normalize
 
 
 class LinearProbe(nn.Module):
     def __init__(self, config: LinearConfig, spec: FeatureSpec):
         super().__init__()
         self.spec = spec
+        self.rms_norm = config.rms_norm
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(spec.hidden_size, spec.num_labels)
 
@@ -28,7 +30,8 @@ class LinearProbe(nn.Module):
         return [spec.num_layers]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(pool(features[:, -1], mask, self.spec.pooling)))
+        last = rms_normalize(features[:, -1]) if self.rms_norm else features[:, -1]
+        return self.head(self.dropout(pool(last, mask, self.spec.pooling)))
 
 
 register_method(LinearConfig, LinearProbe, "linear probe on the pooled last layer (the baseline)")

@@ -4,6 +4,12 @@ The backbone's blocks are numbered i = 0 .. L-1 (block i turns H_i into H_{i+1})
 starting at 0 is dropped, and each kept block feeds its OUTPUT H_{i+1} to the ladder, as the authors' loop over
 blocks does (`side_downsample(layer_outputs[0])`). So for 12 layers the ladder reads H_2,3,4,6,7,8,10,11,12: the
 last layer's output is always read.
+
+Side blocks are the backbone family's own layer shrunk by r (width h = D / r, FFN width / r, the backbone's heads
+where they divide h): post-LN for BERT-like encoders; for decoder-only LMs in the Llama layout pre-norm RMSNorm,
+gated SiLU MLP, rotary positions, causal masking and grouped key/value heads (where the shrunk width allows); for
+GPT-2 pre-LN, causal, GELU MLP (positions are in H_0); for T5 pre-RMSNorm, bidirectional. Each family's block is in
+its adapter (stages/families/).
 """
 from __future__ import annotations
 
@@ -12,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, side_width
+from ..families.encoder import SideBlock, encoder_side_block  # noqa: F401  (SideBlock: the encoders' block)
+from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize, side_width
 from .registry import register_method
 from .support import needs_layer_shape
 
@@ -25,6 +31,7 @@ class LSTConfig(MethodConfig):
     r: int = 8  # reduction factor: side width h = D / r
     drop_every: int = 4  # drop blocks 0, 4, 8, ... (block i makes H_{i+1}); 0 keeps all
     dropout: float = 0.1
+    rms_norm: bool = False  # normalise each cached layer to unit RMS first (no parameters); see base.rms_normalize
 
 
 def kept_layers(config: LSTConfig, num_layers: int) -> list[int]:
@@ -42,28 +49,20 @@ def backbone_shape(path: str, hidden_size: int) -> tuple[int, int, float]:
     return 4 * hidden_size, 4, 1e-12
 
 
-class SideBlock(nn.Module):
-    """A post-LN transformer layer (BERT's arrangement) at the side width."""
+def side_block_builder(path: str, hidden_size: int):
+    """(width, r, dropout) -> side block: the backbone family's own block shrunk by r (stages/families/; post-LN
+    for encoders, pre-norm rotary causal for decoders), and the family's norm eps; without a config.json, a
+    post-LN block with 4 heads and FFN 4D / r, and for a family without an adapter a post-LN block of its shape."""
+    ffn, heads, eps = backbone_shape(path, hidden_size)
+    if path and os.path.exists(os.path.join(path, "config.json")):
+        from ..families import ADAPTERS
+        from ..layer_config import layer_config
 
-    def __init__(self, width: int, heads: int, ffn: int, dropout: float, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.attention_dropout = dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        x = self.norm1(x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, T, H))))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        config = layer_config(path)
+        family = ADAPTERS.get(config.model_type)
+        if family is not None:
+            return (lambda width, r, dropout: family.side_block(config, width, r, dropout)), eps
+    return (lambda width, r, dropout: encoder_side_block(width, heads, max(1, ffn // r), dropout, eps)), eps
 
 
 class LadderSideNetwork(nn.Module):
@@ -72,17 +71,16 @@ class LadderSideNetwork(nn.Module):
     def __init__(self, config: LSTConfig, spec: FeatureSpec):
         super().__init__()
         self.spec = spec
+        self.rms_norm = config.rms_norm
         D = spec.hidden_size
         h = side_width(D, config.r)
-        ffn, heads, eps = backbone_shape(spec.backbone_path, D)
-        while h % heads:  # the backbone's head count when it divides h, else the largest smaller one that does
-            heads -= 1
+        side_block, eps = side_block_builder(spec.backbone_path, D)
         self.layers = kept_layers(config, spec.num_layers)
         self.dropout = nn.Dropout(config.dropout)
         self.first = nn.Linear(D, h)
         self.down = nn.ModuleList(nn.Linear(D, h) for _ in self.layers)
         self.gates = nn.Parameter(torch.zeros(len(self.layers)))  # alpha_l; mu_l = sigmoid(alpha_l / 0.1)
-        self.blocks = nn.ModuleList(SideBlock(h, heads, max(1, ffn // config.r), config.dropout, eps) for _ in self.layers)
+        self.blocks = nn.ModuleList(side_block(h, config.r, config.dropout) for _ in self.layers)
         self.final_norm = nn.LayerNorm(h, eps=eps)
         self.up = nn.Linear(h, D)
         self.head = nn.Linear(D, spec.num_labels)
@@ -96,6 +94,8 @@ class LadderSideNetwork(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order.
+        if self.rms_norm:
+            features = rms_normalize(features)
         s = self.first(self.dropout(features[:, 0]))  # s_0 = W_first dropout(H_0)
         gates = torch.sigmoid(self.gates / 0.1)  # mu_l = sigmoid(alpha_l / 0.1)
         downs = per_layer_linear(features[:, 1:], self.down)  # W_down,l H_l for every kept l at once

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, rms_normalize, side_width
 from .registry import register_method
 from .support import needs_frozen_layers
 
@@ -29,6 +29,8 @@ class SHERLConfig(MethodConfig):
     transform: str = "linear_ln"  # per-layer transform: "linear_ln" (BERT form) or "gated" (T5 form)
     late_layers: int = 1  # k: the last k pretrained layers run frozen in the late route
     dropout: float = 0.1
+    rms_norm: bool = False  # normalise the early layers to unit RMS before their transforms (the late layer still
+    # gets the raw H_{L-1} through the gate); see base.rms_normalize
 
 
 class GatedTransform(nn.Module):
@@ -58,6 +60,7 @@ class SHERL(nn.Module):
         super().__init__()
         _check(config, spec)
         self.spec = spec
+        self.rms_norm = config.rms_norm
         D, h = spec.hidden_size, spec.hidden_size // config.r
         early = spec.num_layers - config.late_layers + 1  # H_0 .. H_{L-k}
         if config.transform == "linear_ln":
@@ -95,7 +98,7 @@ class SHERL(nn.Module):
         return (weights.unsqueeze(-1) * s).sum(2) + guide
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        restored = self.out(self.merge(features)) + torch.tanh(self.gate / 0.1) * features[:, -1]
+        restored = self.out(self.merge(rms_normalize(features) if self.rms_norm else features)) + torch.tanh(self.gate / 0.1) * features[:, -1]
         return self.head(pool(self.frozen(restored, mask), mask, self.spec.pooling))
 
 

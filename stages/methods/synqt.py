@@ -1,35 +1,48 @@
-"""synqt: query synthesis with query-only knowledge extraction (SynQT, 2024), for post-LN BERT-like encoders
-and pre-LN vision transformers.
+"""synqt: query synthesis with query-only knowledge extraction (SynQT, 2024), for post-LN BERT-like encoders,
+pre-LN vision transformers, pre-norm decoder-only LMs (Llama layout, GPT-2) and the T5 encoder.
 
 Per layer i = 1 .. L, n learnable queries are synthesised (an adapter, a small self-attention among the queries)
 from their own parameters and the previous layer's query outputs, then sent through frozen layer i: the queries
 attend, with the layer's own W_q / W_k / W_v / W_o, to keys and values of the cached H_{i-1}, and pass the
-layer's own attention LayerNorm, FFN and output LayerNorm. Only the n query tokens go through the layer with
-gradients; the backbone's tokens are never updated, so H_L is not read (required layers are 0 .. L-1).
+layer's own norms and FFN. Only the n query tokens go through the layer with gradients; the backbone's tokens are
+never updated, so H_L is not read (required layers are 0 .. L-1). The pass itself is each family's adapter
+(`query_pass` in stages/families/), run through `FrozenLayers.query_pass`.
 
 K and V (W_k H_{i-1}, W_v H_{i-1} over all T tokens) are computed per batch, not cached, under torch.no_grad():
 they need no gradient, and caching them in stage one would double the store per layer.
 
-Families: BERT, RoBERTa and XLM-RoBERTa (attention.self.query/key/value, attention.output.dense/LayerNorm) and
-MPNet (attention.attn.q/k/v/o, attention.LayerNorm). MPNet adds a relative position bias to its attention
-scores; the learnable queries have no position, so no bias applies to them and none is added (the shared
-relative_attention_bias is loaded with the layers but unused).
+Post-LN encoders (BERT, RoBERTa, XLM-RoBERTa, MPNet): h = W_o Attn(W_q Q, W_k H, W_v H); a = LN_att(Q + h);
+hh = FFN(a); Q_i = LN_out(a + hh). MPNet adds a relative position bias to its attention scores; the learnable
+queries have no position there, so no bias applies to them and none is added. The head's norm is a trainable
+copy of the last layer's output LayerNorm.
 
-Vision families (pre-LN): ViT and DeiT (attention.q_proj/k_proj/v_proj/o_proj, layernorm_before/after, mlp.fc1/fc2),
-DINOv2 (the same attention, norm1/norm2, LayerScale after attention and FFN, MLP or SwiGLU FFN) and the CLIP and
-SigLIP vision towers (self_attn.q_proj/k_proj/v_proj/out_proj, layer_norm1/2, mlp.fc1/fc2). The layer does
-x + Attn(LN1 x) then x + FFN(LN2 x); restricted to the queries that is: keys and values from LN1(H_{i-1}) (every
-token's own LN1, as in the layer), h = W_o Attn(W_q LN1(Q), K, V) (times LayerScale 1 for DINOv2), a = Q + h,
-hh = FFN(LN2 a) (times LayerScale 2), Q_i = a + hh. A pre-LN layer has no output LayerNorm (the backbone's final
-norm lies outside its layers and is not loaded), so the head's norm is a fresh trainable LayerNorm instead of a
-copy of the last layer's output norm.
+Pre-LN vision layers (ViT, DeiT, DINOv2, CLIP/SigLIP towers) do x + Attn(LN1 x) then x + FFN(LN2 x); restricted to
+the queries: keys and values from LN1(H_{i-1}) (every token's own LN1, as in the layer), h = W_o Attn(W_q LN1(Q),
+K, V) (times LayerScale 1 for DINOv2), a = Q + h, hh = FFN(LN2 a) (times LayerScale 2), Q_i = a + hh. The final
+norm lies outside the layers and is not loaded, so the head's norm is a fresh trainable LayerNorm.
+
+Pre-norm decoders (Llama, Mistral, Qwen2, Gemma-3 text; GPT-2). A decoder layer maps every token t to
+x_t + Attn_t(N_1 x) then + MLP(N_2 .), where token t attends causally to tokens <= t with rotary positions. The
+query-only pass places the n queries right after each sample's last real token, at positions len, len + 1, ...,
+as if appended to the text, and lets each see every real token but not the other queries (nor itself):
+    K = rope(W_k N_1(H_{i-1}), 0 .. len-1),  V = W_v N_1(H_{i-1})                (no gradient)
+    h = W_o Attn(rope(W_q N_1(Q), len + j), K, V)    grouped key/value heads repeated as the model repeats them
+    a = Q + h;  hh = MLP(N_2 a);  Q_i = a + hh
+N_1, N_2 are the layer's own RMSNorms (its own input norm on the tokens too, as the layer does), so Q_i is exactly
+what the frozen layer outputs at a token appended after the text whose own key is masked out (tested against the
+layer run on [tokens; query]). Causality costs nothing: every real token lies before the queries. Sliding-window
+layers (Mistral, Gemma-3) keep only keys within the window of the query's position. Gemma-3 adds its per-head
+q/k norms and a norm after each branch (h = N(W_o Attn), hh = N(MLP(N a))). GPT-2 has no positions inside its
+layers (they are in H_0), so its queries take none. The head's norm is a trainable copy of the model's final norm,
+which the last decoder layer's output passes through in the backbone (hidden_states[L] is after it).
+
+T5 encoder: the same pre-norm pass with T5's unscaled scores plus its relative position bias for (token position
+- query position), the queries again after the last real token.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -102,96 +115,6 @@ class Synthesis(nn.Module):
         return self.dropout(u)
 
 
-class LayerParts(NamedTuple):
-    """The submodules of one frozen layer that knowledge extraction uses.
-
-    Post-LN (BERT-like): attention_norm follows attention + residual, output_norm follows FFN + residual.
-    Pre-LN (vision, `pre_norm`): attention_norm comes before attention (on the queries and, for K/V, on the
-    tokens), output_norm before the FFN."""
-
-    query: nn.Linear
-    key: nn.Linear
-    value: nn.Linear
-    out: nn.Linear  # W_o
-    attention_norm: nn.LayerNorm
-    intermediate: nn.Module  # dense + activation (for SwiGLU: silu(gate x) * up x)
-    output: nn.Linear  # the FFN's last dense
-    output_norm: nn.LayerNorm
-    pre_norm: bool = False
-    attention_scale: nn.Module | None = None  # DINOv2 LayerScale after attention
-    ffn_scale: nn.Module | None = None  # DINOv2 LayerScale after the FFN
-
-
-class FFNInput:
-    """A vision MLP up to its last dense: act(fc1 x), or SwiGLU silu(gate x) * up x. A plain callable over the
-    layer's own MLP (not a module: it owns no weights)."""
-
-    def __init__(self, mlp: nn.Module):
-        self.mlp = mlp
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.mlp, "fc1"):
-            return self.mlp.activation_fn(self.mlp.fc1(x))
-        return self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)
-
-
-def _ffn_output(mlp: nn.Module) -> nn.Linear:
-    return mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj
-
-
-def layer_parts(layer: nn.Module) -> LayerParts:
-    if hasattr(layer, "layernorm_before"):  # ViT, DeiT
-        heads = layer.attention
-        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.o_proj, layer.layernorm_before,
-                          FFNInput(layer.mlp), _ffn_output(layer.mlp), layer.layernorm_after, True)
-    if hasattr(layer, "norm1") and hasattr(layer, "layer_scale1"):  # DINOv2
-        heads = layer.attention
-        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.o_proj, layer.norm1, FFNInput(layer.mlp),
-                          _ffn_output(layer.mlp), layer.norm2, True, layer.layer_scale1, layer.layer_scale2)
-    if hasattr(layer, "self_attn") and hasattr(layer, "layer_norm1"):  # CLIP, SigLIP vision towers
-        heads = layer.self_attn
-        return LayerParts(heads.q_proj, heads.k_proj, heads.v_proj, heads.out_proj, layer.layer_norm1,
-                          FFNInput(layer.mlp), _ffn_output(layer.mlp), layer.layer_norm2, True)
-    attention = getattr(layer, "attention", None)
-    if hasattr(attention, "self") and hasattr(attention, "output"):  # BERT, RoBERTa, XLM-RoBERTa
-        heads = attention.self
-        q, k, v, o, norm = heads.query, heads.key, heads.value, attention.output.dense, attention.output.LayerNorm
-    elif hasattr(attention, "attn"):  # MPNet
-        heads = attention.attn
-        q, k, v, o, norm = heads.q, heads.k, heads.v, heads.o, attention.LayerNorm
-    else:
-        raise ValueError(f"synqt supports post-LN BERT, RoBERTa, XLM-RoBERTa and MPNet layers and pre-LN ViT, DeiT, "
-                         f"DINOv2, CLIP and SigLIP vision layers, not {type(layer).__name__}")
-    return LayerParts(q, k, v, o, norm, layer.intermediate, layer.output.dense, layer.output.LayerNorm)
-
-
-def key_value_input(parts: LayerParts, hidden: torch.Tensor) -> torch.Tensor:
-    """What the layer projects to keys and values: H itself (post-LN) or LN1(H) (pre-LN)."""
-    return parts.attention_norm(hidden) if parts.pre_norm else hidden
-
-
-def extract(parts: LayerParts, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One frozen layer run on the queries only. queries [B, n, D]; keys, values [B, heads, T, d]
-    (already projected, from `key_value_input`); mask [B, T]. Returns (Q_i, h_i, hh_i), each [B, n, D]."""
-    B, n, D = queries.shape
-    x = parts.attention_norm(queries) if parts.pre_norm else queries
-    q = parts.query(x).view(B, n, heads, D // heads).transpose(1, 2)
-    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :])  # scale d^-1/2
-    h = parts.out(attended.transpose(1, 2).reshape(B, n, D))
-    if parts.attention_scale is not None:
-        h = parts.attention_scale(h)
-    if parts.pre_norm:  # x + Attn(LN1 x), then a + FFN(LN2 a)
-        a = queries + h
-        hh = parts.output(parts.intermediate(parts.output_norm(a)))
-        if parts.ffn_scale is not None:
-            hh = parts.ffn_scale(hh)
-        return a + hh, h, hh
-    a = parts.attention_norm(queries + h)
-    hh = parts.output(parts.intermediate(a))
-    return parts.output_norm(a + hh), h, hh
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(x.dtype).unsqueeze(-1)
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
@@ -220,8 +143,6 @@ class SynQT(nn.Module):
         if self.frozen.config.hidden_size != D or self.frozen.config.num_hidden_layers != L:
             raise ValueError(f"backbone at {spec.backbone_path} has {self.frozen.config.num_hidden_layers} layers of "
                              f"width {self.frozen.config.hidden_size}; the features have {L} of width {D}")
-        self.heads = self.frozen.config.num_attention_heads
-        last = layer_parts(self.frozen.layer[str(L - 1)])  # raises for an unsupported layer layout
         self.queries = nn.Parameter(torch.empty(L, config.queries, D).uniform_(-1.0, 1.0))
         self.feature_scale = nn.Parameter(torch.tensor(float(config.feature_scale)))
         self.synthesis = nn.ModuleList(Synthesis(config, D) for _ in range(L))
@@ -231,10 +152,11 @@ class SynQT(nn.Module):
         self.drop_path = config.drop_path
         self.weights = nn.Linear(D, 3 * L)
         self.weights_dropout = nn.Dropout(config.dropout)
-        if last.pre_norm:  # no output norm inside a pre-LN layer: a fresh trainable one
+        backbone_norm = self.frozen.head_norm()  # the norm after the last layer in the backbone, if it is loaded
+        if backbone_norm is None:  # pre-LN vision: the final norm is outside the layers; a fresh trainable one
             self.head_norm = nn.LayerNorm(D, eps=getattr(self.frozen.config, "layer_norm_eps", 1e-6))
         else:
-            self.head_norm = copy.deepcopy(last.output_norm).requires_grad_(True)  # a trainable copy
+            self.head_norm = copy.deepcopy(backbone_norm).requires_grad_(True)  # a trainable copy
         self.head = nn.Linear(D, spec.num_labels)
 
     @staticmethod
@@ -255,23 +177,13 @@ class SynQT(nn.Module):
         weights = torch.cat([torch.ones_like(weights[:, :1]), weights], 1)
         return (weights.unsqueeze(-1) * features).mean(1)
 
-    def frozen_parts(self) -> list[LayerParts]:
-        """The frozen layers' submodules, looked up each call so they always follow `frozen`."""
-        return [layer_parts(self.frozen.layer[str(i)]) for i in range(self.spec.num_layers)]
-
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B = features.shape[0]
         previous = masked_mean(features[:, 0], mask)  # Q_0: the masked mean of H_0 (our choice)
         qs, hs, hhs = [], [], []
-        for i, (parts, synthesis) in enumerate(zip(self.frozen_parts(), self.synthesis)):
-            hidden = features[:, i]  # H_{i}, the input of layer i + 1
-            T, D = hidden.shape[1:]
-            with torch.no_grad():  # K, V per batch, not cached; no gradient needed
-                source = key_value_input(parts, hidden)
-                keys = parts.key(source).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-                values = parts.value(source).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        for i, synthesis in enumerate(self.synthesis):
             seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
-            q, h, hh = extract(parts, synthesis(seed), keys, values, mask, self.heads)
+            q, h, hh = self.frozen.query_pass(i, synthesis(seed), features[:, i], mask)  # layer i + 1 on H_i
             previous = q.mean(1)
             qs.append(previous)
             hs.append(h.mean(1))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, side_width
+from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, rms_normalize, side_width
 from .registry import register_method
 
 
@@ -19,6 +19,7 @@ from .registry import register_method
 class UniPTConfig(MethodConfig):
     method = "unipt"
     r: int = 2  # reduction factor: side width h = D / r
+    rms_norm: bool = False  # normalise each cached layer to unit RMS first (no parameters); see base.rms_normalize
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,6 +34,7 @@ class UniPT(nn.Module):
     def __init__(self, config: UniPTConfig, spec: FeatureSpec):
         super().__init__()
         self.spec = spec
+        self.rms_norm = config.rms_norm
         D = spec.hidden_size
         h = side_width(D, config.r)
         n = spec.num_layers + 1
@@ -49,6 +51,8 @@ class UniPT(nn.Module):
         return list(range(spec.num_layers + 1))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm:
+            features = rms_normalize(features)
         # T_l = LN(W_l H_l), stacked [B, L+1, T, h]; the anchor is the last layer's.
         t = per_layer_norm(per_layer_linear(features, self.project), self.norms)
         anchor, others = t[:, -1], t[:, :-1]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, pool
+from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize
 from .registry import register_method
 
 TUNERS = ("adapter", "lora", "prefix")
@@ -33,6 +33,7 @@ class UTuningConfig(MethodConfig):
     rank: int = 8  # lora rank
     prefixes: int = 8  # number of learnable key/value prefixes for tuner=prefix
     zero_init_last: bool = False  # zero the last bypass block's tuners' output weights, so they start as identity
+    rms_norm: bool = False  # normalise each cached layer to unit RMS first (no parameters); see base.rms_normalize
 
 
 def _xavier(linear: nn.Linear) -> None:
@@ -116,6 +117,7 @@ class UTuning(nn.Module):
         super().__init__()
         _check(config)
         self.spec = spec
+        self.rms_norm = config.rms_norm
         D, L = spec.hidden_size, spec.num_layers
         last = lambda l: config.zero_init_last and l == L - 1  # noqa: E731
         self.lateral = nn.ModuleList(make_tuner(config, D, last(l)) for l in range(L))  # Lat_1 .. Lat_L
@@ -141,6 +143,8 @@ class UTuning(nn.Module):
         return torch.stack([lateral(outputs[:, l]) for l, lateral in enumerate(self.lateral)], 1)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm:
+            features = rms_normalize(features)
         x = features[:, 0]  # x_0 = H_0
         lateral = self.laterals(features[:, 1:])
         for l, vertical in enumerate(self.vertical):

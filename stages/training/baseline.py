@@ -17,7 +17,7 @@ from cache.errors import InputError
 from cache.reader import subset_positions
 
 from ..atomic_folder import atomic_folder
-from ..backbones import load_backbone
+from ..backbones import causal_position_ids, check_pooling, load_backbone
 from .checkpoint import Checkpoint
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import pool
@@ -41,23 +41,31 @@ class BaselineSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_targets: list[str] | None = None  # default: the family's attention query and value projections
+    pooling: str | None = None  # cls | mean | last; default: the backbone family's (last for a causal decoder)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
 
 
 class BackboneClassifier(torch.nn.Module):
-    def __init__(self, encoder, num_labels: int, pooling: str):
+    """The backbone, pooling and a linear head: [B, T] token batch -> logits [B, C]. A causal decoder gets position
+    ids counted over real tokens, as in extraction."""
+
+    def __init__(self, encoder, num_labels: int, pooling: str, causal: bool = False):
         super().__init__()
-        self.encoder, self.pooling = encoder, pooling
+        self.encoder, self.pooling, self.causal = encoder, pooling, causal
         self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
     def forward(self, batch) -> torch.Tensor:
+        if self.causal:
+            batch = {**batch, "position_ids": causal_position_ids(batch["attention_mask"])}
         hidden = self.encoder(**batch).last_hidden_state
         return self.head(pool(hidden, batch["attention_mask"].bool(), self.pooling))
 
 
-# The attention query and value projections of each family, by module name (LoRA's usual q,v choice).
-LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"]}
+# The attention query and value projections of each family, by module name (LoRA's usual q,v choice). GPT-2 keeps
+# query, key and value in one Conv1D (c_attn), so LoRA adapts all three there.
+LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "t5": ["q", "v"], "gpt2": ["c_attn"],
+                **{kind: ["q_proj", "v_proj"] for kind in ("llama", "mistral", "qwen2", "gemma3_text")}}
 DEFAULT_LORA_TARGETS = ["query", "value"]  # BERT, RoBERTa, XLM-R, ELECTRA, ...
 
 
@@ -68,7 +76,7 @@ def _wrap_lora(encoder, settings: BaselineSettings):
         raise InputError("the lora baseline needs PEFT: run `pip install -e \".[baseline]\"`") from None
     targets = settings.lora_targets or LORA_TARGETS.get(encoder.config.model_type, DEFAULT_LORA_TARGETS)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=targets)
+                        target_modules=targets, fan_in_fan_out=encoder.config.model_type == "gpt2")  # Conv1D: [in, out]
     try:
         return get_peft_model(encoder, config)
     except ValueError as error:
@@ -108,12 +116,15 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     rss_at_start = current_rss_mb()
     torch.manual_seed(settings.seed)
     backbone = load_backbone(backbone_name)
+    pooling = settings.pooling or backbone.pooling
+    check_pooling(backbone, pooling)
+    backbone.tokenizer.padding_side = "right"  # positions come from the mask either way; right is the cache's layout
     num_labels = len(dataset.label_names) if dataset.task == "classification" else 1
     encoder = backbone.model
     encoder.requires_grad_(settings.method == "full")
     if settings.method == "lora":
         encoder = _wrap_lora(encoder, settings)
-    model = BackboneClassifier(encoder, num_labels, backbone.pooling).to(runtime.device)
+    model = BackboneClassifier(encoder, num_labels, pooling, backbone.causal).to(runtime.device)
     lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]

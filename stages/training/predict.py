@@ -6,7 +6,7 @@ import torch
 
 from cache.errors import InputError
 
-from ..backbones import load_backbone
+from ..backbones import causal_position_ids, load_backbone
 from ..extraction.extract import preprocessor_sha256
 from ..runtime import CPU, Runtime
 from .side_model import SideModel
@@ -18,6 +18,10 @@ def load_matching_backbone(side: SideModel):
         raise InputError("pipeline predict takes text only so far; for an image model, extract the images and "
                          "run `pipeline evaluate` on that cache")
     key = side.info["cache_key"]
+    trained_type, given_type = key.get("model_type"), backbone.model.config.model_type
+    if trained_type and trained_type != given_type:
+        raise InputError(f"{side.spec.backbone_path} is a {given_type} model, but this side network was trained on "
+                         f"features of a {trained_type} backbone; pass --backbone with the folder the cache was extracted with")
     if backbone.weights_sha256 != key["backbone_weights_sha256"] or preprocessor_sha256(backbone) != key["tokenizer_sha256"]:
         raise InputError(f"the backbone at {side.spec.backbone_path} is not the one this model was trained on "
                          "(weights or tokenizer differ); pass --backbone with the original folder")
@@ -38,6 +42,8 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
     for first in range(0, len(texts), batch_size):
         batch = backbone.tokenizer(texts[first:first + batch_size], pairs[first:first + batch_size] if pairs else None,
                                    truncation=True, max_length=side.info["max_length"], padding=True, return_tensors="pt")
+        if backbone.causal:  # positions over real tokens, as in extraction
+            batch["position_ids"] = causal_position_ids(batch["attention_mask"])
         batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
         hidden = encoder(**batch, output_hidden_states=True).hidden_states
         features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
