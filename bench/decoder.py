@@ -10,7 +10,8 @@ side network, LoRA and the last-token linear probe in one invocation, plus extra
 3. bench/extract_throughput.py: `pipeline extract` against a bare length-sorted forward loop over the same snippets.
 4. Bytes per real token of the compare store, and the issue's goals, met or missed.
 
-    python bench/decoder.py                                   # everything
+    python bench/decoder.py                                   # everything (the issue's setting)
+    python bench/decoder.py --train-samples 200 --eval-samples 150 --throughput-samples 64   # a loaded 2-core machine
     python bench/decoder.py --methods none --baselines none   # reprint from the results already in --work
 """
 from __future__ import annotations
@@ -32,16 +33,16 @@ from pipeline.data import load_dataset  # noqa: E402
 from stages.methods import method_names  # noqa: E402
 
 
-def write_data(folder: Path, train_samples: int) -> Path:
-    """movies' own split with the training split cut to the seeded subset; one CSV per split."""
+def write_data(folder: Path, train_samples: int, eval_samples: int | None = None) -> Path:
+    """movies' own split with the training split cut to the seeded subset (and validation and test too when
+    eval_samples is given); one CSV per split."""
     import pandas as pd
 
     movies = load_dataset("movies")
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation", "test"):
         rows = movies.rows(split)
-        if split == "train":
-            rows = rows[subset_positions(len(rows), train_samples)]
+        rows = rows[subset_positions(len(rows), train_samples if split == "train" else eval_samples)]
         pd.DataFrame({"text": [movies.texts[i] for i in rows],
                       "label": [movies.label_names[movies.labels[i]] for i in rows]}).to_csv(folder / f"{split}.csv", index=False)
     return folder
@@ -87,6 +88,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smollm2")
     parser.add_argument("--train-samples", type=int, default=2000)
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="seeded subsets of validation and test of this size [default: whole]")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=5, help="for cached methods (LoRA uses 2, as in compare.py)")
@@ -99,7 +102,7 @@ def main():
     args = parser.parse_args()
 
     work = ROOT / args.work
-    data = write_data(work / "data", args.train_samples)
+    data = write_data(work / "data", args.train_samples, args.eval_samples)
     python("compare.py", "--backbone", args.backbone, "--data", str(data), "--max-length", str(args.max_length),
            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--methods", args.methods,
            "--baselines", args.baselines, "--work", args.work, "--device", args.device)
@@ -123,7 +126,8 @@ def main():
     import pandas as pd
 
     sizes = {split: len(pd.read_csv(data / f"{split}.csv")) for split in ("train", "validation", "test")}
-    print(f"data: movies, train {sizes['train']} (seeded subset), validation {sizes['validation']}, test {sizes['test']}")
+    print(f"data: movies, train {sizes['train']} (seeded subset), validation {sizes['validation']}, test {sizes['test']}"
+          f"{' (seeded subsets)' if args.eval_samples else ''}")
 
 if __name__ == "__main__":
     main()
