@@ -100,7 +100,7 @@ def data_options(command):
               help="The forward pass's precision (autocast); part of the store's key, since bf16/fp16 features differ.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
               help="Lossless compressor (blosc); every chunk also gets a crc32c checksum.")
-@click.option("--lossy", default=None, help="Opt-in lossy rounding, e.g. bitround:7 (about bfloat16 precision).")
+@click.option("--lossy", default=None, hidden=True, help="Removed: use --dtype int8 or fp8 (an error says so).")
 @click.option("--out", default=DEFAULT_CACHE, show_default=True, help="Where the zarr store goes.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")

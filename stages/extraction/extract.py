@@ -19,7 +19,7 @@ import torch
 
 from cache.encoding import Encoding
 from cache.errors import InputError
-from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
+from cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
 from ..backbones import Backbone
@@ -87,9 +87,7 @@ def validate_settings(settings: ExtractSettings) -> None:
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
         raise InputError("block tokens must be a multiple of chunk tokens and at least --max-length")
     try:
-        codec_pipeline(settings.codec, settings.lossy)
-        if settings.lossy:
-            parse_lossy(settings.lossy)
+        codec_pipeline(settings.codec, settings.lossy)  # --lossy: removed, the error names the replacement
     except ValueError as error:
         raise InputError(str(error)) from None
 
