@@ -78,18 +78,18 @@ def main():
     if base["dtype"] != "float16":
         sys.exit(f"{args.cache} is {base['dtype']}; give a float16 store")
     stores = {"float16": (args.cache, 0.0)}
-    for name, options in encodings(base["hidden_size"], args.encodings.split(",")).items():
-        out = work / f"{name.replace(':', '').replace('+', '_')}.zarr"
-        seconds = run([sys.executable, "-m", "pipeline.cli", "compact", args.cache, *options, "--out", str(out)])
-        stores[name] = (str(out), seconds)
+    stores.update({name: (str(work / f"{name.replace(':', '').replace('+', '_')}.zarr"), options)
+                   for name, options in encodings(base["hidden_size"], args.encodings.split(",")).items()})
     results = {}
-    for name, (path, seconds) in stores.items():
+    for name, (path, options) in stores.items():  # compact, then sweep, one encoding at a time: each result is kept
+        seconds = run([sys.executable, "-m", "pipeline.cli", "compact", args.cache, *options, "--out", path]) if options else 0.0
         facts = describe_store(path)
         summary = sweep(path, work / f"sweep-{name.replace(':', '').replace('+', '_')}", args)
         results[name] = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error_vs_float16"],
                          "compact_seconds": seconds, "sweep_seconds": summary["wall_seconds"],
                          "peak_mb": summary["peak_memory_mb"], "accuracy": accuracy_by_method(summary)}
-        print(f"{name}: done ({facts['bytes_per_token_layer']:.1f} bytes per token-layer)", flush=True)
+        (work / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
     reference = results["float16"]
     print(f"\n{base['model_type']} ({base['num_layers']} layers x {base['hidden_size']}), {args.cache}; methods {args.methods}; "
           f"seeds {args.seeds}; {args.epochs} epochs; train subset {args.max_train_samples or 'all'}")

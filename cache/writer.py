@@ -20,6 +20,8 @@ from .errors import InputError
 from .layout import BlockPlan, key_sha256, layer_array_name
 from .quantize import decode, groups
 
+ERROR_SAMPLE_EVERY = 16  # the recorded error against float16 covers every 16th real token of each block
+
 
 def store_fs(path: str):
     """(fsspec filesystem, path within it) for a local path or an fsspec URL."""
@@ -89,19 +91,22 @@ class SplitWriter:
 
     def _encoded(self, block: int, buffer: np.ndarray) -> list[np.ndarray]:
         """The block's arrays in `self.arrays` order: codes per layer, then scales per layer (8-bit). Records the
-        block's squared error and squared norm against float16 in `encode_error` (for `pipeline info`)."""
+        block's squared error and squared norm against float16, over a sample of its real tokens, in `encode_error`
+        (for `pipeline info`)."""
         encoding = self.encoder.encoding
         if encoding.plain:
             return list(buffer)
         codes, scales, error = [], [], np.zeros(2)
-        used = np.abs(buffer[0]).max(1) > 0  # real tokens (the block's unused tail is zeros)
+        used = np.flatnonzero(np.abs(buffer[0]).max(1) > 0)  # real tokens (the block's unused tail is zeros)
+        sample = used[::ERROR_SAMPLE_EVERY]
         for layer, values in zip(self.layers, buffer):
             code, scale = self.encoder(layer, values)
             codes.append(code)
             scales.append(scale)
-            reference = values[used].astype(np.float16).astype(np.float64)
-            decoded = _decoded(self.encoder, layer, code[used], None if scale is None else scale[used])
-            error += [np.square(decoded - reference).sum(), np.square(reference).sum()]
+            reference = torch.from_numpy(values[sample]).to(torch.float16).float()
+            decoded = _decoded(self.encoder, layer, code[sample], None if scale is None else scale[sample])
+            error += [float(torch.sum(torch.square(decoded - reference), dtype=torch.float64)),
+                      float(torch.sum(torch.square(reference), dtype=torch.float64))]
         self.group["encode_error"][block] = error
         return codes + (scales if encoding.eight_bit else [])
 
@@ -120,14 +125,14 @@ class SplitWriter:
         self.done[block] = 1
 
 
-def _decoded(encoder: BlockEncoder, layer: int, codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """codes [rows, W] back to float64 values [rows, D] on the host (for the recorded error)."""
+def _decoded(encoder: BlockEncoder, layer: int, codes: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+    """codes [rows, W] back to float32 values [rows, D] on the host (for the recorded error)."""
     values = torch.from_numpy(codes)
     values = decode(values, torch.from_numpy(scales), encoder.encoding.dtype) if scales is not None else values.float()
     if encoder.encoding.reduce:
         basis, mean = encoder.projections[layer]
         values = values @ torch.from_numpy(basis) + torch.from_numpy(mean)
-    return values.double().numpy()
+    return values
 
 
 def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, np.ndarray], layers: list[int],
