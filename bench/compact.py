@@ -66,7 +66,9 @@ def accuracy_by_method(summary: dict) -> dict[str, list[float]]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="artifacts/features.zarr", help="A complete float16 store.")
-    parser.add_argument("--encodings", default="int8,fp8,pca:D/4,pca:D/4+int8")
+    parser.add_argument("--encodings", default="float16,int8,fp8,pca:D/4,pca:D/4+int8",
+                        help="float16 (the reference sweep) and the compact encodings; several invocations with parts of "
+                             "the list may share --work: each prints the table over every result there")
     parser.add_argument("--methods", default="linear,lst,unipt,sherl,utuning,synqt")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=5)
@@ -77,19 +79,25 @@ def main():
     base = describe_store(args.cache)
     if base["dtype"] != "float16":
         sys.exit(f"{args.cache} is {base['dtype']}; give a float16 store")
-    stores = {"float16": (args.cache, 0.0)}
-    stores.update({name: (str(work / f"{name.replace(':', '').replace('+', '_')}.zarr"), options)
-                   for name, options in encodings(base["hidden_size"], args.encodings.split(",")).items()})
-    results = {}
+    names = args.encodings.split(",")
+    stores = {"float16": (args.cache, [])} if "float16" in names else {}
+    stores.update({name: (str(work / f"{slug(name)}.zarr"), options)
+                   for name, options in encodings(base["hidden_size"], [n for n in names if n != "float16"]).items()})
+    work.mkdir(parents=True, exist_ok=True)
     for name, (path, options) in stores.items():  # compact, then sweep, one encoding at a time: each result is kept
         seconds = run([sys.executable, "-m", "pipeline.cli", "compact", args.cache, *options, "--out", path]) if options else 0.0
         facts = describe_store(path)
-        summary = sweep(path, work / f"sweep-{name.replace(':', '').replace('+', '_')}", args)
-        results[name] = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error_vs_float16"],
-                         "compact_seconds": seconds, "sweep_seconds": summary["wall_seconds"],
-                         "peak_mb": summary["peak_memory_mb"], "accuracy": accuracy_by_method(summary)}
-        (work / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        summary = sweep(path, work / f"sweep-{slug(name)}", args)
+        result = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error_vs_float16"],
+                  "compact_seconds": seconds, "sweep_seconds": summary["wall_seconds"],
+                  "peak_mb": summary["peak_memory_mb"], "accuracy": accuracy_by_method(summary)}
+        (work / f"result-{slug(name)}.json").write_text(json.dumps({"name": name, **result}, indent=2))
+        print(f"{name}: {json.dumps(result)}", flush=True)
+    results = {r["name"]: r for r in (json.loads(p.read_text()) for p in sorted(work.glob("result-*.json")))}
+    if "float16" not in results:
+        print("no float16 result yet in", work, "(run with --encodings float16); no table")
+        return
+    results = {"float16": results.pop("float16"), **results}
     reference = results["float16"]
     print(f"\n{base['model_type']} ({base['num_layers']} layers x {base['hidden_size']}), {args.cache}; methods {args.methods}; "
           f"seeds {args.seeds}; {args.epochs} epochs; train subset {args.max_train_samples or 'all'}")
@@ -119,7 +127,10 @@ def main():
         print(f"| {name} | {row['bytes']:.1f} | {ratio:.3f} | {error} | {row['compact_seconds']:.0f} | "
               f"{row['sweep_seconds']:.0f} ({row['sweep_seconds'] / reference['sweep_seconds']:.2f}x) | "
               f"{row['peak_mb']:.0f} ({row['peak_mb'] / reference['peak_mb']:.2f}x) | " + " | ".join(cells) + f" | {goal} |")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def slug(name: str) -> str:
+    return name.replace(":", "").replace("+", "_")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def data_options(command):
 
 @main.command()
 @data_options
-@click.option("--layers", default="all", show_default=True, help="all | last:K | comma list of hidden_states indices (0 = embeddings).")
+@click.option("--layers", default="all", show_default=True,
+              help="all | last:K | every:K | for:METHOD,... (the layers those methods read) | comma list of hidden_states indices (0 = embeddings).")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Tokens per sample after truncation (text; an image always gives its patches plus CLS).")
 @click.option("--batch-size", type=int, default=None, help="Samples per forward batch [default: 32 on a CPU, 128 on a GPU].")
