@@ -168,3 +168,23 @@ def test_fit_runs_unchanged_on_a_compact_store(tiny_bert, tiny_table, tmp_path):
     info = CliRunner().invoke(main, ["info", str(tmp_path / "c.zarr")])
     assert "relative error against float16" in info.output and "per real token and layer" in info.output
 
+
+
+def test_predict_on_raw_text_matches_evaluate_on_an_int8_cache(tiny_bert, tiny_table, tmp_path):
+    """predict rounds the backbone's features through the same int8 codes the side network was trained on."""
+    from pipeline.data import load_dataset
+    from stages.training.evaluate import predict_split
+    from stages.training.predict import load_matching_backbone, predict_texts
+    from stages.training.side_model import load_side_model
+
+    run_extract(tiny_bert, tiny_table, tmp_path / "c.zarr", dtype="int8")
+    result = CliRunner().invoke(main, ["fit", "--method", "linear", "--cache", str(tmp_path / "c.zarr"),
+                                       "--out", str(tmp_path / "m"), "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    side = load_side_model(tmp_path / "m")
+    reader = CacheReader(str(tmp_path / "c.zarr"), "test", side.layers)
+    cached, _ = predict_split(side.model, reader)
+    dataset = load_dataset(str(tiny_table))
+    texts = [dataset.texts[row] for row in reader.group["row"][:]]
+    raw = predict_texts(side, load_matching_backbone(side), texts, batch_size=5)
+    np.testing.assert_allclose(raw, cached, atol=1e-4)
