@@ -31,7 +31,7 @@ def describe_store(path: str) -> dict:
     if "key" not in attrs:
         raise InputError(f"{path} is a zarr group but not a cachetune store (no validity key)")
     layers = attrs.get("layers", [])
-    splits, tokens = {}, 0
+    splits, tokens, error = {}, 0, np.zeros(2)
     for name in sorted(root.group_keys()):
         group = root[name]
         if not group.attrs.get("ready"):
@@ -41,6 +41,8 @@ def describe_store(path: str) -> dict:
         splits[name] = {"samples": len(lengths), "tokens": int(lengths.sum()), "blocks_done": int(done.sum()),
                         "blocks": len(done)}
         tokens += int(lengths.sum())
+        if "encode_error" in group:  # compact stores: squared error against float16 and squared norm, per done block
+            error += group["encode_error"][:][done.astype(bool)].sum(0)
     samples = sum(s["samples"] for s in splits.values())
     padded_fp32 = samples * attrs.get("max_length", 0) * attrs.get("hidden_size", 0) * 4 * len(layers)
     on_disk = bytes_on_disk(path)
@@ -54,7 +56,11 @@ def describe_store(path: str) -> dict:
         "splits": splits, "real_tokens": tokens, "bytes_on_disk": on_disk, "bytes_padded_fp32": padded_fp32,
         "ratio_to_padded_fp32": on_disk / padded_fp32 if padded_fp32 else None,
         "codecs": [type(c).__name__ for c in (first.filters + first.compressors)] if first is not None else [],
-        "key_sha256": attrs.get("key_sha256"),
+        "key_sha256": attrs.get("key_sha256"), "encoding": attrs.get("encoding"),
+        "derived_from": attrs.get("derived_from"),
+        "bytes_per_token_layer": on_disk / (tokens * len(layers)) if tokens and layers else None,
+        # ||x_hat - x||_F / ||x||_F over every real token of every done block, x rounded to float16 (0 when plain)
+        "relative_error_vs_float16": float(np.sqrt(error[0] / error[1])) if error[1] else None,
     }
 
 

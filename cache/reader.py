@@ -13,16 +13,30 @@ import numpy as np
 import torch
 import zarr
 
+from .encoding import Decoder, Encoding, check_scales, read_projections, scale_array_name
 from .errors import InputError
 from .layout import layer_array_name
 
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # [B, K, T, D] in the cache's dtype (float16 by default); zeros at padded positions
+    features: torch.Tensor  # [B, K, T, W] in the store's dtype (float16 by default; codes of an 8-bit or projected
+    # store, W = D or K): zeros at padded positions
     mask: torch.Tensor  # [B, T] bool
     labels: torch.Tensor  # [B] int64 or float32
     index: np.ndarray  # [B] sample indices within the split
+    scales: torch.Tensor | None = None  # [B, K, T, ceil(W/64)] float16, 8-bit stores only
+    decoder: Decoder | None = None  # None: features are float16/float32 values as they are
+
+    def decoded(self, to_device, subset: list[int] | None = None) -> torch.Tensor:
+        """float32 features [B, K, T, D] on the device `to_device` copies to: a plain batch is widened there, a
+        compact one decoded there (the 8-bit codes are what cross). subset: layer positions to keep."""
+        if self.decoder is None:
+            features = self.features if subset is None else self.features[:, subset]
+            return to_device(features, torch.float32)
+        codes = to_device(self.features if subset is None else self.features[:, subset])
+        scales = None if self.scales is None else to_device(self.scales if subset is None else self.scales[:, subset])
+        return self.decoder.decode(codes, scales, to_device(self.mask), subset)
 
 
 def open_store(path: str) -> zarr.Group:
@@ -57,6 +71,13 @@ def read_checked(array: zarr.Array, rows: slice) -> np.ndarray:
                          f"{rows.start}..{rows.stop}); re-extract with --overwrite") from None
 
 
+def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
+    """Scales read like features (checksummed), then checked: a damaged scale is an InputError naming the array."""
+    scales = read_checked(array, rows)
+    check_scales(scales, array.path)
+    return scales
+
+
 class CacheReader:
     def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False,
                  limit: int | None = None, device: str | torch.device = "cpu"):
@@ -76,6 +97,10 @@ class CacheReader:
             raise InputError(f"the cache at {path} lacks layers {missing} (it has {cached}); "
                              "re-extract with --layers all or a list that includes them")
         self.arrays = [self.group[layer_array_name(i)] for i in self.layers]
+        self.encoding = Encoding.of_store(self.root.attrs)
+        self.scale_arrays = [self.group[scale_array_name(i)] for i in self.layers] if self.encoding.eight_bit else []
+        self.decoder = None if self.encoding.plain else Decoder(
+            self.encoding, read_projections(self.root, self.layers) if self.encoding.reduce else {}, self.layers)
         self.dtype = torch.from_numpy(np.empty(0, self.arrays[0].dtype)).dtype  # the cache's, as torch names it
         self.block_tokens = int(self.group.attrs["block_tokens"])
         self.lengths = self.group["length"][:].astype(np.int64)
@@ -101,26 +126,34 @@ class CacheReader:
         memory = torch.empty(shape, dtype=self.dtype, device=device)
         for k, array in enumerate(self.arrays):
             memory[k] = torch.from_numpy(read_checked(array, slice(None))).to(device)
+        if self.scale_arrays:  # checked on the real tokens' rows (a block's unused tail holds zeros)
+            real = np.concatenate([np.arange(s, s + n) for s, n in zip(self.token_start, self.lengths)])
+            scales = [read_checked(array, slice(None)) for array in self.scale_arrays]
+            for array, values in zip(self.scale_arrays, scales):
+                check_scales(values[real], array.path)
+            self.scale_memory = torch.from_numpy(np.stack(scales)).to(device)
         return memory
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read_block(self, position: int) -> tuple[np.ndarray, int]:
-        """[K, tokens, D] covering the served samples of one block, and the first token row read."""
+    def _read_block(self, position: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """[K, tokens, W] covering the served samples of one block, the first token row read, and the scales
+        [K, tokens, G] (8-bit stores; else None)."""
         samples = self.block_samples[position]
         first = int(self.token_start[samples].min())
         rows = slice(first, int((self.token_start[samples] + self.lengths[samples]).max()))
         tokens = np.empty((len(self.arrays), rows.stop - rows.start, self.arrays[0].shape[1]), self.arrays[0].dtype)
         for k, array in enumerate(self.arrays):
             tokens[k] = read_checked(array, rows)
-        return tokens, first
+        scales = np.stack([read_scales(array, rows) for array in self.scale_arrays]) if self.scale_arrays else None
+        return tokens, first, scales
 
     def _read_group(self, blocks: np.ndarray) -> dict:
         data = {}
         for position in blocks:
-            tokens, first = self._read_block(position)
-            data.update({int(sample): (tokens, first) for sample in self.block_samples[position]})
+            read = self._read_block(position)
+            data.update({int(sample): read for sample in self.block_samples[position]})
         return data
 
     def _batch_samples(self, blocks: np.ndarray, batch_size: int, shuffle: bool, rng, by_length: bool):
@@ -162,9 +195,11 @@ class CacheReader:
         steps = torch.arange(int(self.lengths[samples].max()), device=device)
         mask = steps[None, :] < lengths[:, None]
         rows = torch.from_numpy(self.token_start[samples].astype(np.int64)).to(device)[:, None] + steps[None, :]
-        features = self.memory[:, torch.where(mask, rows, 0)].transpose(0, 1)  # [B, K, T, D]
+        rows = torch.where(mask, rows, 0)
+        features = self.memory[:, rows].transpose(0, 1)  # [B, K, T, W]
         features = features.masked_fill(~mask[:, None, :, None], 0)
-        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples)
+        scales = self.scale_memory[:, rows].transpose(0, 1) if self.scale_arrays else None
+        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples, scales, self.decoder)
 
     def _collate(self, samples: np.ndarray, data: dict, pin_memory: bool = False) -> Batch:
         """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""
@@ -172,9 +207,13 @@ class CacheReader:
         shape = (len(samples), len(self.layers), int(lengths.max()), self.arrays[0].shape[1])
         features = torch.zeros(shape, dtype=self.dtype, pin_memory=pin_memory)
         padded = features.numpy()
+        scales = torch.zeros((*shape[:3], self.scale_arrays[0].shape[1]), dtype=torch.float16,
+                             pin_memory=pin_memory) if self.scale_arrays else None
         for row, sample in enumerate(samples):
-            tokens, first = data[int(sample)]
+            tokens, first, token_scales = data[int(sample)]
             start = int(self.token_start[sample] - first)
             padded[row, :, :lengths[row]] = tokens[:, start:start + lengths[row]]
+            if scales is not None:
+                scales.numpy()[row, :, :lengths[row]] = token_scales[:, start:start + lengths[row]]
         mask = torch.arange(shape[2])[None, :] < torch.from_numpy(lengths)[:, None]
-        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples)
+        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples, scales, self.decoder)

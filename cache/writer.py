@@ -12,10 +12,15 @@ import queue
 import threading
 
 import numpy as np
+import torch
 import zarr
 
+from .encoding import BlockEncoder, Encoding, scale_array_name
 from .errors import InputError, OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
+from .quantize import decode, groups
+
+ERROR_SAMPLE_EVERY = 16  # the recorded error against float16 covers every 16th real token of each block
 
 
 def store_fs(path: str):
@@ -65,9 +70,14 @@ def _differing_settings(old: dict, new: dict) -> str:
 
 
 class SplitWriter:
-    def __init__(self, group: zarr.Group, plan: BlockPlan, layers: list[int]):
+    def __init__(self, group: zarr.Group, plan: BlockPlan, layers: list[int], encoder: BlockEncoder | None = None):
+        """encoder: how a block's float values become codes; by default the split's recorded encoding (a
+        projected store needs its basis: pass the encoder)."""
         self.group, self.plan, self.layers = group, plan, layers
+        self.encoder = encoder or BlockEncoder(Encoding(**group.attrs.get("encoding", {})))
         self.arrays = [group[layer_array_name(i)] for i in layers]
+        if self.encoder.encoding.eight_bit:
+            self.arrays += [group[scale_array_name(i)] for i in layers]
         # Blocks are dense: zarr's scan of every chunk for its fill value (to leave empty chunks out) only costs
         # time, except in a split's last block, whose whole empty chunks are worth leaving out.
         self.dense_arrays = [array.with_config({"write_empty_chunks": True}) for array in self.arrays]
@@ -79,6 +89,27 @@ class SplitWriter:
         needs only the block size, which the split's attributes hold."""
         return cls(group, BlockPlan(int(group.attrs["block_tokens"]), np.zeros(0, np.int64), []), layers)
 
+    def _encoded(self, block: int, buffer: np.ndarray) -> list[np.ndarray]:
+        """The block's arrays in `self.arrays` order: codes per layer, then scales per layer (8-bit). Records the
+        block's squared error and squared norm against float16, over a sample of its real tokens, in `encode_error`
+        (for `pipeline info`)."""
+        encoding = self.encoder.encoding
+        if encoding.plain:
+            return list(buffer)
+        codes, scales, error = [], [], np.zeros(2)
+        used = np.flatnonzero(np.abs(buffer[0]).max(1) > 0)  # real tokens (the block's unused tail is zeros)
+        sample = used[::ERROR_SAMPLE_EVERY]
+        for layer, values in zip(self.layers, buffer):
+            code, scale = self.encoder(layer, values)
+            codes.append(code)
+            scales.append(scale)
+            reference = torch.from_numpy(values[sample]).to(torch.float16).float()
+            decoded = _decoded(self.encoder, layer, code[sample], None if scale is None else scale[sample])
+            error += [float(torch.sum(torch.square(decoded - reference), dtype=torch.float64)),
+                      float(torch.sum(torch.square(reference), dtype=torch.float64))]
+        self.group["encode_error"][block] = error
+        return codes + (scales if encoding.eight_bit else [])
+
     def is_done(self, block: int) -> bool:
         return bool(self.done[block])
 
@@ -89,29 +120,52 @@ class SplitWriter:
         """buffer: [K, block_tokens, D], the whole block, zeros in the unused tail."""
         rows = slice(block * self.plan.block_tokens, (block + 1) * self.plan.block_tokens)
         last_chunk = buffer[:, -self.arrays[0].chunks[0]:] if self.arrays else buffer
-        for array, data in zip(self.dense_arrays if last_chunk.any() else self.arrays, buffer):
+        for array, data in zip(self.dense_arrays if last_chunk.any() else self.arrays, self._encoded(block, buffer)):
             array[rows] = data
         self.done[block] = 1
 
 
+def _decoded(encoder: BlockEncoder, layer: int, codes: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+    """codes [rows, W] back to float32 values [rows, D] on the host (for the recorded error)."""
+    values = torch.from_numpy(codes)
+    values = decode(values, torch.from_numpy(scales), encoder.encoding.dtype) if scales is not None else values.float()
+    if encoder.encoding.reduce:
+        basis, mean = encoder.projections[layer]
+        values = values @ torch.from_numpy(basis) + torch.from_numpy(mean)
+    return values
+
+
 def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, np.ndarray], layers: list[int],
-                  hidden_size: int, dtype: str, chunk_tokens: int, filters, compressors) -> SplitWriter:
-    """Create a split's arrays once; a split whose creation did not finish is made again."""
+                  hidden_size: int, dtype: str, chunk_tokens: int, filters, compressors,
+                  encoder: BlockEncoder | None = None) -> SplitWriter:
+    """Create a split's arrays once; a split whose creation did not finish is made again. encoder: how the
+    values are stored (default: `dtype` as is); 8-bit and projected stores add scales and `encode_error`."""
+    encoder = encoder or BlockEncoder(Encoding(dtype))
+    encoding = encoder.encoding
     if name in root and root[name].attrs.get("ready"):
-        return SplitWriter(root[name], plan, layers)
+        return SplitWriter(root[name], plan, layers, encoder)
     group = root.create_group(name, overwrite=True)
+    group.attrs["encoding"] = {"dtype": encoding.dtype, "reduce": encoding.reduce}
     for field, values in meta.items():
         group.create_array(field, data=values, chunks=(max(len(values), 1),), compressors=compressors[-1:])
     group.create_array("token_start", data=plan.token_start, chunks=(max(len(plan.token_start), 1),))
     group.create_array("done", shape=(plan.num_blocks,), dtype="uint8", chunks=(1,), fill_value=0)
     rows = max(plan.num_blocks, 1) * plan.block_tokens
+    width = encoding.width(hidden_size)
+    storage = encoding.attrs(hidden_size)["storage"]
     for index in layers:
-        group.create_array(layer_array_name(index), shape=(rows, hidden_size), dtype=dtype,
-                           chunks=(chunk_tokens, hidden_size), shards=(plan.block_tokens, hidden_size),
+        group.create_array(layer_array_name(index), shape=(rows, width), dtype=storage,
+                           chunks=(chunk_tokens, width), shards=(plan.block_tokens, width),
                            filters=filters, compressors=compressors, fill_value=0)
+        if encoding.eight_bit:
+            group.create_array(scale_array_name(index), shape=(rows, groups(width)), dtype="float16",
+                               chunks=(chunk_tokens, groups(width)), shards=(plan.block_tokens, groups(width)),
+                               compressors=compressors, fill_value=0)
+    if not encoding.plain:  # per block: squared error against float16 and squared norm, over its layers
+        group.create_array("encode_error", shape=(plan.num_blocks, 2), dtype="float64", chunks=(1, 2), fill_value=0)
     group.attrs.update({"num_samples": len(plan.token_start), "num_blocks": plan.num_blocks,
                         "block_tokens": plan.block_tokens, "ready": True})
-    return SplitWriter(group, plan, layers)
+    return SplitWriter(group, plan, layers, encoder)
 
 
 def writer_threads(device: str = "cpu") -> int:

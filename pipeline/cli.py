@@ -127,16 +127,18 @@ def data_options(command):
 
 @main.command()
 @data_options
-@click.option("--layers", default="all", show_default=True, help="all | last:K | comma list of hidden_states indices (0 = embeddings).")
+@click.option("--layers", default="all", show_default=True,
+              help="all | last:K | every:K | for:METHOD,... (the layers those methods read) | comma list of hidden_states indices (0 = embeddings).")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Tokens per sample after truncation (text; an image always gives its patches plus CLS).")
 @click.option("--batch-size", type=int, default=None, help="Samples per forward batch [default: 32 on a CPU, 128 on a GPU].")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "fp8"]), default="float16", show_default=True,
+              help="int8 / fp8 (e4m3): 8-bit codes with a float16 scale per token and 64 channels, decoded on the training device.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="The forward pass's precision (autocast); part of the store's key, since bf16/fp16 features differ.")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
               help="Lossless compressor (blosc); every chunk also gets a crc32c checksum.")
-@click.option("--lossy", default=None, help="Opt-in lossy rounding, e.g. bitround:7 (about bfloat16 precision).")
+@click.option("--lossy", default=None, hidden=True, help="Removed: use --dtype int8 or fp8 (an error says so).")
 @click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
               help="What side networks pool by [default: last for a causal decoder, else the encoder's own: cls or mean]; "
                    "recorded in the store.")
@@ -282,6 +284,7 @@ def info(path, as_json, stats):
     click.echo(f"backbone   {facts['backbone']} ({facts['model_type']}, {facts['num_layers']} layers x {facts['hidden_size']}, pooling {facts['pooling']})")
     click.echo(f"layers     {facts['layers']}")
     click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, lossy {facts['lossy'] or 'off'}, max length {facts['max_length']}")
+    _echo_encoding(facts)
     click.echo(f"task       {facts['task']} {facts['label_names'] or ''}")
     for name, split in facts["splits"].items():
         click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
@@ -297,6 +300,20 @@ def info(path, as_json, stats):
                 continue
             click.echo(f"  {row['layer']:>5}  {row['mean']:>11.4g}  {row['std']:>11.4g}  {row['max_abs']:>11.4g}  "
                        f"{row['fp16_overflow_fraction']:>13.3g}")
+
+
+def _echo_encoding(facts: dict) -> None:
+    """`info`'s lines on a compact store (and bytes per real token and layer for every store)."""
+    encoding = facts.get("encoding") or {}
+    if encoding.get("reduce") or encoding.get("group"):
+        click.echo(f"encoding   {encoding['dtype']} (stored as {encoding['storage']}{', scale per token and ' + str(encoding['group']) + ' channels' if encoding.get('group') else ''})"
+                   f"{', ' + encoding['reduce'] if encoding.get('reduce') else ''}; relative error against float16 "
+                   f"{facts['relative_error_vs_float16']:.4f}" if facts["relative_error_vs_float16"] is not None else "")
+    if facts.get("derived_from"):
+        click.echo(f"source     {facts['derived_from']['path']} (key {facts['derived_from']['key_sha256'][:12]})")
+    if facts.get("bytes_per_token_layer"):
+        click.echo(f"bytes      {facts['bytes_per_token_layer']:.1f} per real token and layer on disk "
+                   f"(float16 raw: {2 * facts['hidden_size']})")
 
 
 @main.command()
@@ -700,6 +717,10 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
 from pipeline.report_cli import report  # noqa: E402  (its own module: report needs matplotlib, not the stages)
 
 main.add_command(report)
+
+from pipeline.compact_cli import compact  # noqa: E402  (its own module, as report)
+
+main.add_command(compact)
 
 
 if __name__ == "__main__":

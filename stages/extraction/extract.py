@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache.encoding import Encoding
 from cache.errors import InputError
-from cache.layout import FORMAT_VERSION, codec_pipeline, parse_lossy, plan_blocks
+from cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
 from ..backbones import Backbone, causal_position_ids, check_pooling, is_causal
@@ -71,8 +72,7 @@ def preprocessor_sha256(backbone: Backbone) -> str:
 
 
 def validate_settings(settings: ExtractSettings) -> None:
-    if settings.dtype not in ("float16", "float32"):
-        raise InputError(f"--dtype {settings.dtype}: use float16 or float32")
+    Encoding(settings.dtype)  # an InputError naming the choices for an unknown --dtype
     if settings.precision not in PRECISIONS:
         raise InputError(f"--precision {settings.precision}: use {', '.join(PRECISIONS)}")
     if settings.max_length < 2 or settings.batch_size < 1:
@@ -88,9 +88,7 @@ def validate_settings(settings: ExtractSettings) -> None:
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
         raise InputError("block tokens must be a multiple of chunk tokens and at least --max-length")
     try:
-        codec_pipeline(settings.codec, settings.lossy)
-        if settings.lossy:
-            parse_lossy(settings.lossy)
+        codec_pipeline(settings.codec, settings.lossy)  # --lossy: removed, the error names the replacement
     except ValueError as error:
         raise InputError(str(error)) from None
 
@@ -117,6 +115,7 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
         "block_tokens": settings.block_tokens,
         "chunk_tokens": settings.chunk_tokens,
     }
+    key.update(Encoding(settings.dtype).key_fields())  # nothing for float16/float32: their keys stay as they were
     if backbone.modality != "text":
         key["modality"] = backbone.modality
     if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
@@ -203,7 +202,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     _check_modality(backbone, dataset)
     if settings.pooling is not None:
         check_pooling(backbone, settings.pooling)
-    layers = parse_layers(settings.layers, backbone.num_layers)
+    layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
     device = settings.device if run_split is None else "cpu"
     model = backbone.model.to(device)
     tokens_per_image = None
@@ -226,6 +225,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         "pooling": settings.pooling or backbone.pooling, "task": dataset.task, "label_names": dataset.label_names,
         "dataset": dataset.name, "max_length": key["max_length"], "dtype": settings.dtype,
         "codec": settings.codec, "lossy": settings.lossy, "modality": backbone.modality,
+        "encoding": Encoding(settings.dtype).attrs(backbone.hidden_size),
     })
     filters, compressors = codec_pipeline(settings.codec, settings.lossy)
     writes = None
@@ -319,7 +319,8 @@ def _image_forward(model, backbone, dataset, rows, tokens_per_image, device, pre
     return forward
 
 
-CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# The host buffers' dtype: 8-bit stores are encoded from float32 by the writer threads (cache/quantize.py).
+CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32, "fp8": torch.float32}
 
 
 def block_buffer(layers: int, block_tokens: int, hidden_size: int, dtype: str, device) -> torch.Tensor:

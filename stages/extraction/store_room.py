@@ -26,7 +26,7 @@ def bytes_still_needed(backbone, dataset, settings: ExtractSettings) -> tuple[in
         root = open_group(settings.out, mode="r")
     except Exception:
         root = None
-    layers = parse_layers(settings.layers, backbone.num_layers)
+    layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
     shard = settings.block_tokens * backbone.hidden_size * (2 if settings.dtype == "float16" else 4)
     shard_file = -(-(shard + 64 * (settings.block_tokens // settings.chunk_tokens)) // FS_BLOCK) * FS_BLOCK
     block_bytes = len(layers) * shard_file + FS_BLOCK  # + its done flag

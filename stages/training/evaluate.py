@@ -13,7 +13,7 @@ from ..runtime import CPU, Runtime
 def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, mask) of a cached batch on the runtime's device; features are widened to float32 there, after
     the copy, so the host collates and transfers the cache's float16."""
-    return runtime.to_device(batch.features, torch.float32), runtime.to_device(batch.mask)
+    return batch.decoded(runtime.to_device), runtime.to_device(batch.mask)
 
 
 def layer_subsets(features: torch.Tensor, subsets: list[tuple[int, ...] | None]) -> list[torch.Tensor]:

@@ -52,7 +52,8 @@ def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) ->
     missing = [i for i in layers if i not in spec.cached_layers]
     if missing:
         raise InputError(f"method {config.method!r} needs layers {layers} but the cache at {cache_path} lacks {missing} "
-                         f"(it has {list(spec.cached_layers)}); re-extract with --layers all")
+                         f"(it has {list(spec.cached_layers)}); re-extract with --layers for:{config.method} "
+                         f"(= {','.join(map(str, layers))}) or --layers all")
     return layers
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from cache.errors import InputError
+from cache.quantize import EIGHT_BIT, decode, encode
 
 from ..backbones import causal_position_ids, load_backbone
 from ..extraction.extract import preprocessor_sha256
@@ -47,6 +48,9 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
         batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
         hidden = encoder(**batch, output_hidden_states=True).hidden_states
         features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
+        if side.info["dtype"] in EIGHT_BIT:  # the codes' rounding, as the side network saw it (cache/quantize.py)
+            flat = features.reshape(-1, features.shape[-1])
+            features = decode(*encode(flat, side.info["dtype"]), side.info["dtype"]).view_as(features)
         mask = batch["attention_mask"].bool()
         features = features * mask[:, None, :, None]  # padded positions are zeros, as in the cache reader
         with runtime.autocast():

@@ -1,0 +1,51 @@
+"""The `pipeline compact` command; pipeline/cli.py registers it with `main.add_command(compact)`.
+
+Kept apart from cli.py (and not importing it) so either module can be imported first; faults end as cli.py's do:
+one line on stderr, exit 2 (bad input), 3 (an OS error on the store) or 130 (Ctrl-C).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, describe_os_error
+
+
+@click.command()
+@click.argument("source")
+@click.option("--dtype", type=click.Choice(["int8", "fp8", "float16", "float32"]), default="int8", show_default=True,
+              help="Codes per value: int8 or fp8 (e4m3) with a float16 scale per token and 64 channels; float16/float32 "
+                   "only with --reduce.")
+@click.option("--reduce", default=None, metavar="pca:K",
+              help="Store K PCA coefficients per token and layer (basis fitted on a seeded sample of training tokens).")
+@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True)
+@click.option("--out", required=True, help="The new store (never SOURCE itself).")
+@click.option("--overwrite", is_flag=True, help="Replace a store at --out made from another source or with other settings.")
+def compact(source, dtype, reduce, codec, out, overwrite):
+    """Re-encode the float16/float32 store SOURCE as a compact store at --out, without running the backbone.
+
+    Block by block and resumable (rerun the same command after a kill); every chunk is checksummed; the new store's
+    key records that it derives from SOURCE's.
+    """
+    from cache.compact import compact as run_compact
+    from cache.store_lock import store_lock
+    from stages.progress import progress_bar
+
+    try:
+        with store_lock(out, log=lambda line: click.echo(line, err=True)):
+            state = run_compact(source, out, dtype, reduce, codec, overwrite,
+                                log=lambda line: click.echo(line, err=True), progress=progress_bar)
+    except InputError as error:
+        _fail(f"error: {error}", EXIT_INPUT)
+    except OSError as error:
+        _fail(f"error: writing {out} failed: {describe_os_error(error)}; fix that, then rerun the same command: it "
+              "resumes where it stopped", EXIT_STORAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+    click.echo(f"{out} is up to date (same source and settings); nothing to do" if state == "complete" else f"wrote {out}")
+
+
+def _fail(line: str, code: int):
+    click.echo(line, err=True)
+    sys.exit(code)
