@@ -97,6 +97,9 @@ class CacheReader:
         memory = torch.empty(shape, dtype=self.dtype, device=device)
         for k, array in enumerate(self.arrays):
             memory[k] = torch.from_numpy(read_checked(array, slice(None))).to(device)
+        # Per-sample facts beside the features, so a batch is gathered from one small index copy (_gather).
+        self.facts = {name: torch.from_numpy(np.ascontiguousarray(values)).to(device) for name, values in
+                      (("length", self.lengths), ("start", self.token_start.astype(np.int64)), ("label", self.labels))}
         return memory
 
     def __len__(self) -> int:
@@ -152,15 +155,17 @@ class CacheReader:
                 del data
 
     def _gather(self, samples: np.ndarray) -> Batch:
-        """A padded batch gathered from the packed in-memory layers, on their device."""
+        """A padded batch gathered from the packed in-memory layers, on their device (labels too). The samples
+        cross once, pinned and without blocking; lengths, starts and labels are looked up on the device."""
         device = self.memory.device
-        lengths = torch.from_numpy(self.lengths[samples]).to(device)
-        steps = torch.arange(int(self.lengths[samples].max()), device=device)
-        mask = steps[None, :] < lengths[:, None]
-        rows = torch.from_numpy(self.token_start[samples].astype(np.int64)).to(device)[:, None] + steps[None, :]
+        index = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64))
+        index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+        steps = torch.arange(int(self.lengths[samples].max()), device=device)  # the length from the host's copy
+        mask = steps[None, :] < self.facts["length"][index][:, None]
+        rows = self.facts["start"][index][:, None] + steps[None, :]
         features = self.memory[:, torch.where(mask, rows, 0)].transpose(0, 1)  # [B, K, T, D]
         features = features.masked_fill(~mask[:, None, :, None], 0)
-        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples)
+        return Batch(features, mask, self.facts["label"][index], samples)
 
     def _collate(self, samples: np.ndarray, data: dict, pin_memory: bool = False) -> Batch:
         """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""

@@ -14,6 +14,7 @@ and split into gate and up halves here, as transformers does when it loads the m
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -61,6 +62,10 @@ def _mpnet_position_bias(relative_attention_bias: nn.Embedding, hidden: torch.Te
     return MPNetEncoder.compute_position_bias(encoder, hidden)
 
 
+_NO_SKIP_CHECK = ({"allow_is_bidirectional_skip": False}
+                  if "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters else {})
+
+
 class FrozenLayers(nn.Module):
     """The requested pretrained layers, frozen and always in eval mode. Gradients still flow to the input.
 
@@ -89,7 +94,9 @@ class FrozenLayers(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, D], mask [B, T] bool (True = real token) -> [B, T, D]."""
-        attention_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
+        # No skip check: transformers would test `mask.all()` in Python, a host sync at every step on a GPU.
+        attention_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long(),
+                                                   **_NO_SKIP_CHECK)
         if self.relative_attention_bias is not None:
             # MPNetEncoder computes the bias once from its input and passes it to every layer.
             bias = _mpnet_position_bias(self.relative_attention_bias, hidden)
