@@ -14,7 +14,7 @@ and says so; every goal is printed, met or missed):
   1. the CUDA tests (tests/test_gpu_path.py, test_runtime.py, test_extract.py: skipped without CUDA);
   2. extraction (`extract`, writing the store) against a bare length-sorted forward pass with all hidden states,
      without and with naive host copies of the real tokens (MiniLM and a BERT-base-sized random backbone);
-  3. every method's fit on the MiniLM cache: streaming and resident (--in-memory), batch 32 and 256, eager and
+  3. every method's fit on the MiniLM cache (batch 32 eager first; batch 256 and compiled after 4-6): streaming and resident (--in-memory), batch 32 and 256, eager and
      compiled (--compile --static-shapes), against LoRA r=8 (PEFT) in fp32 and bf16 at the same batch size:
      samples/s of the second epoch (the first one compiles), peak GPU memory (the fit's, the cache apart);
   4. host syncs per training step (torch.cuda.set_sync_debug_mode("warn"), counted per method);
@@ -174,6 +174,7 @@ def extraction(table: Table, clock: Clock, backbones: dict, data: str, work: Pat
         backbone = load_backbone(path)
         model = backbone.model.to(device).eval()
         batch = 128 if device.type == "cuda" else 32
+        bare_forward(model, backbone.tokenizer, texts[:4 * batch], batch, 128, device, copies=False)  # warm-up
         bare = bare_forward(model, backbone.tokenizer, texts, batch, 128, device, copies=False)
         copied = bare_forward(model, backbone.tokenizer, texts, batch, 128, device, copies=True)
         store = work / f"{name}.zarr"
@@ -232,22 +233,19 @@ def gpu_mb(metrics) -> float | None:
     return metrics.get("peak_gpu_allocated_mb")
 
 
-def fits(table: Table, clock: Clock, store, backbone_path, data, work, device, max_train, tiny):
-    methods = method_names()
-    baselines = {}
+def fits(table: Table, clock: Clock, store, backbone_path, data, work, device, max_train, rows, baselines: dict):
+    """The fits of `rows` ((batch, method, resident, compiled), ...), against LoRA fp32 at batch 32 (measured first,
+    once, into `baselines`)."""
     for precision in ("fp32", "bf16"):
-        if not clock.allows(f"LoRA {precision}", 30):
+        if precision in baselines or (precision == "bf16" and device.type == "cpu"):
             continue
-        if precision == "bf16" and device.type == "cpu":
+        if not clock.allows(f"LoRA {precision}", 30):
             continue
         speed, metrics = lora(backbone_path, data, work, device, 32, precision, max_train)
         baselines[precision] = (speed, gpu_mb(metrics))
         table.add("lora", f"LoRA r=8 {precision}, batch 32", speed, unit="samples/s",
                   note=f"peak GPU {_num(gpu_mb(metrics))} MB")
     lora_speed, lora_mb = baselines.get("fp32", (None, None))
-    rows = [(b, m, resident, compiled) for compiled in (False, True) for b in (32, 256) for resident in (True, False)
-            for m in methods if not (compiled and not resident)]  # compiled: the resident path only
-    results = {}
     for batch, method, resident, compiled in rows:
         what = f"{method} b{batch} {'resident' if resident else 'streaming'} {'compiled' if compiled else 'eager'}"
         if not clock.allows(what, 45 if compiled else 15):
@@ -257,7 +255,6 @@ def fits(table: Table, clock: Clock, store, backbone_path, data, work, device, m
         except Exception as error:  # one failing row must not lose the table
             table.add("fit", what, "error", note=f"{type(error).__name__}: {str(error)[:120]}")
             continue
-        results[what] = metrics
         goal = "speed_vs_lora_b32" if batch == 32 else None
         table.add("fit", f"{what}: samples/s", speed, lora_speed if batch == 32 else None, unit="samples/s", goal=goal,
                   note=metrics.get("data_path", ""))
@@ -265,7 +262,15 @@ def fits(table: Table, clock: Clock, store, backbone_path, data, work, device, m
             memory_goal = "memory_vs_lora_fp32_sherl_synqt" if method in ("sherl", "synqt") else "memory_vs_lora_fp32"
             table.add("fit", f"{what}: peak GPU MB", gpu_mb(metrics), lora_mb, unit="MB", goal=memory_goal,
                       note=f"resident cache {_num(metrics.get('resident_cache_gpu_mb'))} MB apart")
-    return results
+
+
+def fit_rows(first: bool):
+    """The goals' rows first (batch 32 eager, both data paths); then batch 256 and compiled (resident only)."""
+    methods = method_names()
+    if first:
+        return [(32, m, resident, False) for resident in (True, False) for m in methods]
+    return ([(256, m, resident, False) for resident in (True, False) for m in methods]
+            + [(b, m, True, True) for b in (32, 256) for m in methods])
 
 
 # ---------------------------------------------------------------- 4. syncs per step
@@ -387,15 +392,18 @@ def main():
         stores = extraction(table, clock, backbones, str(data), work, device, limit, args.tiny) if "extract" not in skip else {}
         store = stores.get("tiny" if args.tiny else "minilm")
         lora_backbone = backbones["tiny" if args.tiny else "minilm"]
-        if store is not None:
+        if store is not None:  # the goals' measurements first, then the rest while time allows
+            baselines = {}
             if "fits" not in skip:
-                fits(table, clock, store, lora_backbone, str(data), work, device, max_train, args.tiny)
+                fits(table, clock, store, lora_backbone, str(data), work, device, max_train, fit_rows(True), baselines)
             if "syncs" not in skip:
                 syncs_per_step(table, clock, store, device)
             if "sweep" not in skip:
                 sweep_of_twelve(table, clock, store, work, device, max_train)
             if "accuracy" not in skip:
                 accuracy(table, clock, store, work, device, max_train)
+            if "fits" not in skip:
+                fits(table, clock, store, lora_backbone, str(data), work, device, max_train, fit_rows(False), baselines)
     finally:
         footer = (f"\n{(time.perf_counter() - clock.start) / 60:.1f} minutes; skipped for time: "
                   f"{', '.join(clock.skipped) or 'nothing'}\n")

@@ -263,9 +263,10 @@ def training_options(command):
                      help="Share of steps with linear warm-up; then linear decay to 0."),
         click.option("--buffer-blocks", type=int, default=2, show_default=True,
                      help="Cache blocks in the shuffle buffer (memory vs randomness)."),
-        click.option("--in-memory", is_flag=True,
+        click.option("--in-memory/--streaming", default=None,
                      help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather "
-                          "batches there."),
+                          "batches there, or stream them from the store [default: in memory on a GPU when they fit in "
+                          "half its free memory, else streaming]."),
         click.option("--length-buckets", is_flag=True,
                      help="Batches of similar length within the shuffle buffer, served in shuffled order (less padding)."),
         click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size."),

@@ -328,3 +328,16 @@ def test_predict_runs_the_backbone_at_the_stores_precision_and_evaluate_checks_i
     assert same < 1e-5 < other
 
     assert_one_line_error(cli("evaluate", tmp_path / "model", "--cache", cache), "another precision")
+
+
+def test_the_cache_is_resident_by_default_on_a_gpu_when_it_fits(tiny_cache, monkeypatch):  # noqa: F811
+    from stages.training.fit import resident_fits, run_identity
+
+    root = open_store(str(tiny_cache[0]))
+    needed = sum(root[split][f"layer_{i:02d}"].nbytes for split in ("train", "validation", "test") for i in (0, 2))
+    gpu = Runtime(torch.device("cuda", 0), "fp32")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * needed, 10 * needed))
+    assert resident_fits(root, [0, 2], gpu) and not resident_fits(root, [0, 1, 2], gpu)
+    assert not resident_fits(root, [0, 2], Runtime.resolve("cpu", "fp32"))  # the CPU streams unless asked
+    config = config_from_options("linear", {})
+    assert run_identity(config, FitSettings(), "k") == run_identity(config, FitSettings(in_memory=False), "k")

@@ -5,10 +5,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cache.errors import InputError
-from cache.layout import key_sha256
+from cache.layout import key_sha256, layer_array_name
 from cache.reader import CacheReader, open_store
 
 from ..atomic_folder import atomic_folder
@@ -31,7 +32,7 @@ class FitSettings:
     warmup_ratio: float = 0.1
     seed: int = 0
     buffer_blocks: int = 2  # blocks in the shuffle buffer: more = more random, more memory
-    in_memory: bool = False  # load the selected layers into RAM once (small caches only)
+    in_memory: bool | None = None  # pack the needed layers on the device once; None: on a GPU when they fit (resident_fits)
     max_train_samples: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
@@ -64,11 +65,27 @@ def require_training_splits(root, cache_path: str) -> None:
                          f"it lacks {', '.join(missing)}")
 
 
+RESIDENT_SHARE = 0.5  # of the GPU's free memory a resident cache may take by default (the rest: networks, activations)
+
+
+def resident_fits(root, layers: list[int], runtime: Runtime, share: float = RESIDENT_SHARE) -> bool:
+    """On a GPU, do the needed layers of every split fit in `share` of its free memory? (The MiniLM movies cache,
+    every layer, is about 1.5 GB; MPNet's 5.6 GB.) Never on the CPU: there streaming bounds memory."""
+    if not runtime.is_cuda:
+        return False
+    needed = sum(int(np.prod(root[split][layer_array_name(i)].shape)) * root[split][layer_array_name(i)].dtype.itemsize
+                 for split in ("train", "validation", "test") if split in root for i in layers)
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    return needed <= share * free
+
+
 def open_readers(cache_path: str, root, layers: list[int], settings: FitSettings, runtime: Runtime) -> dict:
     """A reader of `layers` per split the cache has (train limited to max_train_samples); train and validation
-    are required."""
+    are required. The data path: resident on the device with in_memory, streaming without; by default (None)
+    resident on a GPU when `resident_fits`, else streaming."""
     require_training_splits(root, cache_path)
-    return {split: CacheReader(cache_path, split, layers, settings.in_memory,
+    in_memory = settings.in_memory if settings.in_memory is not None else resident_fits(root, layers, runtime)
+    return {split: CacheReader(cache_path, split, layers, in_memory,
                                settings.max_train_samples if split == "train" else None, runtime.device)
             for split in ("train", "validation", "test") if split in root}
 
@@ -126,8 +143,10 @@ def gpu_memory_figures(runtime: Runtime, learner, resident: int, alone: bool) ->
 
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
     """What two runs must share to give the same model: a checkpoint or a finished folder is reused only on a match.
-    (static_shapes and compile are left out while off, so runs made before those options keep their identity.)"""
+    (static_shapes and compile are left out while off, so runs made before those options keep their identity; the
+    default data path, None, counts as streaming.)"""
     fields = {k: v for k, v in asdict(settings).items() if not (k in ("static_shapes", "compile") and not v)}
+    fields["in_memory"] = bool(fields["in_memory"])  # the data path: the same batches either way
     return {"fit": config.to_dict(), "settings": fields, "cache_key_sha256": cache_key_sha256}
 
 
