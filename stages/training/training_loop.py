@@ -17,6 +17,9 @@ from ..progress import progress_bar
 from ..runtime import CPU, Runtime
 
 
+LOSS_SHOWN_EVERY_S = 2.0  # the progress bar's running loss reads the device: at most this often, never per step
+
+
 @dataclass
 class Schedule:
     epochs: int
@@ -178,7 +181,7 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
         for inputs, labels, *rows in batches(epoch):
             learner.step(inputs, labels, *rows)
             bar.update(rows[0] if rows else len(labels))
-            if not bar.disable and time.perf_counter() - shown >= bar.mininterval:
+            if not bar.disable and time.perf_counter() - shown >= LOSS_SHOWN_EVERY_S:  # .item(): waits for the GPU
                 bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
                 shown = time.perf_counter()
         bar.close()
