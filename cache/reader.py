@@ -132,6 +132,9 @@ class CacheReader:
             for array, values in zip(self.scale_arrays, scales):
                 check_scales(values[real], array.path)
             self.scale_memory = torch.from_numpy(np.stack(scales)).to(device)
+        # Per-sample facts beside the features, so a batch is gathered from one small index copy (_gather).
+        self.facts = {name: torch.from_numpy(np.ascontiguousarray(values)).to(device) for name, values in
+                      (("length", self.lengths), ("start", self.token_start.astype(np.int64)), ("label", self.labels))}
         return memory
 
     def __len__(self) -> int:
@@ -189,17 +192,18 @@ class CacheReader:
                 del data
 
     def _gather(self, samples: np.ndarray) -> Batch:
-        """A padded batch gathered from the packed in-memory layers, on their device."""
+        """A padded batch gathered from the packed in-memory layers, on their device (labels too). The samples
+        cross once, pinned and without blocking; lengths, starts and labels are looked up on the device."""
         device = self.memory.device
-        lengths = torch.from_numpy(self.lengths[samples]).to(device)
-        steps = torch.arange(int(self.lengths[samples].max()), device=device)
-        mask = steps[None, :] < lengths[:, None]
-        rows = torch.from_numpy(self.token_start[samples].astype(np.int64)).to(device)[:, None] + steps[None, :]
-        rows = torch.where(mask, rows, 0)
+        index = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64))
+        index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+        steps = torch.arange(int(self.lengths[samples].max()), device=device)  # the length from the host's copy
+        mask = steps[None, :] < self.facts["length"][index][:, None]
+        rows = torch.where(mask, self.facts["start"][index][:, None] + steps[None, :], 0)
         features = self.memory[:, rows].transpose(0, 1)  # [B, K, T, W]
         features = features.masked_fill(~mask[:, None, :, None], 0)
         scales = self.scale_memory[:, rows].transpose(0, 1) if self.scale_arrays else None
-        return Batch(features, mask, torch.from_numpy(self.labels[samples]), samples, scales, self.decoder)
+        return Batch(features, mask, self.facts["label"][index], samples, scales, self.decoder)
 
     def _collate(self, samples: np.ndarray, data: dict, pin_memory: bool = False) -> Batch:
         """Padded [B, K, T, D] in the cache's dtype (half the bytes of float32 for a float16 cache)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from functools import wraps
@@ -144,7 +145,8 @@ def data_options(command):
                    "recorded in the store.")
 @click.option("--out", default=DEFAULT_CACHE, show_default=True, help="Where the zarr store goes.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU when there is one), cpu, cuda or cuda:N; with --workers, cuda spreads them over the GPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python code to run.")
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
@@ -373,12 +375,19 @@ def training_options(command):
                      help="Share of steps with linear warm-up; then linear decay to 0."),
         click.option("--buffer-blocks", type=int, default=2, show_default=True,
                      help="Cache blocks in the shuffle buffer (memory vs randomness)."),
-        click.option("--in-memory", is_flag=True,
+        click.option("--in-memory/--streaming", default=None,
                      help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather "
-                          "batches there."),
+                          "batches there, or stream them from the store [default: in memory on a GPU when they fit in "
+                          "half its free memory, else streaming]."),
         click.option("--length-buckets", is_flag=True,
                      help="Batches of similar length within the shuffle buffer, served in shuffled order (less padding)."),
         click.option("--max-train-samples", type=int, default=None, help="Train on a seeded random subset of this size."),
+        click.option("--static-shapes", is_flag=True,
+                     help="Every batch --batch-size rows (the last padded; padding rows count for nothing) and one of "
+                          "four lengths: fewer shapes for --compile."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch.compile the side network (fused kernels; CUDA graphs on a GPU, best with "
+                          "--static-shapes); equal to eager within float tolerance."),
         click.option("--backbone", "backbone_path", default=None,
                      help="Backbone folder, if it moved since extraction (methods with frozen layers)."),
     ]
@@ -389,15 +398,19 @@ def training_options(command):
 
 
 def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets, max_train_samples,
-                  device, precision, lr=1e-3, weight_decay=0.01, seed=0):
+                  device, precision, lr=1e-3, weight_decay=0.01, seed=0, static_shapes=False, compile_=False):
     from stages.training.fit import FitSettings
 
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
-    _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
+    runtime = _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
+    if compile_ and not runtime.is_cuda and not shutil.which(os.environ.get("CXX", "g++")):
+        raise InputError("--compile on the CPU needs a C++ compiler (g++ or $CXX) for torch.compile; install one or "
+                         "drop --compile")
     return FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                        seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
-                       device=device, precision=precision, length_buckets=length_buckets)
+                       device=device, precision=precision, length_buckets=length_buckets,
+                       static_shapes=static_shapes, compile=compile_)
 
 
 @main.command()
@@ -413,7 +426,8 @@ def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, le
 @training_options
 @user_errors
 def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epochs, batch_size, warmup_ratio,
-        buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision):
+        buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
+        compile_):
     """Stage two: train a side network on the cached features.
 
     Keeps the epoch with the best validation metric, reports test metrics, and writes
@@ -430,7 +444,7 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
     if lr <= 0:
         raise InputError("--lr must be positive")
     settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
-                             max_train_samples, device, precision, lr, weight_decay, seed)
+                             max_train_samples, device, precision, lr, weight_decay, seed, static_shapes, compile_)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     if method == "auto":
         if pairs or config_file:
@@ -486,7 +500,8 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
 @training_options
 @user_errors
 def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path, epochs, batch_size, warmup_ratio,
-          buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision):
+          buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
+        compile_):
     """Train many side networks on one pass over the cache: every combination of methods, options, learning
     rates, weight decays and seeds.
 
@@ -506,7 +521,7 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
     grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
     runs = grid.runs()
     settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
-                             max_train_samples, device, precision)
+                             max_train_samples, device, precision, static_shapes=static_shapes, compile_=compile_)
     if any(run.lr <= 0 for run in runs):
         raise InputError("--lr values must be positive")
     _run_sweep(cache_path, runs, settings, Path(out), backbone_path)
@@ -594,7 +609,7 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
     side = load_side_model(model_dir)
     key = open_store(cache_path).attrs["key"]
     trained = side.info["cache_key"]
-    for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length"):
+    for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length", "precision"):  # precision: absent = fp32
         if key.get(field) != trained.get(field):
             raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than the one "
                              f"{model_dir} was trained on; extract with the same backbone and settings")

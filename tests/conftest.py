@@ -55,6 +55,33 @@ def sentiment_rows(count, seed=0):
     return rows
 
 
+@pytest.fixture(scope="session", autouse=True)
+def auto_is_the_cpu():
+    """`--device auto` (the default of extract, fit, sweep, evaluate, predict, baseline) means the CPU in tests, so a
+    CPU test stays a CPU fp32 run on a machine with a GPU; GPU tests ask for `cuda` by name. `real_auto` undoes it."""
+    import stages.runtime
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages.runtime, "auto_device", lambda: torch.device("cpu"))
+        yield
+
+
+@pytest.fixture()
+def real_auto(monkeypatch):
+    import stages.runtime
+
+    monkeypatch.setattr(stages.runtime, "auto_device", REAL_AUTO_DEVICE)
+
+
+def _real_auto_device():
+    import stages.runtime
+
+    return stages.runtime.auto_device
+
+
+REAL_AUTO_DEVICE = _real_auto_device()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny tensors: one thread is fastest, and spares the CPU when other work shares it."""

@@ -16,8 +16,8 @@ from tests.test_fit import tiny_cache  # noqa: F401  (the module fixture)
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def fit_once(cache, out, method="lst", **settings):
-    config = config_from_options(method, {"r": "4"} if method in ("lst", "sherl") else {})
+def fit_once(cache, out, method="lst", options=None, **settings):
+    config = config_from_options(method, {**({"r": "4"} if method in ("lst", "sherl") else {}), **(options or {})})
     return fit(str(cache), config, FitSettings(epochs=2, batch_size=16, lr=1e-2, warmup_ratio=0.0, **settings), out,
                show_progress=False)
 
@@ -68,8 +68,10 @@ def test_bf16_autocast_on_the_cpu_trains_and_is_recorded(tiny_cache, tmp_path): 
 @pytest.mark.parametrize("method", ["lst", "sherl"])
 def test_a_gpu_fit_agrees_with_the_cpu_fit(method, tiny_cache, tmp_path):  # noqa: F811
     cache, _ = tiny_cache
-    cpu = fit_once(cache, tmp_path / "cpu", method, device="cpu", precision="fp32")
-    gpu = fit_once(cache, tmp_path / "gpu", method, device="cuda", precision="fp32")
+    # No dropout: the two devices draw different masks (another dropout stream alone moved LST's last loss by
+    # 0.028 on the CPU), so only the deterministic computation is compared.
+    cpu = fit_once(cache, tmp_path / "cpu", method, {"dropout": "0"}, device="cpu", precision="fp32")
+    gpu = fit_once(cache, tmp_path / "gpu", method, {"dropout": "0"}, device="cuda", precision="fp32")
     assert gpu["peak_gpu_allocated_mb"] > 0 and gpu["device"].startswith("cuda")
     assert abs(gpu["history"][-1]["train_loss"] - cpu["history"][-1]["train_loss"]) < 1e-3
 

@@ -13,6 +13,7 @@ cluster, and the arrays equal a single-process extraction byte for byte.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 import threading
@@ -31,6 +32,7 @@ from cache.writer import SplitWriter, open_group
 from ..backbones import Backbone, load_backbone
 from .extract import ExtractSettings, sort_groups, SplitWork, _image_forward, _text_forward, extract, group_features
 from ..progress import progress_bar
+from ..runtime import Runtime, device_kind, spread_device
 
 SCHEDULER_TIMEOUT_S = 10  # how long to try to reach --scheduler before giving up
 MAX_BLOCKS_PER_TASK = 4
@@ -129,20 +131,33 @@ def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_
             if backbone.weights_sha256 != spec.weights_sha256:
                 raise InputError(f"the backbone at {spec.path} on this worker has other weights than the one the store's "
                                  "key was made with; give every worker the same model folder")
-            backbone.model.to(spec.device)
+            backbone.model.to(worker_device(spec.device))
             _BACKBONES[spec] = backbone
         return _BACKBONES[spec]
+
+
+def worker_device(device: str) -> str:
+    """This worker's device: `--workers N --device cuda` spreads the workers over the host's GPUs by the worker's
+    name (a LocalCluster names them 0..N-1; any other name by a stable hash), instead of all on GPU 0."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except Exception:  # not on a worker
+        return device
+    rank = int(name) if str(name).isdigit() else int(hashlib.sha256(str(name).encode()).hexdigest(), 16)
+    return spread_device(device, rank)
 
 
 def run_block_task(task: BlockTask) -> dict:
     """Runs on a worker: forward passes for the task's blocks, then each block's shards and done flag."""
     backbone = worker_backbone(task.backbone, task.workers_per_host, task.torch_threads)
-    device = task.backbone.device
+    runtime = Runtime.resolve(worker_device(task.backbone.device), task.precision)
     if task.modality == "image":
         forward = _image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
-                                 task.tokens_per_image, device, task.precision)
+                                 task.tokens_per_image, runtime)
     else:
-        forward = _text_forward(backbone.model, task.encoded, device, task.precision)
+        forward = _text_forward(backbone.model, task.encoded, runtime)
     writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
     written = []
     group_size = max(1, task.sort_tokens // task.block_tokens)
@@ -151,7 +166,7 @@ def run_block_task(task: BlockTask) -> dict:
         if all(writer.is_done(block) for block, _ in members):  # an earlier attempt (on a worker that died) wrote them
             continue
         features = group_features(forward, [samples for _, samples in members], task.lengths, task.layers,
-                                  task.block_tokens, task.hidden_size, task.dtype, task.batch_size, device)
+                                  task.block_tokens, task.hidden_size, task.dtype, task.batch_size, runtime)
         for (block, _), buffer in zip(members, features):
             if writer.is_done(block):
                 continue
@@ -308,7 +323,8 @@ def extract_distributed(backbone: Backbone, dataset, settings: ExtractSettings, 
     if workers is None and not scheduler:
         raise InputError("give --workers N or --scheduler ADDRESS for a distributed extraction")
     settings = dataclasses.replace(settings, out=store_location(settings.out))
-    spec = BackboneSpec(str(Path(backbone.path).resolve()), trust_remote_code, settings.device, backbone.weights_sha256)
+    device = device_kind("auto") if settings.device == "auto" else settings.device  # bare cuda: spread (worker_device)
+    spec = BackboneSpec(str(Path(backbone.path).resolve()), trust_remote_code, device, backbone.weights_sha256)
     connection = Connection(workers, scheduler)
     try:
         if scheduler:

@@ -23,12 +23,12 @@ from cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
 from ..backbones import Backbone, causal_position_ids, check_pooling, is_causal
+from ..runtime import Runtime, device_kind
 from .layer_selection import parse_layers
 from ..progress import progress_bar
 from .token_table import TokenTable, ranges
 
 SPLITS = ("train", "validation", "test")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
 
 
@@ -45,13 +45,17 @@ class ExtractSettings:
     block_tokens: int = 8192  # tokens per block = per shard
     sort_tokens: int = 32768  # forward batches are length-sorted across consecutive blocks of this many tokens
     chunk_tokens: int = 1024  # tokens per compressed chunk inside a shard
-    device: str = "cpu"
-    precision: str = "fp32"  # the forward pass: fp32, or autocast to bf16 / fp16
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N: stages/runtime.py decides
+    precision: str = "fp32"  # the forward pass: fp32, or autocast to bf16 / fp16 (part of the store's key)
     pooling: str | None = None  # what stage two pools by: cls | mean | last; None: the backbone family's default
 
     def __post_init__(self):
         if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH_SIZE["cuda" if str(self.device).startswith("cuda") else "cpu"]
+            self.batch_size = DEFAULT_BATCH_SIZE[device_kind(self.device)]
+
+    def runtime(self) -> Runtime:
+        """Where the forward passes run and in what precision (InputError, one line, for a bad or absent device)."""
+        return Runtime.resolve(self.device, self.precision)
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -73,16 +77,9 @@ def preprocessor_sha256(backbone: Backbone) -> str:
 
 def validate_settings(settings: ExtractSettings) -> None:
     Encoding(settings.dtype)  # an InputError naming the choices for an unknown --dtype
-    if settings.precision not in PRECISIONS:
-        raise InputError(f"--precision {settings.precision}: use {', '.join(PRECISIONS)}")
     if settings.max_length < 2 or settings.batch_size < 1:
         raise InputError("--max-length must be at least 2 and --batch-size at least 1")
-    try:
-        device = torch.device(settings.device)
-    except RuntimeError:
-        raise InputError(f"--device {settings.device}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {settings.device}: this machine's torch sees no CUDA GPU; use --device cpu")
+    settings.runtime()  # a bad --device (tpu9, cuda without a GPU, cuda:7 on a 2-GPU machine) is one line here
     if settings.sort_tokens < 1:
         raise InputError("--sort-tokens must be at least 1")
     if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
@@ -203,7 +200,8 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     if settings.pooling is not None:
         check_pooling(backbone, settings.pooling)
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
-    device = settings.device if run_split is None else "cpu"
+    runtime = settings.runtime() if run_split is None else Runtime.resolve("cpu", "fp32")
+    device = runtime.device
     model = backbone.model.to(device)
     tokens_per_image = None
     if backbone.modality == "image":
@@ -252,8 +250,8 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
             run_split(work)
             continue
         if writes is None:
-            writes = Writes(settings, len(layers), backbone.hidden_size)
-        forward = split_forward(backbone, model, work, settings.device)
+            writes = Writes(settings, len(layers), backbone.hidden_size, runtime)
+        forward = split_forward(backbone, model, work, runtime)
         _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {split}", unit="sample"),
                     writes)
     if writes is not None:
@@ -262,54 +260,40 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     return "written"
 
 
-def split_forward(backbone: Backbone, model, work: SplitWork, device: str):
+def split_forward(backbone: Backbone, model, work: SplitWork, runtime: Runtime):
     """The forward function of a split: batch samples (split positions) -> (hidden_states, real tokens per row)."""
     if work.modality == "image":
-        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, device,
-                              work.settings.precision)
-    return _text_forward(model, work.encoded, device, work.settings.precision)
+        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, runtime)
+    return _text_forward(model, work.encoded, runtime)
 
 
-def _autocast(device: str, precision: str):
-    """The forward pass's precision: fp32 runs as is; bf16/fp16 under autocast (weights stay fp32)."""
-    dtype = PRECISIONS[precision]
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned, so the copy runs asynchronously and the next batch's CPU work overlaps it
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def _text_forward(model, table: TokenTable, device, precision: str = "fp32"):
+def _text_forward(model, table: TokenTable, runtime: Runtime):
     """batch samples (split positions) -> (hidden_states, real tokens per row, column of each row's first real token).
 
     Padding is on the tokenizer's side. A causal decoder gets position ids counted over real tokens
     (causal_position_ids), so every sample's hidden states are the same whatever its batch, padding side and length
-    sort; its own causal mask combined with the attention mask keeps real tokens from seeing padding."""
-    device = torch.device(device)
+    sort; its own causal mask combined with the attention mask keeps real tokens from seeing padding. The inputs
+    cross pinned and without blocking (runtime.to_device), so the next batch's CPU work overlaps the copy."""
     causal = is_causal(model.config)
 
     def forward(batch_samples):
         inputs, lengths = table.batch(batch_samples)
         if causal:
             inputs["position_ids"] = causal_position_ids(inputs["attention_mask"])
-        with _autocast(device, precision):
-            hidden = model(**{name: _to_device(t, device) for name, t in inputs.items()}, output_hidden_states=True)
+        with runtime.autocast():
+            hidden = model(**{name: runtime.to_device(t) for name, t in inputs.items()}, output_hidden_states=True)
         return hidden.hidden_states, lengths, table.first_real(lengths, inputs["attention_mask"].shape[1])
 
     return forward
 
 
-def _image_forward(model, backbone, dataset, rows, tokens_per_image, device, precision: str = "fp32"):
+def _image_forward(model, backbone, dataset, rows, tokens_per_image, runtime: Runtime):
     """batch samples (split positions) -> (hidden_states, real tokens per row: all of them, first real column: 0),
     images decoded per batch."""
-    device = torch.device(device)
 
     def forward(batch_samples):
-        pixels = _to_device(pixel_values(backbone, dataset, [rows[int(i)] for i in batch_samples]), device)
-        with _autocast(device, precision):
+        pixels = runtime.to_device(pixel_values(backbone, dataset, [rows[int(i)] for i in batch_samples]))
+        with runtime.autocast():
             hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
         if hidden[0].shape[1] != tokens_per_image:
             raise InputError(f"images give {hidden[0].shape[1]} tokens here but {tokens_per_image} for the first image; "
@@ -334,13 +318,13 @@ class PendingBlock:
     """A block whose copies to the host may still be running (GPU); `result()` waits for them and checks them."""
 
     buffer: torch.Tensor
-    bounds: torch.Tensor | None  # [K, 2] per layer: min and max of the group's features as the model gave them
-    copied: object = None  # torch.cuda.Event recorded after the last copy
+    bounds: torch.Tensor | None  # [K, 2] per layer: min and max as the model gave them (on the host; pinned on a GPU)
+    copied: object = None  # torch.cuda.Event recorded on the copy stream after the block's last copy
     layers: tuple[int, ...] = ()  # hidden_states index of each of the K layers
 
     def result(self) -> np.ndarray:
         if self.copied is not None:
-            self.copied.synchronize()
+            self.copied.synchronize()  # waits for this block's copies only, never for forward passes queued since
         if self.bounds is not None:
             check_finite(self.bounds, self.buffer.dtype, self.layers)
         return self.buffer.numpy()
@@ -380,6 +364,47 @@ def _one_cpu_thread():
         torch.set_num_threads(threads)
 
 
+class HostCopies:
+    """Where a block's device-to-host copies run. On a GPU: a side stream of the features' device, which waits
+    for the compute stream's work so far (the gather and cast of this batch) and then copies while the compute
+    stream goes on with the next forward pass; each source tensor is recorded on it, so the allocator does not
+    hand its memory to the next batch before the copy read it. On the CPU: plain copies, here and now."""
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = None
+        if device.type == "cuda":
+            if device not in HostCopies._streams:
+                HostCopies._streams[device] = torch.cuda.Stream(device)
+            self.stream = HostCopies._streams[device]
+
+    @contextmanager
+    def copying(self, *sources: torch.Tensor):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for source in sources:
+            source.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def finish(self, bounds: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+        """(the group's per-layer bounds on the host, event after the last copy): the bounds cross on the copy
+        stream into pinned memory, so the writer checks them without a device-wide sync (reading a GPU tensor would
+        wait for every forward pass queued since)."""
+        if self.stream is None or bounds is None:
+            return bounds, None
+        host = torch.empty(bounds.shape, dtype=bounds.dtype, pin_memory=True)
+        with self.copying(bounds):
+            host.copy_(bounds, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return host, copied
+
+
 def sort_groups(num_blocks: int, block_tokens: int, sort_tokens: int) -> list[list[int]]:
     """Consecutive blocks whose samples are length-sorted together into forward batches.
 
@@ -392,32 +417,35 @@ def sort_groups(num_blocks: int, block_tokens: int, sort_tokens: int) -> list[li
 
 
 def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],
-                buffers: list[torch.Tensor], batch_size: int, on_batch=None) -> list[PendingBlock]:
+                buffers: list[torch.Tensor], batch_size: int, on_batch=None,
+                runtime: Runtime | None = None) -> list[PendingBlock]:
     """Runs the forward batches of a group of blocks (forward(samples) -> hidden_states, real tokens per row,
     column of each row's first real token) and fills each block's buffer [K, block_tokens, D] with its
     samples' real tokens in the block's layout order (block_samples[i]: longest first), zeros in the unused tail.
 
     The samples of all the group's blocks are sorted by length together (stable: ties keep the layout order)
     and cut into batches of `batch_size`. Gather, cast and the inf/nan check (min and max) run on the device;
-    only real tokens cross to the host, without waiting (on a GPU), so the next forward pass overlaps the
-    copies. on_batch(samples) is called after each batch with the batch's sample positions.
+    only real tokens cross to the host, on a side stream without waiting (on a GPU: `HostCopies`), so the next
+    forward pass overlaps the copies; nothing here waits for the device. on_batch(samples) is called after each
+    batch with the batch's sample positions.
     """
+    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    copies = HostCopies(runtime.device)
     samples = np.concatenate(block_samples)
     owner = np.repeat(np.arange(len(block_samples)), [len(b) for b in block_samples])
     local_start = np.concatenate([np.cumsum(lengths[b]) - lengths[b] for b in block_samples]).astype(np.int64)
     order = np.argsort(-lengths[samples], kind="stable")
-    extremes, device = [], None
+    extremes = []
     for first in range(0, len(order), batch_size):
         rows = order[first:first + batch_size]
         with torch.inference_mode():
             hidden, batch_lengths, first_real = forward(samples[rows])
-            device = hidden[0].device
             width = hidden[0].shape[1]
             # The batch's real tokens (row r's positions first_real[r] ... + batch_lengths[r]) grouped by block,
             # each block's in its layout order, where they form one contiguous run.
             by_block = np.lexsort((local_start[rows], owner[rows]))
-            index = _to_device(torch.from_numpy(ranges(by_block * width + first_real[by_block], batch_lengths[by_block])),
-                               device)
+            index = runtime.to_device(torch.from_numpy(ranges(by_block * width + first_real[by_block],
+                                                              batch_lengths[by_block])))
             blocks, run_rows = np.unique(owner[rows][by_block], return_index=True)
             run_starts = np.concatenate([[0], np.cumsum(batch_lengths[by_block])])[np.append(run_rows, len(rows))]
             with _one_cpu_thread():
@@ -425,10 +453,11 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
                     tokens = hidden[layer].reshape(-1, hidden[layer].shape[-1]).index_select(0, index)
                     extremes.append(torch.stack(torch.aminmax(tokens)))  # as the model gave them; nan propagates
                     tokens = tokens.to(buffers[0].dtype)
-                    for n, block in enumerate(blocks):
-                        source = tokens[run_starts[n]:run_starts[n + 1]]
-                        start = local_start[rows[by_block[run_rows[n]]]]
-                        buffers[block][k, start:start + len(source)].copy_(source, non_blocking=True)
+                    with copies.copying(tokens):
+                        for n, block in enumerate(blocks):
+                            source = tokens[run_starts[n]:run_starts[n + 1]]
+                            start = local_start[rows[by_block[run_rows[n]]]]
+                            buffers[block][k, start:start + len(source)].copy_(source, non_blocking=True)
         if on_batch is not None:
             on_batch(samples[rows])
     with torch.inference_mode(), _one_cpu_thread():
@@ -438,22 +467,22 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
         if extremes:  # [batches, K, 2] -> per layer, the group's min and max
             stats = torch.stack(extremes).view(-1, len(layers), 2)
             bounds = torch.stack([stats[..., 0].amin(0), stats[..., 1].amax(0)], 1)
-    copied = None
-    if device is not None and device.type == "cuda":
-        copied = torch.cuda.Event()
-        copied.record()
+        bounds, copied = copies.finish(bounds)
     return [PendingBlock(buffer, bounds, copied, tuple(layers)) for buffer in buffers[:len(block_samples)]]
 
 
 def group_features(forward, block_samples: list[np.ndarray], lengths: np.ndarray, layers: list[int],
-                   block_tokens: int, hidden_size: int, dtype: str, batch_size: int, device="cpu") -> list[np.ndarray]:
+                   block_tokens: int, hidden_size: int, dtype: str, batch_size: int,
+                   runtime: Runtime | None = None) -> list[np.ndarray]:
     """The [K, block_tokens, D] features of each block of a sort group (see `start_group`), waited for.
 
     The one place a block's features are made: the single-process loop (through `start_group`, without
     waiting) and every distributed worker use it, so both write the same bytes.
     """
-    buffers = [block_buffer(len(layers), block_tokens, hidden_size, dtype, device) for _ in block_samples]
-    return [pending.result() for pending in start_group(forward, block_samples, lengths, layers, buffers, batch_size)]
+    runtime = runtime or Runtime.resolve("cpu", "fp32")
+    buffers = [block_buffer(len(layers), block_tokens, hidden_size, dtype, runtime.device) for _ in block_samples]
+    return [pending.result() for pending in start_group(forward, block_samples, lengths, layers, buffers, batch_size,
+                                                        runtime=runtime)]
 
 
 class BufferPool:
@@ -473,11 +502,12 @@ class Writes:
     """The background writer threads and block buffers of one extraction, shared by its splits (so a split's
     last writes overlap the next split's forward passes)."""
 
-    def __init__(self, settings: ExtractSettings, layers: int, hidden_size: int):
-        self.background = BackgroundWriter(threads=writer_threads(settings.device))
+    def __init__(self, settings: ExtractSettings, layers: int, hidden_size: int, runtime: Runtime):
+        self.runtime = runtime
+        self.background = BackgroundWriter(threads=writer_threads(str(runtime.device)))
         group_blocks = max(1, settings.sort_tokens // settings.block_tokens)
         self.pool = BufferPool(2 * group_blocks + self.background.threads, lambda: block_buffer(
-            layers, settings.block_tokens, hidden_size, settings.dtype, settings.device))
+            layers, settings.block_tokens, hidden_size, settings.dtype, runtime.device))
 
 
 def _run_blocks(forward, work: SplitWork, progress, writes: Writes) -> None:
@@ -503,7 +533,8 @@ def _run_blocks(forward, work: SplitWork, progress, writes: Writes) -> None:
         for group in groups:
             buffers = [pool.take(background) for _ in group]
             results = start_group(forward, [plan.block_samples[b] for b in group], work.lengths, work.layers, buffers,
-                                  settings.batch_size, lambda samples: progress.update(int(counted[samples].sum())))
+                                  settings.batch_size, lambda samples: progress.update(int(counted[samples].sum())),
+                                  writes.runtime)
             for block, result in zip(group, results):
                 background.submit(write, block, result)
     finally:

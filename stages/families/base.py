@@ -9,6 +9,20 @@ import torch
 from torch import nn
 
 
+def bidirectional_mask(config, hidden: torch.Tensor, mask: torch.Tensor):
+    """The attention mask an encoder builds from mask [B, T] bool (True = real token) for hidden [B, T, D].
+
+    Without the skip check where transformers has it: the check tests `mask.all()` in Python, a host sync at every
+    step on a GPU."""
+    import inspect
+
+    from transformers.masking_utils import create_bidirectional_mask
+
+    no_skip = ({"allow_is_bidirectional_skip": False}
+               if "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters else {})
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask.long(), **no_skip)
+
+
 class Family:
     """One backbone family. Subclasses set `model_types` and override what differs from an encoder.
 

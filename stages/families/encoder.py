@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layer_config import ffn_width
-from .base import Family, find_key
+from .base import Family, bidirectional_mask, find_key
 
 
 class LayerParts(NamedTuple):
@@ -135,9 +135,7 @@ class Encoder(Family):
         raise KeyError(f"checkpoint has no weights for encoder.{name}")
 
     def run(self, frozen, hidden, mask):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attention_mask = create_bidirectional_mask(config=frozen.config, inputs_embeds=hidden, attention_mask=mask.long())
+        attention_mask = bidirectional_mask(frozen.config, hidden, mask)
         if getattr(frozen, "relative_attention_bias", None) is not None:
             # MPNetEncoder computes the bias once from its input and passes it to every layer.
             bias = mpnet_position_bias(frozen.relative_attention_bias, hidden)

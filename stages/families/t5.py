@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Family, find_key, key_positions, query_positions
+from .base import Family, bidirectional_mask, find_key, key_positions, query_positions
 from .side_block import PreNormSideBlock, side_heads
 
 _BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -71,9 +71,7 @@ class T5Encoder(Family):
         return get_tensor(key)
 
     def run(self, frozen, hidden, mask):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attention_mask = create_bidirectional_mask(config=frozen.config, inputs_embeds=hidden, attention_mask=mask.long())
+        attention_mask = bidirectional_mask(frozen.config, hidden, mask)
         bias = t5_position_bias(frozen.relative_attention_bias, frozen.config, hidden.shape[1])
         for layer in frozen.layer.values():
             hidden = layer(hidden, attention_mask=attention_mask, position_bias=bias)[0]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..layer_config import ffn_width
-from .base import Family
+from .base import Family, bidirectional_mask
 from .encoder import LayerParts, encoder_side_block, parts_query_pass
 
 _VIT_RENAMES = (("attention.q_proj.", "attention.attention.query."), ("attention.k_proj.", "attention.attention.key."),
@@ -80,9 +80,7 @@ class Vision(Family):
                        f"(looked for {wanted[0]!r} and older spellings)")
 
     def run(self, frozen, hidden, mask):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attention_mask = create_bidirectional_mask(config=frozen.config, inputs_embeds=hidden, attention_mask=mask.long())
+        attention_mask = bidirectional_mask(frozen.config, hidden, mask)
         for layer in frozen.layer.values():
             hidden = layer(hidden, attention_mask)
         return hidden

@@ -146,7 +146,8 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
                           "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
                           "(after importing torch and zarr; the backbone loads later)",
-                          {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime)
+                          {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime,
+                          runtime.peak_memory())
     metrics["baseline"] = True
     with atomic_folder(out_dir) as folder:
         (folder / "model.safetensors").write_bytes(save({n: t.contiguous() for n, t in run.best_state.items()}))

@@ -38,7 +38,10 @@ def set_random_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # One state per GPU of the machine that saved it; a machine with fewer GPUs takes those it has (a run on
+        # GPU k > its count was refused by --device before this), one with more keeps its own for the rest.
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
     numpy = states["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
                          numpy["cached"]))

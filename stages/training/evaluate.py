@@ -16,13 +16,27 @@ def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.decoded(runtime.to_device), runtime.to_device(batch.mask)
 
 
+_INDEX: dict = {}  # (positions, device) -> the positions as an index tensor on that device, made once
+
+
+def _positions(subset: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if (subset, device) not in _INDEX:
+        _INDEX[subset, device] = torch.tensor(subset, dtype=torch.long).to(device)
+    return _INDEX[subset, device]
+
+
 def layer_subsets(features: torch.Tensor, subsets: list[tuple[int, ...] | None]) -> list[torch.Tensor]:
     """features [B, K, T, D] narrowed to each network's layer positions (None: all K); networks that read the same
-    positions share one tensor."""
+    positions share one tensor. A run of consecutive positions is a view; others gather with an index tensor kept
+    on the device (indexing with a Python list would copy it to the GPU, and wait, at every step)."""
     made = {}
     for subset in dict.fromkeys(subsets):
-        everything = subset is None or list(subset) == list(range(features.shape[1]))
-        made[subset] = features if everything else features[:, list(subset)]
+        if subset is None or list(subset) == list(range(features.shape[1])):
+            made[subset] = features
+        elif list(subset) == list(range(subset[0], subset[0] + len(subset))):
+            made[subset] = features.narrow(1, subset[0], len(subset))
+        else:
+            made[subset] = features.index_select(1, _positions(tuple(subset), features.device))
     return [made[subset] for subset in subsets]
 
 
@@ -30,7 +44,8 @@ def layer_subsets(features: torch.Tensor, subsets: list[tuple[int, ...] | None])
 def predict_split_many(models: list[torch.nn.Module], reader: CacheReader, batch_size: int = 64,
                        runtime: Runtime | None = None, subsets: list | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Logits [N, C] of every model over one read of the split, in the samples' sorted order, and the labels [N].
-    subsets[i]: the positions, among the reader's layers, that models[i] reads (None: all)."""
+    subsets[i]: the positions, among the reader's layers, that models[i] reads (None: all). Logits stay on the
+    device until the split is done: one copy to the host per model, not one per batch."""
     runtime = runtime or CPU
     subsets = subsets or [None] * len(models)
     for model in models:
@@ -40,10 +55,12 @@ def predict_split_many(models: list[torch.nn.Module], reader: CacheReader, batch
         features, mask = side_inputs(batch, runtime)
         for model, inputs, out in zip(models, layer_subsets(features, subsets), chunks):
             with runtime.autocast():
-                out.append(model(inputs, mask).float().cpu().numpy())
+                out.append(model(inputs, mask).float())
         order.append(batch.index)
+    if not order:
+        return [np.zeros((0, 1), np.float32) for _ in models], reader.labels[reader.samples]
     ranks = np.argsort(np.concatenate(order), kind="stable")
-    return [np.concatenate(out)[ranks] for out in chunks], reader.labels[reader.samples]
+    return [torch.cat(out).cpu().numpy()[ranks] for out in chunks], reader.labels[reader.samples]
 
 
 def predict_split(model: torch.nn.Module, reader: CacheReader, batch_size: int = 64,

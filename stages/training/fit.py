@@ -5,10 +5,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cache.errors import InputError
-from cache.layout import key_sha256
+from cache.layout import key_sha256, layer_array_name
 from cache.reader import CacheReader, open_store
 
 from ..atomic_folder import atomic_folder
@@ -19,6 +20,7 @@ from ..methods import FeatureSpec, MethodConfig, build_model, get_method
 from ..methods.support import require_support
 from ..runtime import Runtime
 from .side_model import SideModel, save_side_model, trainable_state
+from .static_shapes import pad_batch
 from .training_loop import Schedule, run_metrics, train_epochs
 
 
@@ -31,11 +33,13 @@ class FitSettings:
     warmup_ratio: float = 0.1
     seed: int = 0
     buffer_blocks: int = 2  # blocks in the shuffle buffer: more = more random, more memory
-    in_memory: bool = False  # load the selected layers into RAM once (small caches only)
+    in_memory: bool | None = None  # pack the needed layers on the device once; None: on a GPU when they fit (resident_fits)
     max_train_samples: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
     length_buckets: bool = False  # batches of similar length within the shuffle buffer, in shuffled order
+    static_shapes: bool = False  # every batch batch_size rows (the last padded) and a few lengths: see static_shapes.py
+    compile: bool = False  # torch.compile the network (reduce-overhead mode, CUDA graphs, on a GPU)
 
 
 def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
@@ -64,11 +68,27 @@ def require_training_splits(root, cache_path: str) -> None:
                          f"it lacks {', '.join(missing)}")
 
 
+RESIDENT_SHARE = 0.5  # of the GPU's free memory a resident cache may take by default (the rest: networks, activations)
+
+
+def resident_fits(root, layers: list[int], runtime: Runtime, share: float = RESIDENT_SHARE) -> bool:
+    """On a GPU, do the needed layers of every split fit in `share` of its free memory? (The MiniLM movies cache,
+    every layer, is about 1.5 GB; MPNet's 5.6 GB.) Never on the CPU: there streaming bounds memory."""
+    if not runtime.is_cuda:
+        return False
+    needed = sum(int(np.prod(root[split][layer_array_name(i)].shape)) * root[split][layer_array_name(i)].dtype.itemsize
+                 for split in ("train", "validation", "test") if split in root for i in layers)
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    return needed <= share * free
+
+
 def open_readers(cache_path: str, root, layers: list[int], settings: FitSettings, runtime: Runtime) -> dict:
     """A reader of `layers` per split the cache has (train limited to max_train_samples); train and validation
-    are required."""
+    are required. The data path: resident on the device with in_memory, streaming without; by default (None)
+    resident on a GPU when `resident_fits`, else streaming."""
     require_training_splits(root, cache_path)
-    return {split: CacheReader(cache_path, split, layers, settings.in_memory,
+    in_memory = settings.in_memory if settings.in_memory is not None else resident_fits(root, layers, runtime)
+    return {split: CacheReader(cache_path, split, layers, in_memory,
                                settings.max_train_samples if split == "train" else None, runtime.device)
             for split in ("train", "validation", "test") if split in root}
 
@@ -80,9 +100,57 @@ def train_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtim
                           by_length=settings.length_buckets)
 
 
+def device_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtime: Runtime, max_length: int):
+    """One epoch's training batches on the device: ((features [B, K, T, D] float32, mask [B, T]), labels [B], real
+    rows), padded to static shapes with --static-shapes. `fit` and `sweep` both train on these."""
+    for batch in train_batches(reader, settings, epoch, runtime):
+        features, mask = side_inputs(batch, runtime)
+        labels = runtime.to_device(batch.labels)
+        rows = len(labels)
+        if settings.static_shapes:
+            features, mask, labels, rows = pad_batch(features, mask, labels, settings.batch_size, max_length)
+        yield (features, mask), labels, rows
+
+
+def network_forward(model: torch.nn.Module, settings: FitSettings, runtime: Runtime):
+    """(forward(inputs) = model(*inputs), whether it replays CUDA graphs). With --compile the module is compiled
+    (torch.compile: fused kernels; on a GPU mode="reduce-overhead" captures CUDA graphs, which pays with
+    --static-shapes, one graph per shape); the weights stay the model's own, so snapshots and checkpoints see them."""
+    if not settings.compile:
+        return (lambda inputs: model(*inputs)), False
+    compiled = torch.compile(model, mode="reduce-overhead" if runtime.is_cuda else None,
+                             dynamic=False if settings.static_shapes else None)
+    return (lambda inputs: compiled(*inputs)), runtime.is_cuda
+
+
+def resident_bytes(readers: dict) -> int:
+    """GPU bytes of the --in-memory caches the readers hold on the device (counted apart from training memory)."""
+    return sum(r.memory.nbytes for r in readers.values() if r.memory is not None and r.memory.is_cuda)
+
+
+def gpu_memory_figures(runtime: Runtime, learner, resident: int, alone: bool) -> dict:
+    """The GPU memory a run reports: `peak_gpu_allocated_mb` is the invocation's peak without the resident cache
+    (alone: a fit) or the network's own peak (a sweep member, beside others on the device; see Learner.gpu_memory)."""
+    if not runtime.is_cuda:
+        return {}
+    figures = {**runtime.peak_memory(resident), **learner.gpu_memory()}
+    if not alone:
+        figures["peak_gpu_invocation_mb"] = figures["peak_gpu_allocated_mb"]
+        figures["peak_gpu_allocated_mb"] = figures["peak_gpu_network_mb"]
+    figures["peak_gpu_measured_as"] = (
+        "torch.cuda peak allocated over the fit, less the --in-memory cache (resident_cache_gpu_mb)" if alone else
+        "this network's weights, gradients, optimizer state, largest batch and largest step transient (the device "
+        "also held the sweep's other networks; their sum is peak_gpu_invocation_mb), less the --in-memory cache")
+    return figures
+
+
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
-    """What two runs must share to give the same model: a checkpoint or a finished folder is reused only on a match."""
-    return {"fit": config.to_dict(), "settings": asdict(settings), "cache_key_sha256": cache_key_sha256}
+    """What two runs must share to give the same model: a checkpoint or a finished folder is reused only on a match.
+    (static_shapes and compile are left out while off, so runs made before those options keep their identity; the
+    default data path, None, counts as streaming.)"""
+    fields = {k: v for k, v in asdict(settings).items() if not (k in ("static_shapes", "compile") and not v)}
+    fields["in_memory"] = bool(fields["in_memory"])  # the data path: the same batches either way
+    return {"fit": config.to_dict(), "settings": fields, "cache_key_sha256": cache_key_sha256}
 
 
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
@@ -96,6 +164,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     spec = spec_from_store(root, backbone_path)
     task, attrs = root.attrs["task"], dict(root.attrs)
     layers = required_layers(config, spec, cache_path)
+    runtime.reset_peak_memory()  # from here: the --in-memory cache is measured, then counted apart
     readers = open_readers(cache_path, root, layers, settings, runtime)
     model = build_model(config, spec).to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,26 +175,35 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     checkpoint = Checkpoint.beside(out_dir, identity)
 
     def batches(epoch):
-        for batch in train_batches(readers["train"], settings, epoch, runtime):
-            yield side_inputs(batch, runtime), runtime.to_device(batch.labels)
+        return device_batches(readers["train"], settings, epoch, runtime, attrs["max_length"])
 
     def evaluate(split):
         return evaluate_split(model, readers[split], task, spec.num_labels, runtime=runtime)
 
-    runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
-    run = train_epochs(config.method, lambda inputs: model(*inputs), trainable, model, batches,
+    forward, cuda_graphs = network_forward(model, settings, runtime)
+    learners = []
+    run = train_epochs(config.method, forward, trainable, model, batches,
                        len(readers["train"]), lambda: evaluate("validation"), lambda: trainable_state(model),
-                       schedule, task, show_progress, runtime, checkpoint)
+                       schedule, task, show_progress, runtime, checkpoint, cuda_graphs, learners)
     model.load_state_dict(run.best_state, strict=False)
     test = evaluate("test") if "test" in readers else {}
     metrics = run_metrics(config.method, run, test, trainable, len(readers["train"]), task, rss_at_start,
                           "peak RSS of the fit (Linux VmHWM, reset when fit began) minus the RSS when fit began "
                           "(after importing torch and zarr; the cache, model and frozen layers load later)",
-                          asdict(settings), runtime)
+                          asdict(settings), runtime,
+                          gpu_memory_figures(runtime, learners[0], resident_bytes(readers), alone=True))
+    metrics["data_path"] = data_path(readers["train"])
     metrics["identity_sha256"] = key_sha256(identity)
     write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs)), run.best_state, metrics)
     checkpoint.remove()
     return metrics
+
+
+def data_path(reader: CacheReader) -> str:
+    """Which training data path ran: the cache resident on the device, in RAM, or streamed from the store."""
+    if reader.memory is None:
+        return "streaming"
+    return "resident on the GPU" if reader.memory.is_cuda else "in RAM"
 
 
 def model_info(attrs: dict) -> dict:

@@ -33,8 +33,15 @@ def load_matching_backbone(side: SideModel):
 def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] | None = None,
                   batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
     """Logits [N, C]. Features are rounded to the cache's dtype, as the side network saw them in training; the
-    backbone runs in float32, as stage one ran it."""
+    backbone runs at the precision stage one ran it in (the store key's `precision`: fp32 unless extracted in bf16
+    or fp16). InputError when this device cannot run that precision (fp16 on a CPU)."""
     runtime = runtime or CPU
+    precision = side.info["cache_key"].get("precision", "fp32")
+    try:
+        stage_one = Runtime.resolve(str(runtime.device), precision)
+    except InputError as error:
+        raise InputError(f"this model's cache was extracted in {precision}, which {runtime.device} cannot run ({error}); "
+                         "predict with --device cuda") from None
     dtype = torch.float16 if side.info["dtype"] == "float16" else torch.float32
     backbone.tokenizer.padding_side = "right"
     outputs = []
@@ -46,7 +53,8 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
         if backbone.causal:  # positions over real tokens, as in extraction
             batch["position_ids"] = causal_position_ids(batch["attention_mask"])
         batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
-        hidden = encoder(**batch, output_hidden_states=True).hidden_states
+        with stage_one.autocast():
+            hidden = encoder(**batch, output_hidden_states=True).hidden_states
         features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
         if side.info["dtype"] in EIGHT_BIT:  # the codes' rounding, as the side network saw it (cache/quantize.py)
             flat = features.reshape(-1, features.shape[-1])
@@ -55,8 +63,8 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
         features = features * mask[:, None, :, None]  # padded positions are zeros, as in the cache reader
         with runtime.autocast():
             logits = side.model(features, mask)
-        outputs.append(logits.float().cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, side.spec.num_labels), np.float32)
+        outputs.append(logits.float())
+    return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, side.spec.num_labels), np.float32)
 
 
 def logits_to_records(logits: np.ndarray, task: str, label_names: list[str]) -> list[dict]:

@@ -27,9 +27,10 @@ from cache.layout import key_sha256
 from cache.reader import CacheReader, open_store, subset_positions
 
 from .checkpoint import Checkpoint
-from .evaluate import layer_subsets, predict_split_many, side_inputs
-from .fit import (FitSettings, model_info, open_readers, require_training_splits, required_layers, run_identity,
-                  spec_from_store, train_batches, write_model_folder)
+from .evaluate import layer_subsets, predict_split_many
+from .fit import (FitSettings, data_path, device_batches, gpu_memory_figures, model_info, network_forward,
+                  open_readers, require_training_splits, required_layers, resident_bytes, run_identity, spec_from_store,
+                  write_model_folder)
 from ..memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
 from ..methods import build_model
 from ..metrics import primary_metric, task_metrics
@@ -91,6 +92,7 @@ def sweep(cache_path: str, runs: list[SweepRun], settings: FitSettings, out_dir:
     """Train every run (settings' lr, weight decay and seed are each run's own); write the folders and tables."""
     out_dir = Path(out_dir)
     runtime = Runtime.resolve(settings.device, settings.precision)
+    runtime.reset_peak_memory()  # once: the summary's GPU peak is the whole invocation's
     limit_allocator_slack()
     reset_peak()
     rss_at_start, started = current_rss_mb(), time.perf_counter()
@@ -110,28 +112,29 @@ def sweep(cache_path: str, runs: list[SweepRun], settings: FitSettings, out_dir:
     best = _best(runs, results, primary_metric(attrs["task"])[0])
     if best:
         bar.set_postfix(best=f"{best[0]} {best[1]:.4f}", refresh=False)
+    resident = [0]  # the largest --in-memory cache held on the GPU (one seed group's at a time)
     for seed in seeds:
         group = [run for run in todo if run.seed == seed]
         for run, metrics in _train_group(cache_path, root, group, layers, settings_of, identity_of, spec, attrs,
-                                         runtime, out_dir, bar, rss_at_start, runs, results):
+                                         runtime, out_dir, bar, rss_at_start, runs, results, resident):
             results[run.name] = metrics
     bar.close()
     summary = _summary(runs, results, settings, time.perf_counter() - started, peak_rss_mb() - rss_at_start,
-                       runtime, len(todo), attrs)
+                       runtime, len(todo), attrs, resident[0])
     write_tables(out_dir, summary)
     return summary
 
 
 def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec, attrs, runtime, out_dir, bar,
-                 rss_at_start, runs, results):
+                 rss_at_start, runs, results, resident):
     """Train the runs of one seed on shared batches; yield (run, metrics) as each model folder is written."""
     settings = settings_of[group[0].name]
     union = sorted(set().union(*(layers[run.name] for run in group)))
     readers = open_readers(cache_path, root, union, settings, runtime)
+    resident[0] = max(resident[0], resident_bytes(readers))
     train_size, task = len(readers["train"]), attrs["task"]
     members = [_member(run, settings_of[run.name], identity_of[run.name], layers[run.name], union, spec, train_size,
                        task, runtime, out_dir, bar) for run in group]
-    runtime.reset_peak_memory()
     first = min(member.learner.epochs_done for member in members)
     bar.update(first * train_size)  # epochs every run of the group finished before a resume
     for epoch in range(first, settings.epochs):
@@ -142,13 +145,12 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
         began = time.perf_counter()
         for member in active:
             member.learner.start_epoch()
-        for batch in train_batches(readers["train"], settings, epoch, runtime):
-            features, mask = side_inputs(batch, runtime)
-            labels = runtime.to_device(batch.labels)
+        for (features, mask), labels, rows in device_batches(readers["train"], settings, epoch, runtime,
+                                                             attrs["max_length"]):
             for member, inputs in zip(active, layer_subsets(features, [m.subset for m in active])):
                 with member.stream.active():
-                    member.learner.step((inputs, mask), labels)
-            bar.update(len(labels))
+                    member.learner.step((inputs, mask), labels, rows)
+            bar.update(rows)
         seconds = time.perf_counter() - began
         validations = _evaluate(active, readers["validation"], task, spec.num_labels, runtime)
         for member, validation in zip(active, validations):
@@ -168,9 +170,10 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
         metrics = run_metrics(member.run.config.method, run, test, trainable, train_size, task, rss_at_start,
                               "peak RSS of the whole sweep so far (Linux VmHWM, reset when it began) minus the RSS "
                               "when it began; seconds per epoch are the sweep's, shared by every run of its seed",
-                              asdict(member.settings), runtime)
+                              asdict(member.settings), runtime,
+                              gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False))
         metrics.update(identity_sha256=key_sha256(member.identity), sweep_run=member.run.name,
-                       sweep_runs_sharing_batches=len(members))
+                       sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]))
         side = SideModel(member.model, member.run.config, spec, model_info(attrs))
         write_model_folder(run_folder(out_dir, member.run), side, run.best_state, metrics)
         member.learner.checkpoint.remove()
@@ -185,9 +188,10 @@ def _member(run, settings, identity, layers, union, spec, train_size, task, runt
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, run.lr, run.weight_decay, settings.warmup_ratio, run.seed)
     checkpoint = Checkpoint.beside(run_folder(out_dir, run), identity, log=lambda line: bar.write(line, file=sys.stderr))
+    forward, cuda_graphs = network_forward(model, settings, runtime)
     with stream.active():  # a resumed checkpoint restores the run's random state into its stream
-        learner = Learner(lambda inputs: model(*inputs), trainable, model, lambda: trainable_state(model), schedule,
-                          train_size, task, runtime, checkpoint)
+        learner = Learner(forward, trainable, model, lambda: trainable_state(model), schedule,
+                          train_size, task, runtime, checkpoint, cuda_graphs)
     subset = tuple(union.index(layer) for layer in layers)
     return Member(run, settings, identity, model, subset, stream, learner)
 
@@ -205,7 +209,7 @@ def _best(runs: list[SweepRun], results: dict, metric: str, members: list[Member
     return max(scores.items(), key=lambda item: item[1]) if scores else None
 
 
-def _summary(runs, results, settings, seconds, peak_mb, runtime, trained, attrs) -> dict:
+def _summary(runs, results, settings, seconds, peak_mb, runtime, trained, attrs, resident: int = 0) -> dict:
     metric, _ = primary_metric(attrs["task"])
     rows = []
     for run in runs:
@@ -219,7 +223,7 @@ def _summary(runs, results, settings, seconds, peak_mb, runtime, trained, attrs)
     return {"metric": metric, "best": best["name"], "best_by": f"validation_{metric} (never test)", "runs": rows,
             "trained_now": trained, "wall_seconds": seconds, "peak_memory_mb": peak_mb,
             "peak_memory_measured_as": "peak RSS of this sweep invocation above its RSS when it began",
-            **runtime.describe(), **runtime.peak_memory(),
+            **runtime.describe(), **runtime.peak_memory(resident),
             "settings": {key: value for key, value in asdict(settings).items()
                          if key not in ("lr", "weight_decay", "seed")}}
 

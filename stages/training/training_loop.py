@@ -17,6 +17,9 @@ from ..progress import progress_bar
 from ..runtime import CPU, Runtime
 
 
+LOSS_SHOWN_EVERY_S = 2.0  # the progress bar's running loss reads the device: at most this often, never per step
+
+
 @dataclass
 class Schedule:
     epochs: int
@@ -36,7 +39,13 @@ class TrainingRun:
     seconds_per_epoch: float
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, task: str, rows: int | None = None) -> torch.Tensor:
+    """Mean loss over the first `rows` rows (all when None): a static-shape batch's padding rows come last and
+    count for nothing (stages/training/static_shapes.py)."""
+    if rows is not None and rows < len(labels):
+        if task == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")[:rows].mean()
+        return F.cross_entropy(logits, labels, reduction="none")[:rows].mean()
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
@@ -61,14 +70,20 @@ class Learner:
     `train_epochs` drives one learner; a sweep (stages/training/sweep.py) drives many on the same batches.
 
     forward(inputs) gives logits, run under the runtime's autocast; snapshot() copies the weights to keep.
-    checkpoint (stages.training.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch."""
+    checkpoint (stages.training.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch.
+    On a GPU AdamW is fused (one kernel for every tensor, and the gradient scaler's inf check stays on the device);
+    nothing in a step waits for the device. compiled: `forward` is a torch.compile'd module in reduce-overhead mode
+    (CUDA graphs), so each step marks a new graph step first."""
 
     def __init__(self, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  snapshot: Callable[[], dict], schedule: Schedule, train_size: int, task: str,
-                 runtime: Runtime | None = None, checkpoint=None):
+                 runtime: Runtime | None = None, checkpoint=None, cuda_graphs: bool = False):
         self.forward, self.trainable, self.modules, self.snapshot = forward, trainable, modules, snapshot
         self.schedule, self.task, self.runtime, self.checkpoint = schedule, task, runtime or CPU, checkpoint
-        self.optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr)
+        self.cuda_graphs = cuda_graphs
+        self.optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr,
+                                           fused=True if self.runtime.is_cuda else None)
+        self.step_peak, self.batch_bytes = [0], 0  # GPU bytes: a step's transient peak, the largest batch
         self.scaler = self.runtime.grad_scaler()
         steps = schedule.epochs * math.ceil(train_size / schedule.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -88,18 +103,40 @@ class Learner:
         self.modules.train()
         self.total, self.count = torch.zeros((), device=self.runtime.device), 0
 
-    def step(self, inputs, labels: torch.Tensor) -> None:
-        with self.runtime.autocast():
-            logits = self.forward(inputs)
-        loss = loss_of(logits.float(), labels, self.task)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.total, self.count = self.total + loss.detach() * len(labels), self.count + len(labels)
+    def step(self, inputs, labels: torch.Tensor, rows: int | None = None) -> None:
+        """One optimisation step; rows: the batch's real rows when it is padded to a static shape (the rest count
+        for nothing)."""
+        rows = len(labels) if rows is None else rows
+        if self.runtime.is_cuda:
+            self.batch_bytes = max(self.batch_bytes, sum(t.nbytes for t in inputs if isinstance(t, torch.Tensor)))
+        with self.runtime.memory.window(self.step_peak):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with self.runtime.autocast():
+                logits = self.forward(inputs)
+            loss = loss_of(logits.float(), labels, self.task, rows)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        self.total, self.count = self.total + loss.detach() * rows, self.count + rows
+
+    def gpu_memory(self) -> dict:
+        """What this network alone holds on the GPU at its peak, in MB: its weights (frozen layers too), gradients
+        and optimizer state, the largest batch, and the largest transient of a step (activations; measured as the
+        allocator's peak inside the step above what was allocated when it began). In a sweep, where the device
+        also holds the other networks, this is the figure to compare with a fit; {} on the CPU."""
+        if not self.runtime.is_cuda:
+            return {}
+        tensors = list(self.modules.parameters()) + list(self.modules.buffers())
+        tensors += [p.grad for p in self.trainable if p.grad is not None]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.is_cuda]
+        held = sum(t.nbytes for t in {id(t): t for t in tensors if t.is_cuda}.values())
+        return {"peak_gpu_network_mb": (held + self.batch_bytes + self.step_peak[0]) / 2**20}
 
     def running_loss(self) -> float:
         """The epoch's mean training loss so far (.item() waits for the device)."""
@@ -126,20 +163,25 @@ class Learner:
 
 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
-                 batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
+                 batches: Callable[[int], Iterable[tuple]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
-                 show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None) -> TrainingRun:
-    """batches(epoch) yields (inputs, labels) already on the runtime's device; see `Learner` for the rest."""
-    learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint)
+                 show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None,
+                 cuda_graphs: bool = False, learner_out: list | None = None) -> TrainingRun:
+    """batches(epoch) yields (inputs, labels) or (inputs, labels, real rows) already on the runtime's device; see
+    `Learner` for the rest. learner_out: the learner is appended to it (for its GPU memory figures)."""
+    learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint,
+                      cuda_graphs)
+    if learner_out is not None:
+        learner_out.append(learner)
     for epoch in range(learner.epochs_done, schedule.epochs):
         started = shown = time.perf_counter()
         learner.start_epoch()
         bar = progress_bar(total=train_size, desc=f"{name} epoch {epoch + 1}/{schedule.epochs}", unit="sample",
                            disable=not show_progress)
-        for inputs, labels in batches(epoch):
-            learner.step(inputs, labels)
-            bar.update(len(labels))
-            if not bar.disable and time.perf_counter() - shown >= bar.mininterval:
+        for inputs, labels, *rows in batches(epoch):
+            learner.step(inputs, labels, *rows)
+            bar.update(rows[0] if rows else len(labels))
+            if not bar.disable and time.perf_counter() - shown >= LOSS_SHOWN_EVERY_S:  # .item(): waits for the GPU
                 bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
                 shown = time.perf_counter()
         bar.close()
@@ -152,13 +194,14 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
 
 
 def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, train_samples: int, task: str,
-                rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None) -> dict:
-    """On a GPU, the peak `torch.cuda.max_memory_allocated` (reset when training began) is the memory figure that
-    reports use; RSS is kept beside it."""
+                rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None,
+                gpu_memory: dict | None = None) -> dict:
+    """On a GPU, gpu_memory holds the memory figures that reports use (`peak_gpu_allocated_mb` and how it was
+    measured); RSS is kept beside them."""
     peak = peak_rss_mb()
     metric, _ = primary_metric(task)
     runtime = runtime or CPU
-    return {**runtime.describe(), **runtime.peak_memory(),
+    return {**runtime.describe(), **(gpu_memory or {}),
         "method": method, "test": test, "best_epoch": run.best_epoch, f"best_validation_{metric}": run.best_value,
         "history": run.history, "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds_per_epoch": run.seconds_per_epoch, "train_samples": train_samples,
