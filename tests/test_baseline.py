@@ -19,6 +19,8 @@ def test_baseline_trains_and_reports_like_fit(method, trainable, tiny_bert, tiny
     assert metrics["method"] == method and metrics["baseline"] is True
     assert {"test", "history", "trainable_parameters", "peak_memory_mb", "seconds_per_epoch"} <= set(metrics)
     assert len(metrics["history"]) == 2 and "accuracy" in metrics["test"]
+    parts = metrics["training_memory_parts_mb"]  # the backbone's weights are resident: more than the head alone
+    assert parts["resident"] > 0 and parts["step_peak"] > 0 and parts["data"] == 0
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / method / "model.safetensors"), "pt") as handle:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..memory import peak_rss_mb
+from ..memory import peak_allocated_mb, peak_rss_mb, tensor_mb
 from ..metrics import primary_metric
 from ..progress import progress_bar
 from ..runtime import CPU, Runtime
@@ -34,6 +34,7 @@ class TrainingRun:
     best_value: float
     best_state: dict
     seconds_per_epoch: float
+    step_memory: dict | None = None  # Learner.step_memory on the run's largest batch (CPU runs)
 
 
 def loss_of(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -101,6 +102,19 @@ class Learner:
         self.scheduler.step()
         self.total, self.count = self.total + loss.detach() * len(labels), self.count + len(labels)
 
+    def step_memory(self, inputs, labels: torch.Tensor) -> dict:
+        """What one training step holds, in MB, by torch's own allocation tracking (stages.memory.peak_allocated_mb):
+        `resident`: the network's weights and buffers (frozen ones included), the optimizer's state and the batch's
+        tensors, allocated before the step; `step_peak`: the step's own peak above that (activations kept for the
+        backward pass, gradients, temporaries). Takes a real step (the caller restores the weights it keeps); the
+        previous step's gradients are freed first, so they are neither counted twice nor missed by the profiler."""
+        self.optimizer.zero_grad(set_to_none=True)
+        state = [t for values in self.optimizer.state.values() for t in values.values() if torch.is_tensor(t)]
+        batch = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        resident = tensor_mb([*self.modules.parameters(), *self.modules.buffers(), *state,
+                              *[t for t in batch if torch.is_tensor(t)], labels])
+        return {"resident": resident, "step_peak": peak_allocated_mb(lambda: self.step(inputs, labels))}
+
     def running_loss(self) -> float:
         """The epoch's mean training loss so far (.item() waits for the device)."""
         return self.total.item() / max(self.count, 1)
@@ -120,17 +134,26 @@ class Learner:
                                  (self.history, self.best, self.best_state, self.best_epoch, self.seconds))
         return row
 
-    def result(self) -> TrainingRun:
+    def result(self, step_memory: dict | None = None) -> TrainingRun:
         return TrainingRun(self.history, self.best_epoch, self.best, self.best_state,
-                           sum(self.seconds) / len(self.seconds))
+                           sum(self.seconds) / len(self.seconds), step_memory)
+
+
+def batch_elements(inputs) -> int:
+    """Elements in a batch's tensors (a tuple, or a dict as tokenizers give): within one run, the padded size."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    return sum(t.numel() for t in values if torch.is_tensor(t))
 
 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple[object, torch.Tensor]]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
                  show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None) -> TrainingRun:
-    """batches(epoch) yields (inputs, labels) already on the runtime's device; see `Learner` for the rest."""
+    """batches(epoch) yields (inputs, labels) already on the runtime's device; see `Learner` for the rest.
+    On the CPU, after the last epoch, one more step on the run's largest batch measures its memory
+    (`Learner.step_memory`; the learning rate is zero by then, and the caller restores the best weights)."""
     learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint)
+    largest, largest_size = None, -1
     for epoch in range(learner.epochs_done, schedule.epochs):
         started = shown = time.perf_counter()
         learner.start_epoch()
@@ -138,6 +161,8 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                            disable=not show_progress)
         for inputs, labels in batches(epoch):
             learner.step(inputs, labels)
+            if learner.runtime.device.type == "cpu" and batch_elements(inputs) > largest_size:
+                largest, largest_size = (inputs, labels), batch_elements(inputs)
             bar.update(len(labels))
             if not bar.disable and time.perf_counter() - shown >= bar.mininterval:
                 bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
@@ -148,17 +173,35 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
         if show_progress:
             tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation {learner.metric} "
                        f"{row[f'validation_{learner.metric}']:.4f}")
-    return learner.result()
+    if learner.runtime.device.type != "cpu":
+        return learner.result()
+    if largest is None:  # resumed after the last epoch: measure on the first batch
+        largest = next(iter(batches(0)), None)
+    return learner.result(learner.step_memory(*largest) if largest is not None else None)
+
+
+TRAINING_MEMORY_MEASURED_AS = (
+    "torch's own allocation tracking (torch.profiler, profile_memory) of one training step on the run's largest "
+    "batch: the step's peak allocation, plus the tensors alive before it (weights and buffers, frozen ones included; "
+    "optimizer state; the batch), plus the data the run keeps decoded beside them (cached methods: the reader's "
+    "buffered cache blocks). Not RSS: the allocator's slack and Python objects are left out")
 
 
 def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, train_samples: int, task: str,
-                rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None) -> dict:
+                rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None,
+                data_mb: float = 0.0) -> dict:
     """On a GPU, the peak `torch.cuda.max_memory_allocated` (reset when training began) is the memory figure that
-    reports use; RSS is kept beside it."""
+    reports use; on the CPU `training_memory_mb` (TRAINING_MEMORY_MEASURED_AS; data_mb: the decoded data the run
+    holds outside torch, in MB). Peak RSS above the start is kept beside either."""
     peak = peak_rss_mb()
     metric, _ = primary_metric(task)
     runtime = runtime or CPU
-    return {**runtime.describe(), **runtime.peak_memory(),
+    memory = {}
+    if run.step_memory is not None:
+        parts = {**run.step_memory, "data": data_mb}
+        memory = {"training_memory_mb": sum(parts.values()), "training_memory_parts_mb": parts,
+                  "training_memory_measured_as": TRAINING_MEMORY_MEASURED_AS}
+    return {**runtime.describe(), **runtime.peak_memory(), **memory,
         "method": method, "test": test, "best_epoch": run.best_epoch, f"best_validation_{metric}": run.best_value,
         "history": run.history, "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds_per_epoch": run.seconds_per_epoch, "train_samples": train_samples,
