@@ -421,7 +421,12 @@ def plot_accuracy_vs_memory(models: list[dict], path: Path) -> None:
             axes.scatter([memory], [value], marker="o", color="tab:blue", zorder=3)
         axes.annotate(model["name"], (memory, value), textcoords="offset points", xytext=(5, 4), fontsize=9)
     if any(m["metrics"].get(key) for m in models):
+        from matplotlib.ticker import FuncFormatter
+
         axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 30, 200, not 3 x 10^1
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(plain)
     axes.set_xlabel(label + ", log scale")
     axes.set_ylabel("test " + (" / ".join(sorted(metric_names)) or "accuracy"))
     axes.set_title("test metric against memory" + (": up and left of the red lines beats LoRA on both" if lora else ""))
