@@ -333,7 +333,7 @@ def markdown_report(models: list[dict], models_dir: Path) -> str:
     key, description, _ = memory_measure(models)
     header = ["model", "method", "kind", *[title for _, title in columns], "trainable parameters",
               "memory MB", "peak RSS above start MB", "seconds / epoch", "epochs", "best epoch", "device, precision"]
-    lines = ["# cachetune report", "", comparison_section(models),
+    lines = ["# cachetune report", "", comparison_section(models) if models else "",
              f"![test metric against memory, LoRA as the reference]({SCATTER_NAME})", "",
              "## Every run", "",
              f"{len(models)} model folder(s) under `{models_dir}`. Test metrics at the epoch with the best validation "
