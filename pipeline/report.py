@@ -172,8 +172,153 @@ def _number(value, digits: int) -> str:
 
 
 def peak_memory(metrics: dict) -> float | None:
-    """The memory figure a run is judged by: peak GPU memory allocated on a GPU, else peak RSS above start."""
-    return metrics.get("peak_gpu_allocated_mb", metrics.get("peak_memory_mb"))
+    """The memory figure a run is judged by alone: peak GPU memory allocated on a GPU, else training memory by
+    torch's allocation tracking, else peak RSS above start (older metrics.json). Tables of several runs use
+    `memory_measure`, one measure for every row."""
+    return metrics.get("peak_gpu_allocated_mb", metrics.get("training_memory_mb", metrics.get("peak_memory_mb")))
+
+
+# Memory measures, preferred first: (metrics.json key, what it is, axis label).
+MEMORY_MEASURES = (
+    ("peak_gpu_allocated_mb", "peak GPU memory allocated during training (`torch.cuda.max_memory_allocated`)",
+     "peak GPU memory allocated (MB)"),
+    ("training_memory_mb", "training memory by torch's own allocation tracking (torch.profiler, profile_memory): "
+     "the peak of one training step on the run's largest batch, plus the tensors alive before it (weights, frozen "
+     "ones included; optimizer state; the batch), plus the decoded cache blocks a side network's reader holds. "
+     "Not RSS: the allocator's slack and Python objects are left out", "training memory, torch allocations (MB)"),
+    ("peak_memory_mb", "the process's peak RSS above its RSS when the run began (it includes the allocator's slack)",
+     "peak RSS above start (MB)"),
+)
+
+
+def memory_measure(models: list[dict]) -> tuple[str, str, str]:
+    """The first of MEMORY_MEASURES that every model has (key, description, axis label), so that rows compare."""
+    for measure in MEMORY_MEASURES:
+        if all(model["metrics"].get(measure[0]) is not None for model in models):
+            return measure
+    return MEMORY_MEASURES[-1]
+
+
+def reference_model(models: list[dict]) -> dict | None:
+    """The LoRA run the ratios are taken against (the first by name), or None."""
+    return next((model for model in models if model["metrics"].get("method") == "lora"), None)
+
+
+def _ratio(value, reference) -> str:
+    if value is None or not reference:
+        return "–"
+    return f"{value / reference:.2f}"
+
+
+def _signed(difference: float | None, metric: str) -> str:
+    if difference is None:
+        return "–"
+    return f"{difference * 100:+.2f}" if metric == "accuracy" else f"{difference:+.4f}"
+
+
+def comparison_section(models: list[dict]) -> str:
+    """The report's opening: every run beside LoRA (accuracy, memory, time, parameters, and their ratios), the
+    amortised cost, and sentences generated from the numbers."""
+    lora = reference_model(models)
+    key, description, _ = memory_measure(models)
+    metric = primary_test_metric((lora or models[0])["metrics"])[0]
+    title = "accuracy" if metric == "accuracy" else "Pearson r"
+    unit = " (points)" if metric == "accuracy" else ""
+    ref = lora["metrics"] if lora else {}
+    ref_value, ref_memory, ref_time = primary_test_metric(ref)[1] if lora else None, ref.get(key), ref.get("seconds_per_epoch")
+    order = sorted(models, key=lambda m: (is_baseline(m["metrics"]), -(primary_test_metric(m["metrics"])[1] or -math.inf)))
+    lines = ["## Side networks against LoRA", ""]
+    if lora is None:
+        lines += ["No LoRA run under the models folder, so no ratios: run `pipeline baseline --method lora` on the "
+                  "same data (`dvc repro` does).", ""]
+    header = ["model", f"test {title}", f"{title} − LoRA{unit}", "memory MB", "memory / LoRA", "s / epoch",
+              "time / LoRA", "trainable parameters"]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for model in order:
+        m = model["metrics"]
+        value = primary_test_metric(m)[1]
+        parameters = m.get("trainable_parameters")
+        name = f"**{model['name']}**" if model is lora else model["name"]
+        row = [name, _number(value, 4), _signed(value - ref_value if value is not None and ref_value is not None
+                                                else None, metric),
+               _number(m.get(key), 0), _ratio(m.get(key), ref_memory), _number(m.get("seconds_per_epoch"), 1),
+               _ratio(m.get("seconds_per_epoch"), ref_time), f"{parameters:,}" if isinstance(parameters, int) else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    samples = sorted({m["metrics"].get("train_samples") for m in models if m["metrics"].get("train_samples")})
+    lines += ["", f"Test {title} at the epoch with the best validation {title}. Memory: {description}. Time: seconds "
+              "per training epoch (validation excluded)"
+              + (f"; every run trained on {samples[0]:,} samples" if len(samples) == 1 else "")
+              + f"; {', '.join(sorted({measured_on(m['metrics']) for m in models}))}.", ""]
+    amortised = amortised_cost(models, lora)
+    if amortised:
+        lines += [amortised, ""]
+    lines += [summary_sentences(order, lora, key, metric), ""]
+    return "\n".join(lines)
+
+
+def amortised_cost(models: list[dict], lora: dict | None) -> str | None:
+    """One extraction plus every side network's fit, against one LoRA run per side network (wall seconds)."""
+    sides = [m["metrics"] for m in models if not is_baseline(m["metrics"])]
+    if lora is None or not sides or lora["metrics"].get("wall_seconds") is None:
+        return None
+    if any(m.get("wall_seconds") is None for m in sides):
+        return None
+    fits = sum(m["wall_seconds"] for m in sides)
+    extract = next((m["extract_seconds"] for m in sides if m.get("extract_seconds") is not None), None)
+    runs = len(sides) * lora["metrics"]["wall_seconds"]
+    cached = fits + (extract or 0.0)
+    extraction = (f"one extraction ({extract:.0f} s) plus " if extract is not None
+                  else "every fit (the extraction's time was not recorded in the cache) — ")
+    return (f"Amortised cost: {extraction}all {len(sides)} side-network fits ({fits:.0f} s) = {cached:.0f} s of wall "
+            f"time, against one LoRA run per method ({len(sides)} x {lora['metrics']['wall_seconds']:.0f} s = "
+            f"{runs:.0f} s): **{cached / runs:.2f}** of the time. Each further seed or setting costs a fit, not an "
+            "extraction.")
+
+
+def summary_sentences(order: list[dict], lora: dict | None, key: str, metric: str) -> str:
+    """Two or three sentences from the numbers: who matches LoRA within a point, at what share of its memory and
+    time; the best side network; the linear probe as the floor."""
+    sides = [m for m in order if not is_baseline(m["metrics"]) and primary_test_metric(m["metrics"])[1] is not None]
+    if lora is None or not sides:
+        return ""
+    ref = lora["metrics"]
+    ref_value = primary_test_metric(ref)[1]
+    point = 0.01 if metric == "accuracy" else 0.01  # one accuracy point; 0.01 of Pearson r
+
+    def share(m, field):
+        return m["metrics"].get(field) / ref[field] if m["metrics"].get(field) is not None and ref.get(field) else None
+
+    def span(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        return f"{min(values):.2f}" if len(values) == 1 else f"{min(values):.2f}–{max(values):.2f}"
+
+    close = [m for m in sides if primary_test_metric(m["metrics"])[1] >= ref_value - point]
+    sentences = []
+    if close:
+        names = ", ".join(f"{m['name']} ({_signed(primary_test_metric(m['metrics'])[1] - ref_value, metric)})"
+                          for m in close)
+        sentences.append(f"{len(close)} of {len(sides)} side networks match LoRA within a point or beat it — {names} — "
+                         f"at {span([share(m, key) for m in close])} of its memory and "
+                         f"{span([share(m, 'seconds_per_epoch') for m in close])} of its time per epoch.")
+    else:
+        nearest = sides[0]
+        sentences.append(f"No side network comes within a point of LoRA; the closest, {nearest['name']}, is "
+                         f"{_signed(primary_test_metric(nearest['metrics'])[1] - ref_value, metric)} "
+                         f"at {span([share(nearest, key)])} of its memory.")
+    best = sides[0]
+    sentences.append(f"The best, {best['name']}, reaches {primary_test_metric(best['metrics'])[1]:.4f} against LoRA's "
+                     f"{ref_value:.4f} with {_number(best['metrics'].get(key), 0)} MB against {_number(ref.get(key), 0)} "
+                     f"MB and {_number(best['metrics'].get('seconds_per_epoch'), 1)} s per epoch against "
+                     f"{_number(ref.get('seconds_per_epoch'), 1)} s.")
+    probe = next((m for m in sides if m["metrics"].get("method") == "linear"), None)
+    if probe is not None:
+        floor = primary_test_metric(probe["metrics"])[1]
+        below = [m["name"] for m in sides if m is not probe and primary_test_metric(m["metrics"])[1] <= floor]
+        sentences.append(f"Every other side network is above the linear probe ({floor:.4f})." if not below else
+                         f"Not above the linear probe ({floor:.4f}): {', '.join(below)}.")
+    return " ".join(sentences)
 
 
 def measured_on(metrics: dict) -> str:
@@ -185,12 +330,15 @@ def markdown_report(models: list[dict], models_dir: Path) -> str:
     tests = [m["metrics"].get("test") or {} for m in models]
     columns = [c for c in CLASSIFICATION_COLUMNS + REGRESSION_COLUMNS if any(c[0] in t for t in tests)]
     columns = columns or list(CLASSIFICATION_COLUMNS)
+    key, description, _ = memory_measure(models)
     header = ["model", "method", "kind", *[title for _, title in columns], "trainable parameters",
-              "peak memory MB", "seconds / epoch", "best epoch", "device, precision"]
-    lines = ["# cachetune report", "",
+              "memory MB", "peak RSS above start MB", "seconds / epoch", "epochs", "best epoch", "device, precision"]
+    lines = ["# cachetune report", "", comparison_section(models) if models else "",
+             f"![test metric against memory, LoRA as the reference]({SCATTER_NAME})", "",
+             "## Every run", "",
              f"{len(models)} model folder(s) under `{models_dir}`. Test metrics at the epoch with the best validation "
-             "metric; peak memory is `torch.cuda.max_memory_allocated` during training for a run on a GPU, else the "
-             "process's peak RSS above its RSS when the fit began.", "",
+             f"metric. Memory MB: {description}. Peak RSS above start, for comparison: what the process held, "
+             "allocator slack included.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for model, test in zip(models, tests):
         m = model["metrics"]
@@ -198,11 +346,10 @@ def markdown_report(models: list[dict], models_dir: Path) -> str:
         row = [model["name"], m["method"], "baseline" if is_baseline(m) else "side network",
                *[_number(test.get(key), 4) for key, _ in columns],
                f"{parameters:,}" if isinstance(parameters, int) else "–",
-               _number(peak_memory(m), 0), _number(m.get("seconds_per_epoch"), 2),
-               str(m.get("best_epoch", "–")), measured_on(m)]
+               _number(m.get(key), 0), _number(m.get("peak_memory_mb"), 0), _number(m.get("seconds_per_epoch"), 2),
+               str(len(m.get("history") or []) or "–"), str(m.get("best_epoch", "–")), measured_on(m)]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"![test metric against peak memory]({SCATTER_NAME})", "",
-              f"![training loss and validation metric per epoch]({CURVES_NAME})", "",
+    lines += ["", f"![training loss and validation metric per epoch]({CURVES_NAME})", "",
               f"Per-epoch histories: `{HISTORY_DIR}/NAME.csv` (drawn by `dvc plots show`).", ""]
     return "\n".join(lines)
 
@@ -250,26 +397,40 @@ def _finish(plt, figure, axes_list, path: Path, legend: bool = True) -> None:
 
 
 def plot_accuracy_vs_memory(models: list[dict], path: Path) -> None:
+    """Test metric against one memory measure (`memory_measure`) for every run; LoRA is a star with dashed lines
+    through it, the reference the side networks are read against; other baselines are squares."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    figure, axes = plt.subplots(figsize=(7, 4.8))
+    key, _, label = memory_measure(models)
+    lora = reference_model(models)
     metric_names = set()
     for model in models:
         m = model["metrics"]
         metric, value = primary_test_metric(m)
-        memory = peak_memory(m)
+        memory = m.get(key)
         if value is None or memory is None:
             continue
         metric_names.add(metric)
-        baseline = is_baseline(m)
-        axes.scatter([memory], [value], marker="s" if baseline else "o", color="tab:gray" if baseline else "tab:blue")
+        if model is lora:
+            axes.scatter([memory], [value], marker="*", s=220, color="tab:red", zorder=3, label="LoRA (reference)")
+            axes.axhline(value, color="tab:red", linestyle="--", linewidth=0.8)
+            axes.axvline(memory, color="tab:red", linestyle="--", linewidth=0.8)
+        elif is_baseline(m):
+            axes.scatter([memory], [value], marker="s", s=60, color="tab:gray", zorder=3)
+        else:
+            axes.scatter([memory], [value], marker="o", color="tab:blue", zorder=3)
         axes.annotate(model["name"], (memory, value), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    on_gpu = [("peak_gpu_allocated_mb" in model["metrics"]) for model in models]
-    axes.set_xlabel("peak GPU memory allocated (MB)" if all(on_gpu) else "peak memory above start (MB)" if not any(on_gpu)
-                    else "peak memory (MB): GPU allocated where trained on a GPU, else RSS above start")
+    if any(m["metrics"].get(key) for m in models):
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 30, 200, not 3 x 10^1
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(plain)
+    axes.set_xlabel(label + ", log scale")
     axes.set_ylabel("test " + (" / ".join(sorted(metric_names)) or "accuracy"))
-    baselines = any(is_baseline(model["metrics"]) for model in models)
-    axes.set_title("test metric against peak memory" + (" (squares: baselines)" if baselines else ""))
-    _finish(plt, figure, [axes], path, legend=False)
+    axes.set_title("test metric against memory" + (": up and left of the red lines beats LoRA on both" if lora else ""))
+    _finish(plt, figure, [axes], path, legend=lora is not None)
 
 
 def plot_training_curves(models: list[dict], path: Path) -> None:

@@ -59,3 +59,31 @@ def limit_allocator_slack() -> bool:
                    ((m_mmap_threshold, 64 << 20), (m_trim_threshold, 64 << 20), (m_arena_max, 2)))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def tensor_mb(tensors) -> float:
+    """MB held by the distinct storages of `tensors` (a shared storage is counted once; None entries skipped)."""
+    storages = {}
+    for tensor in tensors:
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def peak_allocated_mb(work) -> float:
+    """Peak MB that torch's CPU allocator held for `work()` above what was allocated before it: the running sum of
+    the allocations and frees the profiler records (torch.profiler, profile_memory=True), at its highest. Counts
+    tensors only (not Python objects, numpy arrays, or the allocator's slack), so it measures the computation,
+    not the process. Freeing a block allocated before `work` began is not counted (the profiler cannot size it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        work()
+    events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"
+                     and event.device_type().name == "CPU"), key=lambda event: event.start_ns())
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak / 2**20

@@ -80,14 +80,23 @@ def test_project_pipeline_resolves_to_one_fit_per_method(tmp_path):
     with Repo(str(repo)) as dvc_repo:
         commands = {stage.name: stage.cmd for stage in dvc_repo.index.stages}
     methods = list(project_params()["fit"]["methods"])
-    assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], "sweep", "report"]
+    baselines = list(project_params()["baseline"]["methods"])
+    assert "lora" in baselines
+    assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], *[f"baseline@{m}" for m in baselines],
+                              "sweep", "report"]
     assert commands["sweep"].startswith("pipeline sweep --grid params.yaml --cache artifacts/features.zarr "
                                         "--out artifacts/models/sweep --epochs 5")
+    assert "--max-train-samples 4000 --length-buckets" in commands["sweep"]
     assert commands["extract"].startswith("pipeline extract --backbone minilm --data movies --layers all "
                                           "--max-length 128 --batch-size 32 --out artifacts/features.zarr")
     assert re.fullmatch(r"pipeline fit --method sherl .*--epochs 5 --batch-size 32 --lr 0\.001 .*--device auto --precision auto ?", commands["fit@sherl"])
     assert re.fullmatch(r"pipeline fit --method lst .*--set r=4", commands["fit@lst"])
-    assert commands["fit@unipt"].endswith("--set r=2") and commands["fit@linear"].rstrip().endswith("--seed 0 --device auto --precision auto")
+    assert commands["fit@unipt"].endswith("--set r=2") and commands["fit@linear"].rstrip().endswith(
+        "--seed 0 --max-train-samples 4000 --length-buckets --device auto --precision auto")
+    # LoRA on the fits' data: extract's backbone, data and max length; fit's batch size, seed and subset
+    assert re.fullmatch(r"pipeline baseline --method lora --backbone minilm --data movies --max-length 128 --epochs 2 "
+                        r"--batch-size 32 .*--seed 0 --max-train-samples 4000 --length-buckets --device auto --precision auto "
+                        r"--out artifacts/models/lora ?", commands["baseline@lora"])
     assert commands["report"] == "pipeline report --models artifacts/models --out reports"
 
 
@@ -96,21 +105,22 @@ def test_dvc_repro_end_to_end_then_no_op_then_only_the_changed_fit(tiny_bert, ti
     params = project_params()
     params["extract"].update({"backbone": str(tiny_bert), "data": str(tiny_table), "max-length": 24, "batch-size": 8})
     params["fit"].update({"epochs": 1, "batch-size": 16})
+    params["baseline"].update({"epochs": 1})
     params["fit"]["methods"] = {"linear": {}, "sherl": {"set": ["r=4", "late_layers=1"]}}
     params["sweep"] = {"methods": ["linear"], "lr": [0.001, 0.003], "seeds": [0]}
     repo = make_repo(tmp_path / "repo", params)
 
     first = dvc("repro", cwd=repo)
-    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "sweep", "report"}, first
-    for name in ("linear", "sherl"):
+    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "sweep", "report"}, first
+    for name in ("linear", "sherl", "lora"):
         metrics = json.loads((repo / "artifacts" / "models" / name / "metrics.json").read_text())
         assert metrics["method"] == name and metrics["settings"]["epochs"] == 1 and len(metrics["history"]) == 1
     assert "--set r=4 --set late_layers=1" in first
     report = (repo / "reports" / "report.md").read_text()
-    assert "| linear |" in report and "| sherl |" in report
+    assert "| linear |" in report and "| sherl |" in report and "| **lora** |" in report
     assert "## Sweep `sweep`" in report and "| linear-lr=0.003 | 1 |" in report
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "sweep", "report"}
+    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "sweep", "report"}
 
     second = dvc("repro", cwd=repo)
     assert ran_stages(second) == set() and "Data and pipelines are up to date" in second, second

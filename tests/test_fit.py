@@ -46,6 +46,9 @@ def test_each_method_learns_and_round_trips(method, tiny_cache, tmp_path):
         assert (tmp_path / method / name).exists()
     saved = json.loads((tmp_path / method / "metrics.json").read_text())
     assert saved["trainable_parameters"] > 0 and saved["peak_memory_mb"] >= 0 and "accuracy" in saved["test"]
+    parts = saved["training_memory_parts_mb"]  # weights and batch, the step's own peak, the reader's buffer
+    assert parts["resident"] > 0 and parts["step_peak"] > 0 and parts["data"] > 0
+    assert saved["training_memory_mb"] == pytest.approx(sum(parts.values()))
     assert not any(path.suffix in (".pt", ".pkl", ".bin") for path in (tmp_path / method).iterdir())
 
     side = load_side_model(tmp_path / method)

@@ -49,8 +49,17 @@ def write_metrics(folder, method, test, history=None, **extra):
     return folder
 
 
-def table_rows(report_text):
-    rows = [line for line in report_text.splitlines() if line.startswith("| ")]
+def table_rows(report_text, section="## Every run"):
+    """(header, rows as dicts) of the first table after the line `section`."""
+    lines = report_text.splitlines()
+    lines = lines[lines.index(section):]
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        if line.startswith("| "):  # not the |---| line
+            rows.append(line)
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     return header, [dict(zip(header, (cell.strip() for cell in row.strip("|").split("|")))) for row in rows[1:]]
 
@@ -67,7 +76,7 @@ def test_report_of_fitted_models_writes_table_plots_and_histories(tiny_bert, tin
     out = tmp_path / "reports"
     text = (out / "report.md").read_text()
     header, rows = table_rows(text)
-    for column in ("method", "test accuracy", "macro-F1", "trainable parameters", "peak memory MB", "seconds / epoch"):
+    for column in ("method", "test accuracy", "macro-F1", "trainable parameters", "memory MB", "seconds / epoch"):
         assert column in header
     assert [row["model"] for row in rows] == ["linear", "sherl", "baselines/lora"]  # baselines last
     assert rows[2]["kind"] == "baseline" and rows[0]["kind"] == "side network"
@@ -76,7 +85,9 @@ def test_report_of_fitted_models_writes_table_plots_and_histories(tiny_bert, tin
         assert row["test accuracy"] == f"{metrics['test']['accuracy']:.4f}"
         assert row["macro-F1"] == f"{metrics['test']['macro_f1']:.4f}"
         assert row["trainable parameters"] == f"{metrics['trainable_parameters']:,}"
-        assert row["peak memory MB"] == f"{metrics['peak_memory_mb']:.0f}"
+        # the hand-written LoRA metrics lack training_memory_mb: every row falls back to the one measure all have
+        assert row["memory MB"] == row["peak RSS above start MB"] == f"{metrics['peak_memory_mb']:.0f}"
+        assert metrics["training_memory_mb"] > 0
     for png in ("accuracy_vs_memory.png", "training_curves.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC) and f"]({png})" in text
     with open(out / "history" / "sherl.csv") as stream:
@@ -101,15 +112,63 @@ def test_regression_models_get_regression_columns(tmp_path):
     assert (tmp_path / "out" / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_a_gpu_run_is_judged_by_its_gpu_memory(tmp_path):
-    write_metrics(tmp_path / "models" / "lst", "lst", {"accuracy": 0.9, "macro_f1": 0.9}, device="cuda:0",
-                  device_name="NVIDIA H100", precision="bf16", peak_gpu_allocated_mb=123.0)
-    write_metrics(tmp_path / "models" / "unipt", "unipt", {"accuracy": 0.8, "macro_f1": 0.8})
-    path = write_report(tmp_path / "models", tmp_path / "out")
-    _, rows = table_rows(path.read_text())
-    by_name = {row["model"]: row for row in rows}
-    assert by_name["lst"]["peak memory MB"] == "123" and by_name["lst"]["device, precision"] == "NVIDIA H100, bf16"
-    assert by_name["unipt"]["peak memory MB"] == "50" and by_name["unipt"]["device, precision"] == "cpu, fp32"
+def test_every_row_uses_one_memory_measure_gpu_only_when_every_run_had_one(tmp_path):
+    gpu = {"device": "cuda:0", "device_name": "NVIDIA H100", "precision": "bf16"}
+    write_metrics(tmp_path / "models" / "lst", "lst", {"accuracy": 0.9, "macro_f1": 0.9}, **gpu, peak_gpu_allocated_mb=123.0)
+    write_metrics(tmp_path / "models" / "unipt", "unipt", {"accuracy": 0.8, "macro_f1": 0.8}, **gpu, peak_gpu_allocated_mb=45.0)
+    text = write_report(tmp_path / "models", tmp_path / "out").read_text()
+    by_name = {row["model"]: row for row in table_rows(text)[1]}
+    assert by_name["lst"]["memory MB"] == "123" and by_name["lst"]["device, precision"] == "NVIDIA H100, bf16"
+    assert "max_memory_allocated" in text
+    # a CPU run joins: the GPU figure would not compare with it, so every row shows peak RSS above start
+    write_metrics(tmp_path / "models" / "linear", "linear", {"accuracy": 0.7, "macro_f1": 0.7})
+    text = write_report(tmp_path / "models", tmp_path / "out").read_text()
+    by_name = {row["model"]: row for row in table_rows(text)[1]}
+    assert by_name["lst"]["memory MB"] == by_name["linear"]["memory MB"] == "50"
+    assert by_name["linear"]["device, precision"] == "cpu, fp32" and "peak RSS above its RSS" in text
+
+
+def write_comparison(models):
+    """LoRA and three side networks with round numbers (CPU: training_memory_mb)."""
+    def run(name, accuracy, memory, seconds, wall, **extra):
+        return write_metrics(models / name, name, {"accuracy": accuracy, "macro_f1": accuracy},
+                             training_memory_mb=memory, peak_memory_mb=memory * 3, seconds_per_epoch=seconds,
+                             wall_seconds=wall, train_samples=4000, **extra)
+
+    run("lora", 0.84, 1000.0, 100.0, 250.0, baseline=True, trainable_parameters=74498)
+    run("lst", 0.85, 100.0, 20.0, 110.0, extract_seconds=60.0)
+    run("sherl", 0.835, 250.0, 30.0, 160.0, extract_seconds=60.0)
+    run("linear", 0.76, 50.0, 1.0, 10.0, extract_seconds=60.0)
+
+
+def test_the_report_opens_with_every_side_network_beside_lora(tmp_path):
+    write_comparison(tmp_path / "models")
+    text = write_report(tmp_path / "models", tmp_path / "out").read_text()
+    assert text.index("## Side networks against LoRA") < text.index("## Every run")
+    header, rows = table_rows(text, "## Side networks against LoRA")
+    assert header == ["model", "test accuracy", "accuracy − LoRA (points)", "memory MB", "memory / LoRA", "s / epoch",
+                      "time / LoRA", "trainable parameters"]
+    assert [row["model"] for row in rows] == ["lst", "sherl", "linear", "**lora**"]  # best first, LoRA last
+    lst, sherl, linear, lora = rows
+    assert (lst["accuracy − LoRA (points)"], lst["memory / LoRA"], lst["time / LoRA"]) == ("+1.00", "0.10", "0.20")
+    assert (sherl["accuracy − LoRA (points)"], sherl["memory / LoRA"], sherl["time / LoRA"]) == ("-0.50", "0.25", "0.30")
+    assert linear["accuracy − LoRA (points)"] == "-8.00" and lora["memory / LoRA"] == lora["time / LoRA"] == "1.00"
+    assert lora["trainable parameters"] == "74,498" and "torch's own allocation tracking" in text
+    assert "every run trained on 4,000 samples" in text
+    # one extraction (60 s) + fits (110 + 160 + 10 s) = 340 s against 3 LoRA runs of 250 s = 750 s
+    assert "= 340 s of wall time" in text and "(3 x 250 s = 750 s): **0.45**" in text
+    assert ("2 of 3 side networks match LoRA within a point or beat it — lst (+1.00), sherl (-0.50) — at "
+            "0.10–0.25 of its memory and 0.20–0.30 of its time per epoch.") in text
+    assert "Every other side network is above the linear probe (0.7600)." in text
+    assert (tmp_path / "out" / "accuracy_vs_memory.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_without_lora_the_report_says_how_to_get_ratios(tmp_path):
+    write_metrics(tmp_path / "models" / "lst", "lst", {"accuracy": 0.9, "macro_f1": 0.9})
+    text = write_report(tmp_path / "models", tmp_path / "out").read_text()
+    assert "pipeline baseline --method lora" in text
+    _, rows = table_rows(text, "## Side networks against LoRA")
+    assert rows[0]["memory / LoRA"] == "–" and rows[0]["memory MB"] == "50"
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "no_metrics"])

@@ -195,6 +195,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     (stages/extraction/distributed_extract.py); by default they run here. The backbone here then only hashes,
     tokenizes and (for images) counts tokens, on the CPU.
     """
+    started = time.perf_counter()
     validate_settings(settings)
     _check_modality(backbone, dataset)
     if settings.pooling is not None:
@@ -256,7 +257,9 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
                     writes)
     if writes is not None:
         writes.background.close()  # every split's writes, then `complete`
-    root.attrs["status"] = "complete"
+    # wall seconds of every run that wrote this store (a resumed one adds its own): the report's amortised cost
+    root.attrs.update({"extract_seconds": root.attrs.get("extract_seconds", 0.0) + time.perf_counter() - started,
+                       "status": "complete"})
     return "written"
 
 

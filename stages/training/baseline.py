@@ -6,6 +6,7 @@ put them side by side. Not cached: the backbone runs forward and backward every 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,24 @@ class BaselineSettings:
     pooling: str | None = None  # cls | mean | last; default: the backbone family's (last for a causal decoder)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
+    length_buckets: bool = False  # batches of similar length within windows of the shuffled order, as `fit`'s
+
+
+BUCKET_WINDOW_BATCHES = 20  # a window of 20 batches (640 snippets at 32) is sorted by length, like fit's 2-block buffer
+
+
+def training_order(rows: np.ndarray, lengths: np.ndarray | None, batch_size: int, seed: int) -> list[np.ndarray]:
+    """One epoch's batches of `rows`: a seeded shuffle cut into batches; with `lengths` (tokens per row, aligned with
+    rows), each window of BUCKET_WINDOW_BATCHES batches is sorted by length before it is cut, and the batches are
+    served in shuffled order, so the backbone computes less padding (the same idea as the cache reader's by_length)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(rows))
+    if lengths is not None:
+        window = batch_size * BUCKET_WINDOW_BATCHES
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(window, len(order), window))])
+    batches = [rows[order[first:first + batch_size]] for first in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))] if lengths is not None else batches
 
 
 class BackboneClassifier(torch.nn.Module):
@@ -85,10 +104,10 @@ def _wrap_lora(encoder, settings: BaselineSettings):
 
 
 def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int,
-             runtime: Runtime):
-    order = np.random.default_rng(seed).permutation(rows) if shuffle else rows
-    for first in range(0, len(order), settings.batch_size):
-        chunk = order[first:first + settings.batch_size]
+             runtime: Runtime, lengths: np.ndarray | None = None):
+    chunks = (training_order(rows, lengths, settings.batch_size, seed) if shuffle else
+              [rows[first:first + settings.batch_size] for first in range(0, len(rows), settings.batch_size)])
+    for chunk in chunks:
         texts = [dataset.texts[i] for i in chunk]
         pairs = [dataset.pairs[i] for i in chunk] if dataset.pairs else None
         batch = tokenizer(texts, pairs, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
@@ -110,6 +129,7 @@ def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels, runti
 def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_dir: Path, show_progress=True) -> dict:
     if settings.method not in ("lora", "full"):
         raise InputError(f"unknown baseline {settings.method!r}; choose lora or full")
+    started = time.perf_counter()
     runtime = Runtime.resolve(settings.device, settings.precision)
     limit_allocator_slack()
     reset_peak()
@@ -128,6 +148,11 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
+    lengths = None
+    if settings.length_buckets:
+        pairs = [dataset.pairs[i] for i in train_rows] if dataset.pairs else None
+        lengths = np.array([len(ids) for ids in backbone.tokenizer([dataset.texts[i] for i in train_rows], pairs,
+                                                                   truncation=True, max_length=settings.max_length)["input_ids"]])
     schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
     def evaluate(split):
         return _evaluate(model, backbone.tokenizer, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
@@ -137,7 +162,8 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
     run = train_epochs(
         settings.method, model, trainable, model,
-        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime),
+        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch,
+                               runtime, lengths),
         len(train_rows), lambda: evaluate("validation"),
         lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
         schedule, dataset.task, show_progress, runtime, checkpoint)
@@ -148,7 +174,7 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
                           "(after importing torch and zarr; the backbone loads later)",
                           {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime,
                           runtime.peak_memory())
-    metrics["baseline"] = True
+    metrics.update(baseline=True, wall_seconds=time.perf_counter() - started)  # backbone loaded, epochs, evaluation
     with atomic_folder(out_dir) as folder:
         (folder / "model.safetensors").write_bytes(save({n: t.contiguous() for n, t in run.best_state.items()}))
         (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))

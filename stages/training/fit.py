@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,6 +143,14 @@ def gpu_memory_figures(runtime: Runtime, learner, resident: int, alone: bool) ->
         "this network's weights, gradients, optimizer state, largest batch and largest step transient (the device "
         "also held the sweep's other networks; their sum is peak_gpu_invocation_mb), less the --in-memory cache")
     return figures
+def reader_buffer_mb(reader: CacheReader, settings: FitSettings) -> float:
+    """MB of decoded cache a training reader holds at most (numpy, outside torch's tracking): the layers packed in
+    memory (--in-memory), or two groups of `buffer_blocks` blocks (the one served and the one read ahead), each
+    block `block_tokens` x layers read x hidden size in the cache's dtype."""
+    if reader.memory is not None:
+        return reader.memory.numel() * reader.memory.element_size() / 2**20
+    array = reader.arrays[0]
+    return 2 * settings.buffer_blocks * reader.block_tokens * len(reader.arrays) * array.shape[1] * array.dtype.itemsize / 2**20
 
 
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
@@ -155,6 +164,7 @@ def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: 
 
 def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: Path,
         backbone_path: str | None = None, show_progress: bool = True) -> dict:
+    started = time.perf_counter()
     runtime = Runtime.resolve(settings.device, settings.precision)
     limit_allocator_slack()
     reset_peak()
@@ -191,9 +201,13 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           "peak RSS of the fit (Linux VmHWM, reset when fit began) minus the RSS when fit began "
                           "(after importing torch and zarr; the cache, model and frozen layers load later)",
                           asdict(settings), runtime,
-                          gpu_memory_figures(runtime, learners[0], resident_bytes(readers), alone=True))
+                          gpu_memory_figures(runtime, learners[0], resident_bytes(readers), alone=True),
+                          reader_buffer_mb(readers["train"], settings))
     metrics["data_path"] = data_path(readers["train"])
     metrics["identity_sha256"] = key_sha256(identity)
+    # wall seconds of this fit (the cache opened, every epoch, validation, test), and of the extraction that wrote
+    # the cache: the report's amortised cost
+    metrics.update(wall_seconds=time.perf_counter() - started, extract_seconds=attrs.get("extract_seconds"))
     write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs)), run.best_state, metrics)
     checkpoint.remove()
     return metrics

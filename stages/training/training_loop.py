@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..memory import peak_rss_mb
+from ..memory import peak_allocated_mb, peak_rss_mb, tensor_mb
 from ..metrics import primary_metric
 from ..progress import progress_bar
 from ..runtime import CPU, Runtime
@@ -37,6 +37,7 @@ class TrainingRun:
     best_value: float
     best_state: dict
     seconds_per_epoch: float
+    step_memory: dict | None = None  # Learner.step_memory on the run's largest batch (CPU runs)
 
 
 def loss_of(logits: torch.Tensor, labels: torch.Tensor, task: str, rows: int | None = None) -> torch.Tensor:
@@ -138,6 +139,19 @@ class Learner:
         held = sum(t.nbytes for t in {id(t): t for t in tensors if t.is_cuda}.values())
         return {"peak_gpu_network_mb": (held + self.batch_bytes + self.step_peak[0]) / 2**20}
 
+    def step_memory(self, inputs, labels: torch.Tensor, rows: int | None = None) -> dict:
+        """What one training step holds, in MB, by torch's own allocation tracking (stages.memory.peak_allocated_mb):
+        `resident`: the network's weights and buffers (frozen ones included), the optimizer's state and the batch's
+        tensors, allocated before the step; `step_peak`: the step's own peak above that (activations kept for the
+        backward pass, gradients, temporaries). Takes a real step (the caller restores the weights it keeps); the
+        previous step's gradients are freed first, so they are neither counted twice nor missed by the profiler."""
+        self.optimizer.zero_grad(set_to_none=True)
+        state = [t for values in self.optimizer.state.values() for t in values.values() if torch.is_tensor(t)]
+        batch = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        resident = tensor_mb([*self.modules.parameters(), *self.modules.buffers(), *state,
+                              *[t for t in batch if torch.is_tensor(t)], labels])
+        return {"resident": resident, "step_peak": peak_allocated_mb(lambda: self.step(inputs, labels, rows))}
+
     def running_loss(self) -> float:
         """The epoch's mean training loss so far (.item() waits for the device)."""
         return self.total.item() / max(self.count, 1)
@@ -157,9 +171,15 @@ class Learner:
                                  (self.history, self.best, self.best_state, self.best_epoch, self.seconds))
         return row
 
-    def result(self) -> TrainingRun:
+    def result(self, step_memory: dict | None = None) -> TrainingRun:
         return TrainingRun(self.history, self.best_epoch, self.best, self.best_state,
-                           sum(self.seconds) / len(self.seconds))
+                           sum(self.seconds) / len(self.seconds), step_memory)
+
+
+def batch_elements(inputs) -> int:
+    """Elements in a batch's tensors (a tuple, or a dict as tokenizers give): within one run, the padded size."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    return sum(t.numel() for t in values if torch.is_tensor(t))
 
 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
@@ -168,11 +188,14 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                  show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None,
                  cuda_graphs: bool = False, learner_out: list | None = None) -> TrainingRun:
     """batches(epoch) yields (inputs, labels) or (inputs, labels, real rows) already on the runtime's device; see
-    `Learner` for the rest. learner_out: the learner is appended to it (for its GPU memory figures)."""
+    `Learner` for the rest. learner_out: the learner is appended to it (for its GPU memory figures).
+    On the CPU, after the last epoch, one more step on the run's largest batch measures its memory
+    (`Learner.step_memory`; the learning rate is zero by then, and the caller restores the best weights)."""
     learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint,
                       cuda_graphs)
     if learner_out is not None:
         learner_out.append(learner)
+    largest, largest_size = None, -1
     for epoch in range(learner.epochs_done, schedule.epochs):
         started = shown = time.perf_counter()
         learner.start_epoch()
@@ -180,6 +203,8 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                            disable=not show_progress)
         for inputs, labels, *rows in batches(epoch):
             learner.step(inputs, labels, *rows)
+            if learner.runtime.device.type == "cpu" and batch_elements(inputs) > largest_size:
+                largest, largest_size = (inputs, labels, *rows), batch_elements(inputs)
             bar.update(rows[0] if rows else len(labels))
             if not bar.disable and time.perf_counter() - shown >= LOSS_SHOWN_EVERY_S:  # .item(): waits for the GPU
                 bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
@@ -190,18 +215,35 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
         if show_progress:
             tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation {learner.metric} "
                        f"{row[f'validation_{learner.metric}']:.4f}")
-    return learner.result()
+    if learner.runtime.device.type != "cpu":
+        return learner.result()
+    if largest is None:  # resumed after the last epoch: measure on the first batch
+        largest = next(iter(batches(0)), None)
+    return learner.result(learner.step_memory(*largest) if largest is not None else None)
+
+
+TRAINING_MEMORY_MEASURED_AS = (
+    "torch's own allocation tracking (torch.profiler, profile_memory) of one training step on the run's largest "
+    "batch: the step's peak allocation, plus the tensors alive before it (weights and buffers, frozen ones included; "
+    "optimizer state; the batch), plus the data the run keeps decoded beside them (cached methods: the reader's "
+    "buffered cache blocks). Not RSS: the allocator's slack and Python objects are left out")
 
 
 def run_metrics(method: str, run: TrainingRun, test: dict, trainable: list, train_samples: int, task: str,
                 rss_at_start: float, measured_as: str, settings: dict, runtime: Runtime | None = None,
-                gpu_memory: dict | None = None) -> dict:
+                gpu_memory: dict | None = None, data_mb: float = 0.0) -> dict:
     """On a GPU, gpu_memory holds the memory figures that reports use (`peak_gpu_allocated_mb` and how it was
-    measured); RSS is kept beside them."""
+    measured); on the CPU `training_memory_mb` (TRAINING_MEMORY_MEASURED_AS; data_mb: the decoded data the run
+    holds outside torch, in MB). Peak RSS above the start is kept beside either."""
     peak = peak_rss_mb()
     metric, _ = primary_metric(task)
     runtime = runtime or CPU
-    return {**runtime.describe(), **(gpu_memory or {}),
+    memory = {}
+    if run.step_memory is not None:
+        parts = {**run.step_memory, "data": data_mb}
+        memory = {"training_memory_mb": sum(parts.values()), "training_memory_parts_mb": parts,
+                  "training_memory_measured_as": TRAINING_MEMORY_MEASURED_AS}
+    return {**runtime.describe(), **(gpu_memory or {}), **memory,
         "method": method, "test": test, "best_epoch": run.best_epoch, f"best_validation_{metric}": run.best_value,
         "history": run.history, "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds_per_epoch": run.seconds_per_epoch, "train_samples": train_samples,
