@@ -55,6 +55,8 @@ def describe_store(path: str) -> dict:
         "ratio_to_padded_fp32": on_disk / padded_fp32 if padded_fp32 else None,
         "codecs": [type(c).__name__ for c in (first.filters + first.compressors)] if first is not None else [],
         "key_sha256": attrs.get("key_sha256"),
+        "modality": attrs["key"].get("modality", "text"), "image_size": attrs["key"].get("image_size"),
+        "bytes_per_sample": on_disk / samples if samples else None,
     }
 
 

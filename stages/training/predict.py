@@ -13,11 +13,8 @@ from .side_model import SideModel
 
 
 def load_matching_backbone(side: SideModel):
-    backbone = load_backbone(side.spec.backbone_path)
-    if backbone.modality != "text":
-        raise InputError("pipeline predict takes text only so far; for an image model, extract the images and "
-                         "run `pipeline evaluate` on that cache")
     key = side.info["cache_key"]
+    backbone = load_backbone(side.spec.backbone_path, image_size=key.get("image_size"))
     if backbone.weights_sha256 != key["backbone_weights_sha256"] or preprocessor_sha256(backbone) != key["tokenizer_sha256"]:
         raise InputError(f"the backbone at {side.spec.backbone_path} is not the one this model was trained on "
                          "(weights or tokenizer differ); pass --backbone with the original folder")
