@@ -107,6 +107,9 @@ def main():
     size = ["--image-size", str(args.image_size)]
     subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
     bare = bare_import_peak_mb()
+    walls = work / "wall_seconds.json"  # every run's wall time so far: a rerun with --methods none keeps the others
+    earlier = json.loads(walls.read_text()) if walls.exists() else {}
+    fresh = not (cache / "zarr.json").exists()
     extract_seconds = run(pipeline + ["extract", "--backbone", "dinov2-small", "--data", data, "--layers", "all",
                                       "--batch-size", str(args.batch_size), "--out", str(cache)] + size,
                           work / "extract.log")
@@ -114,19 +117,28 @@ def main():
 
     facts = describe_store(cache)
     images = sum(split["samples"] for split in facts["splits"].values())
+    if not fresh and "extract" in earlier:  # the store was complete: keep the run that wrote it
+        extract_seconds = earlier["extract"]
     bare_speed = bare_forward_samples_per_second(data, args.image_size, args.batch_size, args.bare_samples)
-    rows, wall = {}, {}
+    wall = {**earlier, "extract": extract_seconds, "bare_forward_images_per_second": bare_speed}
+    walls.write_text(json.dumps(wall, indent=2))
+    rows = {}
     methods = method_names() if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
     for method in methods:
         wall[method] = run(pipeline + ["fit", "--method", method, "--cache", str(cache), "--out", str(work / method),
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)] + subset,
                            work / f"{method}.log")
         rows[method] = json.loads((work / method / "metrics.json").read_text())
+        walls.write_text(json.dumps(wall, indent=2))
     for name in [b for b in args.baselines.split(",") if b and b != "none"]:
         wall[name] = run(pipeline + ["baseline", "--method", name, "--backbone", "dinov2-small", "--data", data,
                                      "--epochs", str(args.baseline_epochs), "--batch-size", str(args.batch_size),
                                      "--out", str(work / name)] + size + subset, work / f"{name}.log")
         rows[name] = json.loads((work / name / "metrics.json").read_text())
+        walls.write_text(json.dumps(wall, indent=2))
+    for name in method_names() + ["lora", "full"]:  # measured by an earlier invocation into the same --work
+        if name not in rows and (work / name / "metrics.json").exists():
+            rows[name] = json.loads((work / name / "metrics.json").read_text())
 
     lora = rows.get("lora")
     lines = ["| method | test acc | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |",
@@ -151,7 +163,6 @@ def main():
     text = "\n".join(summary + ["", *lines])
     print(text)
     (work / "vision.md").write_text(text + "\n")
-    (work / "wall_seconds.json").write_text(json.dumps({"extract": extract_seconds, **wall}, indent=2))
 
 
 if __name__ == "__main__":
