@@ -504,17 +504,11 @@ def test_real_dinov2_synqt_query_pass_matches_the_layer_on_tokens_and_queries(la
     backbone, hidden_states_ = real_dinov2
     hidden = hidden_states_[layer - 1]
     B, T, D = hidden.shape
-    heads = backbone.model.config.num_attention_heads
     frozen = load_frozen_layers(str(backbone.path), [layer])
-    parts = layer_parts(frozen.layer[str(layer - 1)])
-    assert parts.pre_norm
     query = hidden[:, :2] + torch.randn(B, 2, D, generator=torch.Generator().manual_seed(3))
     mask = torch.ones(B, T, dtype=torch.bool)
     with torch.no_grad():
-        source = key_value_input(parts, hidden)
-        keys = parts.key(source).view(B, T, heads, D // heads).transpose(1, 2)
-        values = parts.value(source).view(B, T, heads, D // heads).transpose(1, 2)
-        out, _, _ = synqt_extract(parts, query, keys, values, mask, heads)
+        out, _, _ = frozen.query_pass(layer - 1, query, hidden, mask)
         for j in range(2):
             joint = frozen(torch.cat([hidden, query[:, j:j + 1]], 1), torch.cat([mask, torch.zeros(B, 1, dtype=torch.bool)], 1))
             torch.testing.assert_close(out[:, j], joint[:, -1], atol=1e-5 * joint.abs().max(), rtol=1e-5)
