@@ -124,7 +124,8 @@ def cuda_tests(table: Table, clock: Clock, tiny: bool):
         table.add("tests", "CUDA tests", "not run", note="no GPU here")
         return
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_gpu_path.py",
-               "tests/test_runtime.py", "tests/test_extract.py", "-k", "cuda or gpu"]
+               "tests/test_runtime.py", "tests/test_extract.py", "-k",
+               "cuda or gpu_fit or gpu_extraction or on_the_gpu"]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=min(150, clock.left() - 300))
         last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
