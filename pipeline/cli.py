@@ -103,7 +103,7 @@ def data_options(command):
     """The backbone and data options shared by `extract` and `baseline`."""
     options = [
         click.option("--backbone", default="minilm", show_default=True,
-                     help="Built-in name (minilm, mpnet, smollm2), a .gguf file, a local model folder, or a hub id already in the local cache."),
+                     help="Built-in name (minilm, mpnet, smollm2; images: dinov2-small), a .gguf file, a local model folder, or a hub id already in the local cache."),
         click.option("--data", default="movies", show_default=True,
                      help="Built-in name (movies, trec; images: fashion-mnist, digits), a .csv/.tsv/.jsonl/.parquet file, "
                           "a folder of train/validation/test files, or a folder of images in one subfolder per class."),
