@@ -42,7 +42,9 @@ def run_cluster(model_folder, table, out, scheduler, blocks_per_task=None, befor
 
 def store_contents(path) -> tuple[dict, dict[str, np.ndarray]]:
     root = zarr.open_group(str(path), mode="r")
-    attrs = {"": dict(root.attrs), **{split: dict(root[split].attrs) for split in root.group_keys()}}
+    timing = ("extract_seconds",)  # how long this run took: not the store's content
+    attrs = {"": {k: v for k, v in root.attrs.items() if k not in timing},
+             **{split: dict(root[split].attrs) for split in root.group_keys()}}
     arrays = {f"{split}/{name}": root[split][name][:] for split in root.group_keys() for name in root[split].array_keys()}
     return attrs, arrays
 
