@@ -76,8 +76,11 @@ def peak_allocated_mb(work) -> float:
     the allocations and frees the profiler records (torch.profiler, profile_memory=True), at its highest. Counts
     tensors only (not Python objects, numpy arrays, or the allocator's slack), so it measures the computation,
     not the process. Freeing a block allocated before `work` began is not counted (the profiler cannot size it)."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT: no profiler_start/stop lines on stderr per fit
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         work()
     events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"

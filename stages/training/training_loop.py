@@ -144,7 +144,9 @@ class Learner:
         `resident`: the network's weights and buffers (frozen ones included), the optimizer's state and the batch's
         tensors, allocated before the step; `step_peak`: the step's own peak above that (activations kept for the
         backward pass, gradients, temporaries). Takes a real step (the caller restores the weights it keeps); the
-        previous step's gradients are freed first, so they are neither counted twice nor missed by the profiler."""
+        previous step's gradients are freed first, so they are neither counted twice nor missed by the profiler. The
+        step runs in training mode with a fresh running loss (a run resumed after its last epoch has trained none)."""
+        self.start_epoch()
         self.optimizer.zero_grad(set_to_none=True)
         state = [t for values in self.optimizer.state.values() for t in values.values() if torch.is_tensor(t)]
         batch = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
