@@ -15,6 +15,9 @@ from .side_model import SideModel
 
 def load_matching_backbone(side: SideModel):
     key = side.info["cache_key"]
+    if key.get("reduce"):  # the basis lives in the store, not in the model folder
+        raise InputError(f"this side network was trained on a projected cache ({key['reduce']}); predict does not "
+                         "project raw features yet: predict with a model trained on a float16, int8 or fp8 cache")
     backbone = load_backbone(side.spec.backbone_path, image_size=key.get("image_size"))
     trained_type, given_type = key.get("model_type"), backbone.model.config.model_type
     if trained_type and trained_type != given_type:
