@@ -167,6 +167,8 @@ def test_fit_runs_unchanged_on_a_compact_store(tiny_bert, tiny_table, tmp_path):
     assert result.exit_code == 0, result.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "c.zarr")])
     assert "relative error against float16" in info.output and "per real token and layer" in info.output
+    predicted = CliRunner().invoke(main, ["predict", str(tmp_path / "m"), "--text", "a good film", "--device", "cpu"])
+    assert predicted.exit_code == 2 and "projected cache (pca:8)" in predicted.output  # not unprojected features
 
 
 
