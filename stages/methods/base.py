@@ -75,9 +75,14 @@ def pool(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 def rms_normalize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[..., D] -> x / sqrt(mean(x^2) + eps) per token and layer, no parameters (RMSNorm without its weight, Zhang &
-    Sennrich 2019): what a pre-norm backbone layer does to its input before using it. Decoder residual streams carry
-    massive activations (SmolLM2-135M: |x| up to ~24,500 on a few channels of layers 12-28, most values < 10); this
-    puts every cached layer at unit RMS before a side network's first projection. Padded positions stay finite."""
+    Sennrich 2019): what a pre-norm backbone layer does to its input before using it. Padded positions stay finite.
+
+    Why: decoder residual streams carry massive activations (SmolLM2-135M, measured on movies: max |x| 27,296 in
+    H_12..H_28, median |x| 1.8-10.5), and they sit on the first token (the attention sink; every other token of H_12
+    and H_20 stays below ~175). Measured with linear probes on single layers (bench/rms_norm_probe.py, 600 training
+    samples, 3 seeds, loaded machine): mean-pooled H_6 / H_12 gain +2.5 / +4.3 points with it, last-token ones change
+    by -1.7..+0.7 (noise), so methods keep it off by default (last-token pooling never sees the first token). Full
+    side networks with and without it were not measured: `python bench/rms_norm.py` does it."""
     return torch.nn.functional.rms_norm(features, features.shape[-1:], eps=eps)
 
 

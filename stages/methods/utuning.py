@@ -11,13 +11,8 @@ diffusion models). On MiniLM with the full movies training set, 10 reached 82.77
 84.47% (BENCHMARKS.md, "Side networks as their authors define them"); the wider bypass is the better default here.
 `--set bottleneck=10` gives the authors' width.
 
-Decoder backbones (`rms_norm`, default off): a decoder's raw residual streams carry massive activations (SmolLM2-135M,
-measured on movies: max |x| 27,296 in H_12..H_28, median |x| 1.8-10.5), and they sit on the first token (the attention
-sink; every other token of H_12 and H_20 stays below ~175). `rms_norm=true` puts every cached layer at unit RMS
-per token first (no parameters, as a pre-norm layer treats its input). Measured with linear probes on single layers
-(bench/rms_norm_probe.py, 600 training samples, 3 seeds, loaded machine): mean-pooled H_6 / H_12 gain +2.5 / +4.3
-points with it, last-token ones change by -1.7..+0.7 (noise). Full side networks with and without it were not
-measured (too slow on the shared 2-core machine): `python bench/rms_norm.py` does it.
+Decoder backbones: `rms_norm=true` (default off) puts every cached layer at unit RMS per token first, against the
+massive activations of decoders' residual streams; what it was measured to do: `base.rms_normalize`.
 """
 from __future__ import annotations
 
