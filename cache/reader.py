@@ -54,7 +54,10 @@ def open_store(path: str) -> zarr.Group:
 
 
 def subset_positions(count: int, limit: int | None) -> np.ndarray:
-    """Sorted positions of a seeded random subset of `limit` out of `count` (all when limit is None)."""
+    """Sorted positions of a seeded random subset of `limit` out of `count` (all when limit is None). InputError when
+    limit < 1 (`--max-train-samples 0` would train on nothing and still save a model)."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--max-train-samples {limit}: give at least 1 (or leave it out to train on every sample)")
     if limit is None or limit >= count:
         return np.arange(count)
     return np.sort(np.random.default_rng(0).permutation(count)[:limit])

@@ -289,7 +289,7 @@ def info(path, as_json, stats):
     click.echo(f"store      {facts['path']}  [{facts['status']}]")
     click.echo(f"backbone   {facts['backbone']} ({facts['model_type']}, {facts['num_layers']} layers x {facts['hidden_size']}, pooling {facts['pooling']})")
     click.echo(f"layers     {facts['layers']}")
-    click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, lossy {facts['lossy'] or 'off'}, max length {facts['max_length']}")
+    click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, max length {facts['max_length']}")
     _echo_encoding(facts)
     click.echo(f"task       {facts['task']} {facts['label_names'] or ''}")
     if facts["modality"] == "image" and facts["bytes_per_sample"]:

@@ -22,7 +22,8 @@ from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError,
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True)
 @click.option("--out", required=True, help="The new store (never SOURCE itself).")
 @click.option("--overwrite", is_flag=True, help="Replace a store at --out made from another source or with other settings.")
-def compact(source, dtype, reduce, codec, out, overwrite):
+@click.option("--lossy", default=None, hidden=True, help="Removed: use --dtype int8 or fp8 (an error says so).")
+def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     """Re-encode the float16/float32 store SOURCE as a compact store at --out, without running the backbone.
 
     Block by block and resumable (rerun the same command after a kill); every chunk is checksummed; the new store's
@@ -30,8 +31,11 @@ def compact(source, dtype, reduce, codec, out, overwrite):
     """
     from cache.compact import compact as run_compact
     from cache.store_lock import store_lock
+    from cache.layout import LOSSY_REMOVED
     from stages.progress import progress_bar
 
+    if lossy:
+        _fail(f"error: {LOSSY_REMOVED}", EXIT_INPUT)
     try:
         with store_lock(out, log=lambda line: click.echo(line, err=True)):
             state = run_compact(source, out, dtype, reduce, codec, overwrite,

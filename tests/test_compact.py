@@ -125,6 +125,10 @@ def test_bad_input_is_one_line_exit_2(tiny_bert, tiny_table, tmp_path):
         (["compact", str(tmp_path / "f16.zarr"), "--reduce", "svd:3", "--out", str(tmp_path / "p.zarr")], "pca:K"),
         (["compact", str(tmp_path / "f16.zarr"), "--dtype", "int4", "--out", str(tmp_path / "p.zarr")], "int4"),
         (["extract", "--dtype", "int7", "--out", str(tmp_path / "x.zarr")], "int7"),
+        (["compact", str(tmp_path / "f16.zarr"), "--lossy", "bitround:7", "--out", str(tmp_path / "p.zarr")],
+         "use --dtype int8 or --dtype fp8"),
+        (["fit", "--method", "linear", "--cache", str(tmp_path / "f16.zarr"), "--max-train-samples", "0",
+          "--out", str(tmp_path / "m")], "--max-train-samples 0: give at least 1"),
     ]
     for args, expected in cases:
         result = runner.invoke(main, args)

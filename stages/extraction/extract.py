@@ -159,8 +159,9 @@ def image_tokens(model, backbone: Backbone, dataset, device: str) -> int:
 def _check_modality(backbone: Backbone, dataset) -> None:
     data_modality = getattr(dataset, "modality", "text")
     if data_modality != backbone.modality:
-        raise InputError(f"the data {dataset.name!r} is {data_modality} but the backbone at {backbone.path} is a "
-                         f"{backbone.modality} model; pick a {data_modality} backbone")
+        raise InputError(f"the data {dataset.name!r} is {data_modality} but the backbone at {backbone.path} is "
+                         f"{'an image' if backbone.modality == 'image' else 'a text'} model; pick "
+                         f"{'an image' if data_modality == 'image' else 'a text'} backbone")
 
 
 @dataclass
