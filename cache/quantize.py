@@ -92,7 +92,9 @@ def encode_numpy(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | No
 
 @contextmanager
 def one_thread():
-    """Element-wise encoding of one block runs faster on one torch thread than split over busy cores."""
+    """Small CPU ops (one block's element-wise encoding; extraction's gather, cast and min/max of a batch) run far
+    slower split over threads when the cores are busy (each op waits at a barrier for a descheduled thread: 100x
+    measured on 2 shared cores), so they run on one; the forward pass keeps every thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

