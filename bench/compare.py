@@ -58,6 +58,8 @@ def main():
     parser.add_argument("--baselines", default="lora,full",
                         help="comma list of lora,full to run, or none to reuse baseline results already in --work")
     parser.add_argument("--work", default="artifacts/bench")
+    parser.add_argument("--block-tokens", type=int, default=None,
+                        help="extract's --block-tokens (a fit's shuffle buffer holds 2 blocks x layers x width) [default: extract's]")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N], for every fit and baseline")
     parser.add_argument("--precision", default="auto",
                         help="autocast precision of every fit and baseline; on a GPU LoRA also runs in fp32 (row lora_fp32)")
@@ -71,7 +73,8 @@ def main():
     runtime = ["--device", args.device, "--precision", args.precision]
     bare = bare_import_peak_mb()
     extract_seconds = run(pipeline + ["extract", "--backbone", args.backbone, "--data", args.data, "--layers", "all", "--max-length",
-                                      str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)],
+                                      str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(cache)]
+                          + (["--block-tokens", str(args.block_tokens)] if args.block_tokens else []),
                           work / "extract.log")
     methods = method_names() if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
     rows, wall = {}, {}

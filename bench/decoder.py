@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--baselines", default="lora", help="lora, or none (reuse the result)")
     parser.add_argument("--throughput-samples", type=int, default=400,
                         help="snippets for the extraction throughput rows (0: skip)")
+    parser.add_argument("--block-tokens", type=int, default=2048,
+                        help="extract's --block-tokens: a fit's shuffle buffer holds 2 blocks x 31 layers x 576, so "
+                             "the default 8,192 puts 584 MB of decoded features in every side network's memory")
     parser.add_argument("--work", default="artifacts/bench/decoder")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -105,7 +108,8 @@ def main():
     data = write_data(work / "data", args.train_samples, args.eval_samples)
     python("compare.py", "--backbone", args.backbone, "--data", str(data), "--max-length", str(args.max_length),
            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--methods", args.methods,
-           "--baselines", args.baselines, "--work", args.work, "--device", args.device)
+           "--baselines", args.baselines, "--work", args.work, "--device", args.device,
+           "--block-tokens", str(args.block_tokens))
     if args.throughput_samples:
         python("extract_throughput.py", "--backbone", args.backbone, "--samples", str(args.throughput_samples),
                "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--skip-padded",

@@ -107,19 +107,22 @@ def data_options(command):
         click.option("--data", default="movies", show_default=True,
                      help="Built-in name (movies, trec; images: fashion-mnist, digits), a .csv/.tsv/.jsonl/.parquet file, "
                           "a folder of train/validation/test files, or a folder of images in one subfolder per class."),
-        click.option("--text-column", default="text", show_default=True),
+        click.option("--text-column", default="text", show_default=True, help="The table's column of texts."),
         click.option("--image-column", default=None,
                      help="Column of image paths (relative to the table's folder) [default: image, used when the table "
                           "has it and no text column; giving this option always reads images]."),
         click.option("--text-pair-column", default=None, help="Second text of a pair task (optional)."),
-        click.option("--label-column", default="label", show_default=True),
+        click.option("--label-column", default="label", show_default=True,
+                     help="The table's column of labels (class names, or numbers with --task regression)."),
         click.option("--delimiter", default=None,
                      help="Column delimiter of a CSV/TSV file, e.g. ';' or tab [default: ',' (.csv) or tab (.tsv), or the "
                           "one that splits the header when those do not]."),
         click.option("--split-column", default=None,
                      help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made."),
-        click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True),
-        click.option("--split-seed", type=int, default=0, show_default=True),
+        click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True,
+                     help="Classes (cross-entropy, accuracy and macro-F1) or one numeric target (MSE, Pearson, Spearman)."),
+        click.option("--split-seed", type=int, default=0, show_default=True,
+                     help="Seed of the stratified 80/10/10 split, used when the data gives no splits."),
         click.option("--image-size", type=int, default=None,
                      help="Image backbones (DINOv2): pixels per side, a multiple of the patch size [default: the processor's]."),
     ]
@@ -376,8 +379,9 @@ def training_options(command):
     """The cache, schedule and data-path options shared by `fit` and `sweep`."""
     options = [
         click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True, help="Store written by `pipeline extract`."),
-        click.option("--epochs", type=int, default=5, show_default=True),
-        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--epochs", type=int, default=5, show_default=True,
+                     help="Passes over the training split; the epoch with the best validation metric is kept."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Training samples per optimizer step."),
         click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
                      help="Share of steps with linear warm-up; then linear decay to 0."),
         click.option("--buffer-blocks", type=int, default=2, show_default=True,
@@ -427,9 +431,9 @@ def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, le
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="A method option, e.g. --set r=4; repeat for more.")
 @click.option("--config", "config_file", default=None, help="YAML or JSON file of method options (--set wins).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate (linear warm-up, then linear decay).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights, dropout and batch order.")
 @training_options
 @user_errors
 def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epochs, batch_size, warmup_ratio,
@@ -603,9 +607,10 @@ def _format_metrics(metrics: dict) -> str:
 
 @main.command()
 @click.argument("model_dir")
-@click.option("--cache", "cache_path", default=DEFAULT_CACHE, show_default=True)
-@click.option("--split", default="test", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--cache", "cache_path", default=None,
+              help="The cache to score [default: the one the model was trained on, else artifacts/features.zarr].")
+@click.option("--split", default="test", show_default=True, help="train, validation or test.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per forward pass.")
 @runtime_options
 @user_errors
 def evaluate(model_dir, cache_path, split, batch_size, device, precision):
@@ -616,12 +621,21 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 
     runtime = _runtime(device, precision)
     side = load_side_model(model_dir)
+    if cache_path is None:
+        cache_path = side.info.get("cache_path") or DEFAULT_CACHE  # models saved before cache_path was recorded
+        _log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
+             if side.info.get("cache_path") else f"evaluate: scoring the cache at {cache_path} (--cache for another)")
     key = open_store(cache_path).attrs["key"]
     trained = side.info["cache_key"]
     for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length", "precision"):  # precision: absent = fp32
         if key.get(field) != trained.get(field):
             raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than the one "
                              f"{model_dir} was trained on; extract with the same backbone and settings")
+    encoding = lambda k: (k.get("dtype", "float16"), k.get("reduce"))  # noqa: E731
+    if encoding(key) != encoding(trained):
+        _log(f"evaluate: note: {model_dir} was trained on {'+'.join(filter(None, encoding(trained)))} features and this "
+             f"cache holds {'+'.join(filter(None, encoding(key)))}: the side network sees another approximation of "
+             "the same hidden states, so its metrics can differ from those on its own cache")
     reader = CacheReader(cache_path, split, side.layers)
     metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels, batch_size,
                              runtime)
@@ -633,8 +647,8 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 @click.option("--text", "texts", multiple=True, help="A text to classify; repeat for more.")
 @click.option("--image", "images", multiple=True, help="An image file or a folder of images (image models); repeat for more.")
 @click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts (or of image paths: --image-column).")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--text-pair-column", default=None)
+@click.option("--text-column", default="text", show_default=True, help="--data: the column of texts.")
+@click.option("--text-pair-column", default=None, help="--data: the column of second texts, for pair tasks.")
 @click.option("--delimiter", default=None, help="Column delimiter of a CSV/TSV file, e.g. ';' or tab.")
 @click.option("--image-column", default=None, help="Image models: the table's column of image paths [default: image].")
 @click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
@@ -652,23 +666,35 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
         return _predict_images(side, model_dir, texts, images, data, image_column, out, _runtime(device, precision))
     if bool(texts) == bool(data):
         raise InputError("give either --text (one or more) or --data FILE")
+    if any(not t.strip() for t in texts):
+        raise InputError("--text is empty; give the text to classify")
     runtime = _runtime(device, precision)
-    pairs = None
+    pairs, lines = None, None
     if data:
         from pathlib import Path
 
-        from pipeline.data import _read_table
+        from pipeline.tables import read_table
 
-        frame = _read_table(Path(data), _delimiter(delimiter), _log) if Path(data).exists() else None
-        if frame is None:
+        if not Path(data).exists():
             raise InputError(f"--data {data}: file not found")
-        for column in [text_column] + ([text_pair_column] if text_pair_column else []):
-            if column not in frame.columns:
-                raise InputError(f"{data}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
-        texts = frame[text_column].astype(str).tolist()
-        pairs = frame[text_pair_column].astype(str).tolist() if text_pair_column else None
+        table = read_table(Path(data), _delimiter(delimiter), _log)
+        columns = [text_column] + ([text_pair_column] if text_pair_column else [])
+        for column in columns:
+            if column not in table.columns:
+                raise InputError(f"{data}: no column {column!r}; columns are: {', '.join(map(str, table.columns))}")
+        empty = [i for i in range(len(table)) if any(not table.columns[c][i].strip() for c in columns)]
+        if empty:
+            _log(f"predict: {len(empty)} of {len(table)} rows not scored: an empty {' or '.join(map(repr, columns))} "
+                 f"({table.where(empty)}); each record carries its {table.unit} number")
+        kept = sorted(set(range(len(table))) - set(empty))
+        if not kept:
+            raise InputError(f"{data}: every row has an empty {' or '.join(map(repr, columns))}; nothing to predict")
+        texts = [table.columns[text_column][i] for i in kept]
+        pairs = [table.columns[text_pair_column][i] for i in kept] if text_pair_column else None
+        lines = [{table.unit: table.lines[i]} for i in kept]
     logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs, runtime=runtime)
-    records = [{"text": t, **r} for t, r in zip(texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
+    records = [{**(where or {}), "text": t, **r} for where, t, r in
+               zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
     _write_records(records, out)
 
 
@@ -710,19 +736,19 @@ def _write_records(records: list[dict], out: str | None) -> None:
 @main.command()
 @click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True)
 @data_options
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--epochs", type=int, default=2, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text (longer texts are truncated).")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Passes over the training split.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Training samples per optimizer step.")
 @click.option("--lr", type=float, default=None, help="[default: 5e-4 for lora, 5e-5 for full]")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--warmup-ratio", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--warmup-ratio", type=float, default=0.1, show_default=True, help="Share of steps in linear warm-up.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head, LoRA weights, dropout and batch order.")
 @click.option("--max-train-samples", type=int, default=None, help="Same seeded subset as `fit --max-train-samples`.")
 @click.option("--length-buckets", is_flag=True,
               help="Batches of similar length (sorted within windows of 20 batches of the shuffled order), served in "
                    "shuffled order: less padding computed, as `fit --length-buckets`.")
-@click.option("--lora-r", type=int, default=8, show_default=True)
-@click.option("--lora-alpha", type=int, default=16, show_default=True)
+@click.option("--lora-r", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=int, default=16, show_default=True, help="LoRA scaling numerator (scale = alpha / r).")
 @click.option("--lora-targets", default=None,
               help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet and T5; q_proj,v_proj for Llama-layout and Gemma-3 decoders; c_attn for GPT-2].")
 @click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,

@@ -19,7 +19,8 @@ from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError,
                    "only with --reduce.")
 @click.option("--reduce", default=None, metavar="pca:K",
               help="Store K PCA coefficients per token and layer (basis fitted on a seeded sample of training tokens).")
-@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True)
+@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), default="lz4", show_default=True,
+              help="Lossless compressor (blosc) of the re-encoded blocks; every chunk also gets a crc32c checksum.")
 @click.option("--out", required=True, help="The new store (never SOURCE itself).")
 @click.option("--overwrite", is_flag=True, help="Replace a store at --out made from another source or with other settings.")
 @click.option("--lossy", default=None, hidden=True, help="Removed: use --dtype int8 or fp8 (an error says so).")

@@ -420,6 +420,7 @@ def _table_dataset(source, path, tables: dict, base, text_column, label_column, 
         labels, names = _targets(source, label_column, raw, origin), []
     else:
         names = _sort_names(raw)
+        _refuse_numeric_spellings(source, label_column, names, raw, origin)
         if len(names) < 2:
             raise InputError(f"{source}: column {label_column!r} has only one class ({names[0]!r}); classification needs at least two")
         index = {name: i for i, name in enumerate(names)}
@@ -442,6 +443,26 @@ def _table_dataset(source, path, tables: dict, base, text_column, label_column, 
         return Dataset(path.stem, task, [], labels, split, names, None, seed, Images(paths=paths), "image", origin)
     pairs = values[text_pair_column] if text_pair_column else None
     return Dataset(path.stem, task, values[text_column], labels, split, names, pairs, seed, None, "text", origin)
+
+
+def _refuse_numeric_spellings(source, label_column: str, names: list[str], raw: list[str], origin) -> None:
+    """Labels like '1' and '1.0' (a JSON number written two ways, or a spreadsheet's export) would be two classes."""
+    def number(name):
+        try:
+            return float(name)
+        except ValueError:
+            return None
+
+    spellings = {}
+    for name in names:
+        if number(name) is not None:
+            spellings.setdefault(number(name), []).append(name)
+    clash = next((found for found in spellings.values() if len(found) > 1), None)
+    if clash:
+        rows = [i for i, value in enumerate(raw) if value == clash[1]]
+        raise InputError(f"{source}: labels {' and '.join(map(repr, clash))} in column {label_column!r} are the same "
+                         f"number written two ways ({origin.where(rows)}), so they would be two classes; write each "
+                         "class one way")
 
 
 def _shown_name(file: Path, source: Path) -> str:

@@ -5,6 +5,8 @@
 - A class without training rows (only in validation or test): refused; no side network can learn it.
 - The same text (and pair) in train and in validation or test: a loud warning; the run still works, but its
   held-out metrics flatter the model.
+- No test rows at all, or a class absent from validation or test (too few rows for the 80/10/10 split): a
+  warning; fit then reports no test metrics, or metrics that never score that class.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ def check_splits(dataset, seed: int, log) -> object:
     dataset = carve_validation(dataset, seed, log)
     refuse_classes_without_training_rows(dataset)
     warn_shared_samples(dataset, log)
+    warn_thin_held_out_splits(dataset, log)
     return dataset
 
 
@@ -51,6 +54,25 @@ def carve_validation(dataset, seed: int, log, fraction: float = VALIDATION_FRACT
         f"validation split ({'' if dataset.task == 'regression' else 'stratified, '}{fraction:.0%}, at least one per "
         f"class, --split-seed {seed}); give a validation file or split column to choose them yourself")
     return replace(dataset, split=split, split_seed=seed)
+
+
+def warn_thin_held_out_splits(dataset, log) -> None:
+    """A note when no row is in test, or (classification) when a class has no validation or no test row."""
+    if not dataset.rows("test").size:
+        log(f"warning: {dataset.name}: no test rows{' (the table is too small for the 80/10/10 split)' if dataset.split_seed is not None else ''}; "
+            "fit and sweep will report validation metrics only; give a test file or split column for a held-out score")
+    if dataset.task != "classification":
+        return
+    for split in ("validation", "test"):
+        rows = dataset.rows(split)
+        if not rows.size:
+            continue
+        absent = np.setdiff1d(np.arange(len(dataset.label_names)), dataset.labels[rows])
+        if absent.size:
+            names = ", ".join(repr(dataset.label_names[c]) for c in absent[:5]) + (" ..." if absent.size > 5 else "")
+            log(f"warning: {dataset.name}: {absent.size} class{'es' if absent.size > 1 else ''} ({names}) "
+                f"{'have' if absent.size > 1 else 'has'} no {split} row (too few rows to split); {split} metrics never "
+                f"score {'them' if absent.size > 1 else 'it'}; add rows or give the split yourself")
 
 
 def refuse_classes_without_training_rows(dataset) -> None:

@@ -202,13 +202,17 @@ def default_pooling(folder: Path, config, modality: str) -> str:
     return pooling_of(folder)
 
 
-def check_pooling(backbone: "Backbone", pooling: str) -> None:
-    """Raises InputError for an unknown pooling, or `cls` on a causal decoder (its first token has seen only itself)."""
+def check_pooling(backbone: "Backbone", pooling: str, log=None) -> None:
+    """Raises InputError for an unknown pooling, or `cls` on a causal decoder (its first token has seen only itself);
+    says (through `log`) when `last` is chosen for a bidirectional model, which pools its closing token ([SEP])."""
     if pooling not in POOLINGS:
         raise InputError(f"--pooling {pooling}: use one of {', '.join(POOLINGS)}")
     if pooling == "cls" and backbone.causal:
         raise InputError(f"--pooling cls on a causal decoder ({backbone.model.config.model_type}): its first token has "
                          "seen only itself, so it carries nothing about the text; use --pooling last (default) or mean")
+    if pooling == "last" and not backbone.causal and log is not None:
+        log(f"note: --pooling last on a bidirectional model ({backbone.model.config.model_type}) pools its closing "
+            f"token (e.g. [SEP]), which is rarely trained as a summary; its default is --pooling {backbone.pooling}")
 
 
 def _set_pad_token(tokenizer, folder: Path) -> None:

@@ -203,7 +203,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     validate_settings(settings)
     _check_modality(backbone, dataset)
     if settings.pooling is not None:
-        check_pooling(backbone, settings.pooling)
+        check_pooling(backbone, settings.pooling, log)
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
     runtime = settings.runtime() if run_split is None else Runtime.resolve("cpu", "fp32")
     device = runtime.device

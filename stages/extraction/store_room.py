@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from cache.layout import plan_blocks
+from cache.quantize import EIGHT_BIT, STORAGE, groups
 from cache.writer import open_group
 
 from .extract import SPLITS, ExtractSettings, tokenize
@@ -27,9 +28,13 @@ def bytes_still_needed(backbone, dataset, settings: ExtractSettings) -> tuple[in
     except Exception:
         root = None
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
-    shard = settings.block_tokens * backbone.hidden_size * (2 if settings.dtype == "float16" else 4)
-    shard_file = -(-(shard + 64 * (settings.block_tokens // settings.chunk_tokens)) // FS_BLOCK) * FS_BLOCK
-    block_bytes = len(layers) * shard_file + FS_BLOCK  # + its done flag
+    def shard_file(values_per_token: int, itemsize: int) -> int:
+        shard = settings.block_tokens * values_per_token * itemsize
+        return -(-(shard + 64 * (settings.block_tokens // settings.chunk_tokens)) // FS_BLOCK) * FS_BLOCK
+
+    codes = shard_file(backbone.hidden_size, np.dtype(STORAGE[settings.dtype]).itemsize)
+    scales = shard_file(groups(backbone.hidden_size), 2) if settings.dtype in EIGHT_BIT else 0  # float16 per 64 channels
+    block_bytes = len(layers) * (codes + scales) + FS_BLOCK  # + its done flag
     blocks, extra = 0, 0
     for split in SPLITS:
         rows = dataset.rows(split)

@@ -33,6 +33,20 @@ class MethodConfig:
     """Base of every method's options. Subclasses set `method` and add fields with defaults."""
 
     method: ClassVar[str] = ""
+    may_be_zero: ClassVar[tuple[str, ...]] = ("drop_every", "late_layers")  # counts where 0 means "none"
+
+    def __post_init__(self):
+        """Counts (r, widths, queries, ...) must be >= 1 and probabilities (dropout, drop_path) in [0, 1): a bad
+        value is a ValueError naming the option, raised before any model is built."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value < (0 if field.name in self.may_be_zero else 1):
+                raise ValueError(f"option {field.name}={value} for method {self.method!r} must be at least "
+                                 f"{0 if field.name in self.may_be_zero else 1}")
+            if field.name in ("dropout", "drop_path") and not 0 <= value < 1:
+                raise ValueError(f"option {field.name}={value} for method {self.method!r} must be in [0, 1)")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}

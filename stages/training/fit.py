@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     # wall seconds of this fit (the cache opened, every epoch, validation, test), and of the extraction that wrote
     # the cache: the report's amortised cost
     metrics.update(wall_seconds=time.perf_counter() - started, extract_seconds=attrs.get("extract_seconds"))
-    write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs)), run.best_state, metrics)
+    write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs, cache_path)), run.best_state, metrics)
     checkpoint.remove()
     return metrics
 
@@ -220,9 +221,11 @@ def data_path(reader: CacheReader) -> str:
     return "resident on the GPU" if reader.memory.is_cuda else "in RAM"
 
 
-def model_info(attrs: dict) -> dict:
-    """The facts of the cache a model folder records (see stages/training/side_model.py)."""
-    return {"task": attrs["task"], "label_names": attrs["label_names"], "cache_key": attrs["key"],
+def model_info(attrs: dict, cache_path: str) -> dict:
+    """The facts of the cache a model folder records (see stages/training/side_model.py); cache_path is where that
+    cache was (made absolute when local: `pipeline evaluate MODEL` reads it by default)."""
+    local = "://" not in cache_path
+    return {"cache_path": os.path.abspath(cache_path) if local else cache_path, "task": attrs["task"], "label_names": attrs["label_names"], "cache_key": attrs["key"],
             "cache_key_sha256": attrs["key_sha256"], "max_length": attrs["max_length"], "dtype": attrs["dtype"],
             "model_type": attrs["model_type"]}
 

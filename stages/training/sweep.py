@@ -174,7 +174,7 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
                               gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False))
         metrics.update(identity_sha256=key_sha256(member.identity), sweep_run=member.run.name,
                        sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]))
-        side = SideModel(member.model, member.run.config, spec, model_info(attrs))
+        side = SideModel(member.model, member.run.config, spec, model_info(attrs, cache_path))
         write_model_folder(run_folder(out_dir, member.run), side, run.best_state, metrics)
         member.learner.checkpoint.remove()
         yield member.run, metrics
