@@ -38,6 +38,7 @@ from stages.extraction import extract as extract_module  # noqa: E402
 from stages.backbones import Backbone, load_backbone  # noqa: E402
 from stages.extraction.extract import ExtractSettings, extract  # noqa: E402
 from stages.extraction.layer_selection import parse_layers  # noqa: E402
+from stages.runtime import Runtime  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,7 +50,7 @@ def padded_loop(backbone, texts, batch_size, max_length, device, layers, precisi
     for first in range(0, len(texts), batch_size):
         batch = backbone.tokenizer(texts[first:first + batch_size], truncation=True, max_length=max_length,
                                    padding="max_length", return_tensors="pt").to(device)
-        with torch.inference_mode(), extract_module._autocast(device, precision):
+        with torch.inference_mode(), Runtime(torch.device(device), precision).autocast():
             backbone.model(**batch, output_hidden_states=True)
     synchronize(device)
 
@@ -63,7 +64,7 @@ def sorted_loop(backbone, texts, batch_size, max_length, device, layers, copies=
         features = [{name: values[i] for name, values in encoded.items()} for i in order[first:first + batch_size]]
         batch = backbone.tokenizer.pad(features, return_tensors="pt").to(device)
         with torch.inference_mode():
-            with extract_module._autocast(device, precision):
+            with Runtime(torch.device(device), precision).autocast():
                 hidden = backbone.model(**batch, output_hidden_states=True).hidden_states
             if copies:
                 mask = batch["attention_mask"].bool()

@@ -188,8 +188,6 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
 
         check_cluster_options(workers, scheduler)
-    if distributed and image_size:
-        raise InputError("--image-size is not passed to --workers/--scheduler yet; extract it on one machine")
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
                            _delimiter(delimiter), _log)
     model = load_backbone(backbone, trust_remote_code, image_size)

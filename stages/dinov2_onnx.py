@@ -61,14 +61,15 @@ def onnx_path() -> Path:
 def dinov2_small_path() -> Path:
     """The converted folder, made on first use: ~/.cache/cachetune/dinov2-small-onnx-<sha256 of the ONNX file>."""
     source = onnx_path()
-    target = cache_home() / f"dinov2-small-onnx-{files_sha256([source])}"
+    digest = files_sha256([source])
+    target = cache_home() / f"dinov2-small-onnx-{digest}"
     if target.exists():  # only a complete folder ever gets this name
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".partial", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
-        convert(source, staging)
+        convert(source, staging, digest)
         try:
             os.replace(staging, target)
         except OSError:  # another process renamed its complete copy first
@@ -139,8 +140,9 @@ def dinov2_config():
                         layer_norm_eps=1e-6, use_swiglu_ffn=False, hidden_act="gelu", qkv_bias=True)
 
 
-def convert(source: Path, folder: Path) -> None:
-    """Write config.json, model.safetensors, preprocessor_config.json and SOURCE.json into `folder`."""
+def convert(source: Path, folder: Path, source_sha256: str | None = None) -> None:
+    """Write config.json, model.safetensors, preprocessor_config.json and SOURCE.json into `folder`
+    (source_sha256: the ONNX file's, when the caller has it already)."""
     import torch
     from safetensors.torch import save_file
     from transformers import Dinov2Model
@@ -155,5 +157,5 @@ def convert(source: Path, folder: Path) -> None:
     model.config.save_pretrained(folder)
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, folder / "model.safetensors")
     (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR, indent=2))
-    (folder / "SOURCE.json").write_text(json.dumps({"onnx": str(source), "onnx_sha256": files_sha256([source]),
+    (folder / "SOURCE.json").write_text(json.dumps({"onnx": str(source), "onnx_sha256": source_sha256 or files_sha256([source]),
                                                     "note": NOTE}, indent=2))

@@ -1,6 +1,7 @@
 """Extraction on a dask cluster, stores at fsspec URLs, and `info --stats`."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -243,4 +244,24 @@ def test_images_on_a_cluster_equal_one_process(scheduler, tmp_path):
     options = dict(block_tokens=64, chunk_tokens=32, max_length=17)
     assert run_local(folder, tmp_path / "pets", tmp_path / "local.zarr", **options) == "written"
     assert run_cluster(folder, tmp_path / "pets", tmp_path / "cluster.zarr", scheduler, **options) == "written"
+    assert_same_store(tmp_path / "local.zarr", tmp_path / "cluster.zarr")
+
+
+def test_image_size_reaches_the_workers(scheduler, tmp_path):
+    """--image-size 48 on a DINOv2 (patch 8): 36 patches + CLS per image on the cluster as in one process."""
+    from tests.test_vision import make_backbone, write_pngs
+
+    torch.manual_seed(0)
+    model, processor = make_backbone("dinov2")
+    folder = tmp_path / "dinov2"
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    write_pngs(tmp_path / "pets", per_class=8)
+    options = settings(tmp_path / "local.zarr", block_tokens=128, chunk_tokens=32, max_length=37)
+    dataset = load_dataset(str(tmp_path / "pets"))
+    assert extract(load_backbone(str(folder), image_size=48), dataset, options, log=lambda *_: None) == "written"
+    assert distributed_extract.extract_distributed(
+        load_backbone(str(folder), image_size=48), dataset, dataclasses.replace(options, out=str(tmp_path / "cluster.zarr")),
+        scheduler=scheduler, log=lambda *_: None) == "written"
+    assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["max_length"] == 37
     assert_same_store(tmp_path / "local.zarr", tmp_path / "cluster.zarr")

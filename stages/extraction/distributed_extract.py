@@ -49,6 +49,7 @@ class BackboneSpec:
     trust_remote_code: bool
     device: str
     weights_sha256: str
+    image_size: int | None = None  # --image-size: each worker resizes its processor and position table the same way
 
 
 @dataclass
@@ -127,7 +128,7 @@ def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_
             import torch
 
             torch.set_num_threads(torch_threads or _torch_threads(workers_per_host))
-            backbone = load_backbone(spec.path, spec.trust_remote_code)
+            backbone = load_backbone(spec.path, spec.trust_remote_code, spec.image_size)
             if backbone.weights_sha256 != spec.weights_sha256:
                 raise InputError(f"the backbone at {spec.path} on this worker has other weights than the one the store's "
                                  "key was made with; give every worker the same model folder")
@@ -324,7 +325,8 @@ def extract_distributed(backbone: Backbone, dataset, settings: ExtractSettings, 
         raise InputError("give --workers N or --scheduler ADDRESS for a distributed extraction")
     settings = dataclasses.replace(settings, out=store_location(settings.out))
     device = device_kind("auto") if settings.device == "auto" else settings.device  # bare cuda: spread (worker_device)
-    spec = BackboneSpec(str(Path(backbone.path).resolve()), trust_remote_code, device, backbone.weights_sha256)
+    spec = BackboneSpec(str(Path(backbone.path).resolve()), trust_remote_code, device, backbone.weights_sha256,
+                        backbone.image_size)
     connection = Connection(workers, scheduler)
     try:
         if scheduler:
