@@ -231,16 +231,22 @@ def test_bad_cluster_options_exit_2_with_one_line(options, fragment, tiny_bert, 
     assert not out.exists()
 
 
-def test_images_on_a_cluster_equal_one_process(scheduler, tmp_path):
-    """Images travel per task as only the rows of its blocks (file paths here)."""
+def saved_image_backbone(family: str, tmp_path) -> Path:
+    """A tiny random image backbone of `family` saved with its processor, and tmp_path/pets: 8 PNGs per class."""
     from tests.test_vision import make_backbone, write_pngs
 
     torch.manual_seed(0)
-    model, processor = make_backbone("vit")
-    folder = tmp_path / "vit"
+    model, processor = make_backbone(family)
+    folder = tmp_path / family
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     write_pngs(tmp_path / "pets", per_class=8)
+    return folder
+
+
+def test_images_on_a_cluster_equal_one_process(scheduler, tmp_path):
+    """Images travel per task as only the rows of its blocks (file paths here)."""
+    folder = saved_image_backbone("vit", tmp_path)
     options = dict(block_tokens=64, chunk_tokens=32, max_length=17)
     assert run_local(folder, tmp_path / "pets", tmp_path / "local.zarr", **options) == "written"
     assert run_cluster(folder, tmp_path / "pets", tmp_path / "cluster.zarr", scheduler, **options) == "written"
@@ -249,14 +255,7 @@ def test_images_on_a_cluster_equal_one_process(scheduler, tmp_path):
 
 def test_image_size_reaches_the_workers(scheduler, tmp_path):
     """--image-size 48 on a DINOv2 (patch 8): 36 patches + CLS per image on the cluster as in one process."""
-    from tests.test_vision import make_backbone, write_pngs
-
-    torch.manual_seed(0)
-    model, processor = make_backbone("dinov2")
-    folder = tmp_path / "dinov2"
-    model.eval().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    write_pngs(tmp_path / "pets", per_class=8)
+    folder = saved_image_backbone("dinov2", tmp_path)
     options = settings(tmp_path / "local.zarr", block_tokens=128, chunk_tokens=32, max_length=37)
     dataset = load_dataset(str(tmp_path / "pets"))
     assert extract(load_backbone(str(folder), image_size=48), dataset, options, log=lambda *_: None) == "written"
