@@ -455,8 +455,9 @@ def _refuse_numeric_spellings(source, label_column: str, names: list[str], raw: 
 
     spellings = {}
     for name in names:
-        if number(name) is not None:
-            spellings.setdefault(number(name), []).append(name)
+        value = number(name)
+        if value is not None:
+            spellings.setdefault(value, []).append(name)
     clash = next((found for found in spellings.values() if len(found) > 1), None)
     if clash:
         rows = [i for i, value in enumerate(raw) if value == clash[1]]
