@@ -55,7 +55,7 @@ def describe_store(path: str) -> dict:
         "pooling": attrs.get("pooling"), "task": attrs.get("task"), "label_names": attrs.get("label_names"),
         "splits": splits, "real_tokens": tokens, "bytes_on_disk": on_disk, "bytes_padded_fp32": padded_fp32,
         "ratio_to_padded_fp32": on_disk / padded_fp32 if padded_fp32 else None,
-        "codecs": [type(c).__name__ for c in (first.filters + first.compressors)] if first is not None else [],
+        "codecs": [codec_name(c) for c in (first.filters + first.compressors)] if first is not None else [],
         "key_sha256": attrs.get("key_sha256"), "encoding": attrs.get("encoding"),
         "derived_from": attrs.get("derived_from"),
         "bytes_per_token_layer": on_disk / (tokens * len(layers)) if tokens and layers else None,
@@ -64,6 +64,14 @@ def describe_store(path: str) -> dict:
         "modality": attrs["key"].get("modality", "text"), "image_size": attrs["key"].get("image_size"),
         "bytes_per_sample": on_disk / samples if samples else None,
     }
+
+
+def codec_name(codec) -> str:
+    """'blosc lz4 (shuffle, level 5)' for a Blosc codec (the compressor inside is what matters), 'crc32c checksum', else the class name."""
+    if type(codec).__name__ == "BloscCodec":
+        value = lambda x: getattr(x, "value", x)  # noqa: E731  (zarr keeps cname and shuffle as enums)
+        return f"blosc {value(codec.cname)} ({value(codec.shuffle)}, level {codec.clevel})"
+    return {"Crc32cCodec": "crc32c checksum"}.get(type(codec).__name__, type(codec).__name__)
 
 
 def _block_moments(block: np.ndarray, used: np.ndarray, block_id=None) -> np.ndarray:

@@ -64,6 +64,7 @@ def test_int8_and_fp8_extraction_decode_close_to_float16(tiny_bert, tiny_table, 
         facts = describe_store(str(tmp_path / f"{dtype}.zarr"))
         assert 0 < facts["relative_error_vs_float16"] < tolerance
         assert facts["bytes_per_token_layer"] < describe_store(str(tmp_path / "f16.zarr"))["bytes_per_token_layer"]
+    assert describe_store(str(tmp_path / "f16.zarr"))["codecs"] == ["blosc lz4 (shuffle, level 5)", "crc32c checksum"]
 
 
 def test_compact_equals_extraction_and_resumes(tiny_bert, tiny_table, tmp_path, monkeypatch):
