@@ -5,8 +5,8 @@ from the texts (tokenizing included) to the last result on the host:
   padded   bare `model(**batch, output_hidden_states=True)`, file order, padded to --max-length
   sorted   bare forward over length-sorted batches padded to the batch's longest (the honest baseline)
   +copies  the sorted loop, also copying each layer's real tokens to the host as float16
-  extract  `pipeline extract` (stages.extraction.extract.extract) into a fresh store; also shown without its start-up
-           (everything before the first forward batch)
+  extract  `pipeline extract` (stages.extraction.extract.extract) into a fresh store, once per --dtypes entry; also
+           shown without its start-up (everything before the first forward batch)
 Ratios are against `sorted` and `+copies`. --write-only replaces the backbone by random tensors of the
 backbone's shapes, so the write path (batching, gather, cast, copies, compression, checksums, disk) is timed
 alone, once per codec, in GB/s of stored features and samples/s.
@@ -14,6 +14,7 @@ alone, once per codec, in GB/s of stored features and samples/s.
     python bench/extract_throughput.py --samples 2000 --max-length 128 --skip-padded
     python bench/extract_throughput.py --device cuda --batch-size 128 --samples 10568
     python bench/extract_throughput.py --write-only --samples 10568 --codecs lz4,none
+    python bench/extract_throughput.py --samples 2000 --skip-padded --dtypes float16,fp8,int8   # 8-bit encoding's cost
 """
 from __future__ import annotations
 
@@ -132,14 +133,14 @@ def write_only(args, backbone, dataset, folder: Path, n: int) -> None:
                     backbone.tokenizer, "random-" + backbone.weights_sha256, backbone.pooling)
     print(f"write path alone: backbone replaced by random tensors of {args.backbone}'s shapes "
           f"({backbone.num_layers + 1} hidden states x {backbone.hidden_size}), layers {args.layers}, device {args.device}")
-    for codec in args.codecs.split(","):
-        settings = ExtractSettings(out=str(folder / f"w-{codec}.zarr"), layers=args.layers, max_length=args.max_length,
-                                   batch_size=args.batch_size, device=args.device, codec=codec)
+    for codec, dtype in ((c, d) for c in args.codecs.split(",") for d in args.dtypes.split(",")):
+        settings = ExtractSettings(out=str(folder / f"w-{codec}-{dtype}.zarr"), layers=args.layers, max_length=args.max_length,
+                                   batch_size=args.batch_size, device=args.device, codec=codec, dtype=dtype)
         seconds, startup = timed_extract(fake, dataset, settings)
         facts = describe_store(settings.out)
         stored = facts["real_tokens"] * len(facts["layers"]) * backbone.hidden_size * 2
         steady = seconds - startup
-        print(f"  codec {codec:4s}: {n / seconds:9.1f} samples/s, {stored / seconds / 1e9:6.3f} GB/s of float16 features "
+        print(f"  codec {codec:4s} {dtype:7s}: {n / seconds:9.1f} samples/s, {stored / seconds / 1e9:6.3f} GB/s of float16 features "
               f"end to end ({seconds:.1f} s); without start-up ({startup:.1f} s): {n / steady:9.1f} samples/s, "
               f"{stored / steady / 1e9:6.3f} GB/s; {facts['bytes_on_disk'] / 1e6:.1f} MB on disk "
               f"({facts['bytes_on_disk'] / stored:.3f} of raw)")
@@ -156,6 +157,9 @@ def main():
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="the forward pass of every row (autocast)")
     parser.add_argument("--codec", default="lz4", help="for `pipeline extract`")
+    parser.add_argument("--dtypes", default="float16",
+                        help="comma list of stored dtypes (float16, float32, int8, fp8): one `pipeline extract` row each; "
+                             "with --write-only, one row per codec and dtype")
     parser.add_argument("--rounds", type=int, default=4, help="rows take turns on this many parts of the texts")
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded loop (slow on a CPU)")
     parser.add_argument("--write-only", action="store_true", help="time the write path alone, backbone replaced")
@@ -177,29 +181,32 @@ def main():
         # Rows take turns on R consecutive parts of the texts (the order rotating each round), so a machine whose
         # load changes over minutes slows every row alike; each row's time is its sum over the rounds.
         parts = np.array_split(np.arange(n), args.rounds)
-        total = {name: 0.0 for name in (["padded"] if not args.skip_padded else []) + ["sorted", "+copies", "extract"]}
-        startup = 0.0
+        dtypes = args.dtypes.split(",")
+        extracts = [f"extract {dtype}" for dtype in dtypes]
+        total = {name: 0.0 for name in (["padded"] if not args.skip_padded else []) + ["sorted", "+copies", *extracts]}
+        startup, size = dict.fromkeys(dtypes, 0.0), {}
         for round_, part in enumerate(parts):
             chunk = [texts[i] for i in part]
             dataset = load_dataset(str(write_table(folder / f"part{round_}", chunk, labels[part], names)))
-            settings = ExtractSettings(out=str(folder / f"f{round_}.zarr"), layers=args.layers, max_length=args.max_length,
-                                       batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                       codec=args.codec)
+            settings = {dtype: ExtractSettings(out=str(folder / f"f{round_}-{dtype}.zarr"), layers=args.layers,
+                                               max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+                                               precision=args.precision, codec=args.codec, dtype=dtype) for dtype in dtypes}
             loop = (backbone, chunk, args.batch_size, args.max_length, device, layers)
             rows = {"padded": lambda: timed(padded_loop, *loop, precision=args.precision),
                     "sorted": lambda: timed(sorted_loop, *loop, precision=args.precision),
                     "+copies": lambda: timed(sorted_loop, *loop, copies=True, precision=args.precision),
-                    "extract": lambda: timed_extract(backbone, dataset, settings)}
+                    **{f"extract {d}": (lambda d=d: timed_extract(backbone, dataset, settings[d])) for d in dtypes}}
             names_now = list(total)[round_ % len(total):] + list(total)[:round_ % len(total)]
             for name in names_now:
                 result = rows[name]()
-                if name == "extract":
+                if name in extracts:
                     result, first = result
-                    startup += first
+                    startup[name.split()[1]] += first
                 total[name] += result
-            facts = describe_store(settings.out)
-            size = {key: size.get(key, 0) + facts[key] for key in ("bytes_on_disk", "bytes_padded_fp32", "real_tokens")} \
-                if round_ else {key: facts[key] for key in ("bytes_on_disk", "bytes_padded_fp32", "real_tokens")}
+            for dtype in dtypes:
+                facts = describe_store(settings[dtype].out)
+                size[dtype] = {key: size.get(dtype, {}).get(key, 0) + facts[key]
+                               for key in ("bytes_on_disk", "bytes_padded_fp32", "real_tokens")}
         best = total
     print(f"backbone {args.backbone}, {n} movie snippets, batch {args.batch_size}, max length {args.max_length}, "
           f"layers {args.layers}, device {args.device}"
@@ -207,17 +214,21 @@ def main():
           f"{torch.get_num_threads()} torch threads, precision {args.precision}, codec {args.codec}, "
           f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
     labels_of = {"padded": "bare loop, padded to max length", "sorted": "bare loop, length-sorted (forward only)",
-                 "+copies": "length-sorted + real tokens to host fp16", "extract": "pipeline extract (end to end)"}
-    for name in ("padded", "sorted", "+copies", "extract"):
+                 "+copies": "length-sorted + real tokens to host fp16",
+                 **{f"extract {d}": f"pipeline extract --dtype {d} (end to end)" for d in dtypes}}
+    for name in ("padded", "sorted", "+copies", *extracts):
         if name in best:
-            print(f"{labels_of[name]:42s}: {n / best[name]:9.1f} samples/s ({best[name]:.1f} s)   "
+            print(f"{labels_of[name]:46s}: {n / best[name]:9.1f} samples/s ({best[name]:.1f} s)   "
                   f"x{best['sorted'] / best[name]:.2f} of sorted, x{best['+copies'] / best[name]:.2f} of +copies")
-    steady = best["extract"] - startup
-    print(f"{'pipeline extract without start-up':42s}: {n / steady:9.1f} samples/s ({steady:.1f} s; start-up {startup:.1f} s)"
-          f"   x{best['sorted'] / steady:.2f} of sorted, x{best['+copies'] / steady:.2f} of +copies")
-    print(f"cache bytes on disk: {size['bytes_on_disk'] / 1e6:.1f} MB for {len(layers)} layers, "
-          f"{size['real_tokens']} real tokens; padded float32 at max length: {size['bytes_padded_fp32'] / 1e6:.1f} MB "
-          f"(ratio {size['bytes_on_disk'] / size['bytes_padded_fp32']:.3f})")
+    for dtype in dtypes:
+        steady = best[f"extract {dtype}"] - startup[dtype]
+        print(f"{'  ' + dtype + ' without start-up':46s}: {n / steady:9.1f} samples/s ({steady:.1f} s; start-up "
+              f"{startup[dtype]:.1f} s)   x{best['sorted'] / steady:.2f} of sorted, x{best['+copies'] / steady:.2f} of +copies")
+    for dtype in dtypes:
+        bytes_ = size[dtype]
+        print(f"cache bytes on disk, {dtype}: {bytes_['bytes_on_disk'] / 1e6:.1f} MB for {len(layers)} layers, "
+              f"{bytes_['real_tokens']} real tokens; padded float32 at max length: {bytes_['bytes_padded_fp32'] / 1e6:.1f} MB "
+              f"(ratio {bytes_['bytes_on_disk'] / bytes_['bytes_padded_fp32']:.3f})")
 
 
 if __name__ == "__main__":
