@@ -23,8 +23,8 @@ def parse_reduce(reduce: str | None, width: int | None = None) -> int | None:
     if kind != "pca" or not count.isdigit() or int(count) < 1:
         raise InputError(f"--reduce {reduce!r}: use pca:K with K principal components per token (e.g. pca:96)")
     if width is not None and int(count) >= width:
-        raise InputError(f"--reduce {reduce}: K must be below the hidden size {width} (K = width stores no less); "
-                         f"use pca:{width // 4} for a quarter")
+        raise InputError(f"--reduce {reduce}: K must be below the hidden size {width} (K >= the width stores no fewer "
+                         f"values than the layer itself); use pca:{width // 4} for a quarter")
     return int(count)
 
 
