@@ -103,8 +103,9 @@ def main():
     print(f"\n{base['model_type']} ({base['num_layers']} layers x {base['hidden_size']}), {args.cache}; methods {args.methods}; "
           f"seeds {args.seeds}; {args.epochs} epochs; train subset {args.max_train_samples or 'all'}")
     train = args.max_train_samples or base["splits"]["train"]["samples"]
-    per_sweep = train * args.epochs * len(args.seeds.split(","))  # training samples through every method
-    print(f"stage-two samples/s: {train} training samples x {args.epochs} epochs x {len(args.seeds.split(','))} seeds "
+    seeds = len(args.seeds.split(","))
+    per_sweep = train * args.epochs * seeds  # training samples through every method
+    print(f"stage-two samples/s: {train} training samples x {args.epochs} epochs x {seeds} seeds "
           f"through all {len(reference['accuracy'])} methods (one `pipeline sweep`, validation and test included) / sweep s")
     print("| encoding | bytes / token-layer | vs float16 | rel. error vs float16 | compact s | sweep s (vs f16) | samples/s | "
           "peak MB (vs f16) | " + " | ".join(f"{m} test acc (Δ)" for m in reference["accuracy"]) + " | goal |")

@@ -182,7 +182,7 @@ def main():
         # load changes over minutes slows every row alike; each row's time is its sum over the rounds.
         parts = np.array_split(np.arange(n), args.rounds)
         dtypes = args.dtypes.split(",")
-        extracts = [f"extract {dtype}" for dtype in dtypes]
+        extracts = {f"extract {dtype}": dtype for dtype in dtypes}  # row name -> dtype
         total = {name: 0.0 for name in (["padded"] if not args.skip_padded else []) + ["sorted", "+copies", *extracts]}
         startup, size = dict.fromkeys(dtypes, 0.0), {}
         for round_, part in enumerate(parts):
@@ -201,7 +201,7 @@ def main():
                 result = rows[name]()
                 if name in extracts:
                     result, first = result
-                    startup[name.split()[1]] += first
+                    startup[extracts[name]] += first
                 total[name] += result
             for dtype in dtypes:
                 facts = describe_store(settings[dtype].out)

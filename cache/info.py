@@ -67,11 +67,14 @@ def describe_store(path: str) -> dict:
 
 
 def codec_name(codec) -> str:
-    """'blosc lz4 (shuffle, level 5)' for a Blosc codec (the compressor inside is what matters), 'crc32c checksum', else the class name."""
-    if type(codec).__name__ == "BloscCodec":
+    """'blosc lz4 (shuffle, level 5)' for a Blosc codec (the compressor inside is what matters), 'crc32c checksum',
+    else the class name; the inverse of cache/layout.py's codec lists."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    if isinstance(codec, BloscCodec):
         value = lambda x: getattr(x, "value", x)  # noqa: E731  (zarr keeps cname and shuffle as enums)
         return f"blosc {value(codec.cname)} ({value(codec.shuffle)}, level {codec.clevel})"
-    return {"Crc32cCodec": "crc32c checksum"}.get(type(codec).__name__, type(codec).__name__)
+    return "crc32c checksum" if isinstance(codec, Crc32cCodec) else type(codec).__name__
 
 
 def _block_moments(block: np.ndarray, used: np.ndarray, block_id=None) -> np.ndarray:
