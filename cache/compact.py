@@ -64,10 +64,10 @@ def _plan(split: zarr.Group) -> BlockPlan:
     return BlockPlan(block_tokens, token_start, [np.flatnonzero(owner == b) for b in range(int(split.attrs["num_blocks"]))])
 
 
-def compact(source_path: str, out: str, dtype: str = "int8", reduce: str | None = None, codec: str = "lz4",
-            overwrite: bool = False, log=print, progress=None) -> str:
-    """Writes or resumes `out` from `source_path`; returns 'complete' (was up to date) or 'written'.
+def check_request(source_path: str, out: str, dtype: str, reduce: str | None):
+    """Validate a compact request before anything is written (or locked) at `out`.
 
+    Returns (encoding, opened source group, its attrs, hidden size, cached layers, PCA components or 0).
     Raises InputError: `out` is the source, the source is incomplete or already compact, a bad --dtype/--reduce.
     """
     if same_store(source_path, out):
@@ -84,6 +84,16 @@ def compact(source_path: str, out: str, dtype: str = "int8", reduce: str | None 
     components = parse_reduce(reduce, hidden)
     if components and "train" not in source:
         raise InputError(f"--reduce needs a train split to fit the basis on; {source_path} has none")
+    return encoding, source, attrs, hidden, layers, components
+
+
+def compact(source_path: str, out: str, dtype: str = "int8", reduce: str | None = None, codec: str = "lz4",
+            overwrite: bool = False, log=print, progress=None) -> str:
+    """Writes or resumes `out` from `source_path`; returns 'complete' (was up to date) or 'written'.
+
+    Raises InputError: `out` is the source, the source is incomplete or already compact, a bad --dtype/--reduce.
+    """
+    encoding, source, attrs, hidden, layers, components = check_request(source_path, out, dtype, reduce)
     filters, compressors = codec_pipeline(codec, None)
     key = compact_key(attrs["key"], attrs["key_sha256"], encoding, codec)
     root, state = open_store_for_write(out, key, overwrite)

@@ -30,7 +30,7 @@ def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     Block by block and resumable (rerun the same command after a kill); every chunk is checksummed; the new store's
     key records that it derives from SOURCE's.
     """
-    from cache.compact import compact as run_compact
+    from cache.compact import check_request, compact as run_compact
     from cache.store_lock import store_lock
     from cache.layout import LOSSY_REMOVED
     from stages.progress import progress_bar
@@ -38,6 +38,7 @@ def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     if lossy:
         _fail(f"error: {LOSSY_REMOVED}", EXIT_INPUT)
     try:
+        check_request(source, out, dtype, reduce)  # before the lock: a refused request leaves nothing at --out
         with store_lock(out, log=lambda line: click.echo(line, err=True)):
             state = run_compact(source, out, dtype, reduce, codec, overwrite,
                                 log=lambda line: click.echo(line, err=True), progress=progress_bar)
