@@ -176,6 +176,8 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     from pipeline.data import load_dataset
     from stages.backbones import load_backbone
     from stages.extraction.extract import ExtractSettings, extract as run_extract, validate_settings
+    from stages.extraction.host_memory import check_host_memory
+    from stages.extraction.layer_selection import parse_layers
     from stages.extraction.preflight import method_support_note, preflight
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
@@ -195,6 +197,9 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     with library_errors("extract's checks", name):
         preflight(model, dataset, settings, _log)
     method_support_note(model, _log)
+    if not distributed:  # before the lock: a refused run leaves nothing at --out
+        check_host_memory(settings, len(parse_layers(layers, model.num_layers, model.hidden_size)), model.hidden_size,
+                          settings.runtime().device)
     try:
         with store_lock(out, log=_log):
             _clear_failure(out)

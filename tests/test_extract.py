@@ -181,6 +181,22 @@ def test_bad_input_exits_2_with_one_line_and_no_complete_store(case, fragment, t
     assert not out.exists() or zarr.open_group(str(out)).attrs.get("status") != "complete"
 
 
+def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, tiny_table, tmp_path, monkeypatch):
+    from stages.extraction import host_memory
+
+    # defaults on a CPU: sort groups of 4 blocks, two groups in flight plus one writer thread = 9 buffers
+    assert host_memory.buffer_bytes(ExtractSettings(out="x"), 3, 32, "cpu") == 9 * 3 * 8192 * 32 * 2
+    assert host_memory.buffer_bytes(ExtractSettings(out="x", dtype="fp8"), 3, 32, "cpu") == 9 * 3 * 8192 * 32 * 4
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 10 * 2**20)  # the tiny model's 9 buffers: 13.5 MiB
+    out = tmp_path / "f.zarr"
+    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", out]
+    assert_one_line_error(cli(*args), "lower --sort-tokens to 16384 (now 32768")
+    assert not list(tmp_path.glob("f.zarr*"))  # refused before the store or its lock file is made
+    assert cli(*args, "--sort-tokens", 16384).exit_code == 0  # 5 buffers, 7.5 MiB: the suggested value runs
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 2 * 2**20)  # not even one group of one block
+    assert_one_line_error(cli(*args, "--out", tmp_path / "g.zarr"), "cache fewer layers (--layers every:4")
+
+
 def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_path):
     run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr")
     result = cli("info", tmp_path / "f.zarr")

@@ -207,6 +207,10 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
     runtime = settings.runtime() if run_split is None else Runtime.resolve("cpu", "fp32")
     device = runtime.device
+    if run_split is None:
+        from .host_memory import check_host_memory
+
+        check_host_memory(settings, len(layers), backbone.hidden_size, device)
     model = backbone.model.to(device)
     tokens_per_image = None
     if backbone.modality == "image":
@@ -498,9 +502,10 @@ class Writes:
 
     def __init__(self, settings: ExtractSettings, layers: int, hidden_size: int, runtime: Runtime):
         self.runtime = runtime
+        from .host_memory import buffer_count
+
         self.background = BackgroundWriter(threads=writer_threads(str(runtime.device)))
-        group_blocks = max(1, settings.sort_tokens // settings.block_tokens)
-        self.pool = BufferPool(2 * group_blocks + self.background.threads, lambda: block_buffer(
+        self.pool = BufferPool(buffer_count(settings, runtime.device), lambda: block_buffer(
             layers, settings.block_tokens, hidden_size, settings.dtype, runtime.device))
 
 

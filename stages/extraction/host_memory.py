@@ -1,0 +1,51 @@
+"""Extraction's block buffers against the machine's free memory, checked before the store is made.
+
+Extraction fills host buffers of [K cached layers, block_tokens, D] (float16 or float32 as stored; float32 for
+int8/fp8, whose codes are encoded from the full-precision values in the writer): one sort group's blocks being
+computed, the previous group's still being written, and one more per writer thread (`extract.Writes`). That grows
+as layers x width; at the defaults on a CPU (9 buffers of 8,192 tokens) with `--layers all`: MiniLM (7 x 384) 0.4 GB,
+SmolLM2-135M (31 x 576) 2.6 GB at float16 and 5.3 GB at fp8, a Llama-3-8B (33 x 4096) 20 GB at float16 (a GPU
+run's extra writer threads add up to three buffers). A machine with less would be ended by the kernel's OOM killer:
+no message and a half-written store. Checked for extraction in this process; a dask worker holds one group.
+"""
+from __future__ import annotations
+
+import psutil
+
+from cache.errors import InputError
+from cache.writer import writer_threads
+
+from .extract import CACHE_DTYPES, ExtractSettings
+
+
+def buffer_count(settings: ExtractSettings, device) -> int:
+    """Block buffers extraction may hold at once: two sort groups of blocks plus one per writer thread."""
+    return 2 * max(1, settings.sort_tokens // settings.block_tokens) + writer_threads(str(device))
+
+
+def buffer_bytes(settings: ExtractSettings, num_layers: int, hidden_size: int, device) -> int:
+    """Upper bound in bytes of the host memory in block buffers: count x [num_layers, block_tokens, hidden_size]."""
+    itemsize = CACHE_DTYPES[settings.dtype].itemsize
+    return buffer_count(settings, device) * num_layers * settings.block_tokens * hidden_size * itemsize
+
+
+def available_memory() -> int:
+    """Bytes of memory available now without swapping (psutil: free plus reclaimable page cache)."""
+    return psutil.virtual_memory().available
+
+
+def check_host_memory(settings: ExtractSettings, num_layers: int, hidden_size: int, device) -> None:
+    """Raises InputError (one line naming the fix) when the block buffers would not fit in the available memory."""
+    needed = buffer_bytes(settings, num_layers, hidden_size, device)
+    available = available_memory()
+    if needed <= available:
+        return
+    per_block = needed // buffer_count(settings, device)
+    fits = (int(0.8 * available) // per_block - writer_threads(str(device))) // 2  # blocks per sort group that fit
+    fix = (f"lower --sort-tokens to {fits * settings.block_tokens} (now {settings.sort_tokens}; batches are then "
+           "length-sorted over fewer tokens)" if fits >= 1 else
+           f"cache fewer layers (--layers every:4, or --layers for:METHOD) or lower --block-tokens (now {settings.block_tokens})")
+    raise InputError(f"extraction would hold up to {needed / 2**30:.1f} GiB of block buffers ({buffer_count(settings, device)} x "
+                     f"[{num_layers} layers, {settings.block_tokens} tokens, {hidden_size}] "
+                     f"{str(CACHE_DTYPES[settings.dtype]).removeprefix('torch.')}) but {available / 2**30:.1f} GiB of "
+                     f"memory is available; {fix}")
