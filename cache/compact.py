@@ -75,9 +75,10 @@ def check_request(source_path: str, out: str, dtype: str, reduce: str | None):
     encoding = Encoding(dtype, reduce)
     source = open_store(source_path)
     attrs = dict(source.attrs)
-    if not Encoding.of_store(attrs).plain:
-        raise InputError(f"{source_path} is already a compact store ({attrs.get('encoding')}); compact a float16 or "
-                         "float32 store")
+    stored = Encoding.of_store(attrs)
+    if not stored.plain:
+        raise InputError(f"{source_path} is already a compact store (--dtype {stored.dtype}"
+                         f"{f' --reduce {stored.reduce}' if stored.reduce else ''}); compact a float16 or float32 store")
     if encoding.plain and dtype == attrs.get("dtype"):
         raise InputError(f"--dtype {dtype} without --reduce would copy {source_path} unchanged; use int8, fp8 or --reduce")
     hidden, layers = int(attrs["hidden_size"]), list(attrs["layers"])

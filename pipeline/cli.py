@@ -87,7 +87,43 @@ def _fail(line: str, code: int):
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class OneLineUsageError(click.ClickException):
+    """A click usage error (an unknown option, a value outside the choices) shown as every other bad input is: one
+    `error:` line naming the command's --help, exit 2, instead of click's usage block."""
+
+    exit_code = EXIT_INPUT
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+class PipelineGroup(click.Group):
+    """The `pipeline` group; its own and its commands' usage errors become `OneLineUsageError`s."""
+
+    @staticmethod
+    def _one_line(error: click.UsageError) -> click.ClickException:
+        if isinstance(error, NO_ARGS_IS_HELP):  # bare `pipeline`: click's help, as before
+            return error
+        path = error.ctx.command_path if error.ctx else "pipeline"
+        return OneLineUsageError(f"{error.format_message().rstrip('.')}; see `{path} --help`")
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            raise self._one_line(error) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise self._one_line(error) from None
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """cachetune: run a frozen backbone once, cache its layers, train side networks on the cache.
 
@@ -156,7 +192,9 @@ def data_options(command):
 @click.option("--block-tokens", type=int, default=8192, show_default=True, help="Tokens per block (one shard, the unit of resume).")
 @click.option("--chunk-tokens", type=int, default=1024, show_default=True, help="Tokens per compressed chunk.")
 @click.option("--sort-tokens", type=int, default=32768, show_default=True,
-              help="Forward batches are length-sorted across consecutive blocks holding this many tokens (less padding).")
+              help="Forward batches are length-sorted across consecutive blocks holding this many tokens (less padding); "
+                   "host memory holds about twice this many tokens of every cached layer, and a value that would not "
+                   "fit in the memory available is refused before anything is written.")
 @click.option("--workers", type=int, default=None,
               help="Run the forward passes on a dask LocalCluster of N one-thread worker processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -177,7 +215,6 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     from stages.backbones import load_backbone
     from stages.extraction.extract import ExtractSettings, extract as run_extract, validate_settings
     from stages.extraction.host_memory import check_host_memory
-    from stages.extraction.layer_selection import parse_layers
     from stages.extraction.preflight import method_support_note, preflight
 
     settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
@@ -198,8 +235,7 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         preflight(model, dataset, settings, _log)
     method_support_note(model, _log)
     if not distributed:  # before the lock: a refused run leaves nothing at --out
-        check_host_memory(settings, len(parse_layers(layers, model.num_layers, model.hidden_size)), model.hidden_size,
-                          settings.runtime().device)
+        check_host_memory(settings, model, dataset, settings.runtime().device)
     try:
         with store_lock(out, log=_log):
             _clear_failure(out)

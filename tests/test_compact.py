@@ -135,6 +135,7 @@ def test_bad_input_is_one_line_exit_2(tiny_bert, tiny_table, tmp_path):
         result = runner.invoke(main, args)
         assert result.exit_code == 2, result.output
         assert expected in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output  # click's usage errors too
     assert not list(tmp_path.glob("p.zarr*")), "a refused compact must leave nothing at --out, not even its lock file"
     # damaged scales (rewritten with a valid checksum, so only the values are wrong): refused, not decoded
     compact(str(tmp_path / "f16.zarr"), str(tmp_path / "c.zarr"), "int8", log=lambda *_: None)

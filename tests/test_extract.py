@@ -184,16 +184,20 @@ def test_bad_input_exits_2_with_one_line_and_no_complete_store(case, fragment, t
 def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, tiny_table, tmp_path, monkeypatch):
     from stages.extraction import host_memory
 
-    # defaults on a CPU: sort groups of 4 blocks, two groups in flight plus one writer thread = 9 buffers
-    assert host_memory.buffer_bytes(ExtractSettings(out="x"), 3, 32, "cpu") == 9 * 3 * 8192 * 32 * 2
-    assert host_memory.buffer_bytes(ExtractSettings(out="x", dtype="fp8"), 3, 32, "cpu") == 9 * 3 * 8192 * 32 * 4
-    monkeypatch.setattr(host_memory, "available_memory", lambda: 10 * 2**20)  # the tiny model's 9 buffers: 13.5 MiB
+    # defaults on a CPU: sort groups of 4 blocks, two groups in flight plus one writer thread = 9 buffers ...
+    assert host_memory.buffer_count(ExtractSettings(out="x"), "cpu") == 9
+    assert host_memory.block_buffer_bytes(ExtractSettings(out="x", dtype="fp8"), 3, 32) == 3 * 8192 * 32 * 4
+    # ... but a group never spans more blocks than the largest split can fill
+    assert host_memory.buffer_count(ExtractSettings(out="x"), "cpu", split_tokens=6144) == 3
+    # tiny_table's 96 training rows x 24 tokens fill at most 10 blocks of 256: 21 buffers of [3, 256, 32] float16, 1008 KiB
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 600 * 2**10)
     out = tmp_path / "f.zarr"
-    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", out]
-    assert_one_line_error(cli(*args), "lower --sort-tokens to 16384 (now 32768")
+    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", out, "--block-tokens", 256,
+            "--chunk-tokens", 32, "--max-length", 24]
+    assert_one_line_error(cli(*args), "lower --sort-tokens to 512 (now 32768")
     assert not list(tmp_path.glob("f.zarr*"))  # refused before the store or its lock file is made
-    assert cli(*args, "--sort-tokens", 16384).exit_code == 0  # 5 buffers, 7.5 MiB: the suggested value runs
-    monkeypatch.setattr(host_memory, "available_memory", lambda: 2 * 2**20)  # not even one group of one block
+    assert cli(*args, "--sort-tokens", 512).exit_code == 0  # 5 buffers, 240 KiB: the value it named runs
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 100 * 2**10)  # under two buffers
     assert_one_line_error(cli(*args, "--out", tmp_path / "g.zarr"), "cache fewer layers (--layers every:4")
 
 

@@ -210,7 +210,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     if run_split is None:
         from .host_memory import check_host_memory
 
-        check_host_memory(settings, len(layers), backbone.hidden_size, device)
+        check_host_memory(settings, backbone, dataset, device)
     model = backbone.model.to(device)
     tokens_per_image = None
     if backbone.modality == "image":

@@ -15,18 +15,24 @@ import psutil
 from cache.errors import InputError
 from cache.writer import writer_threads
 
-from .extract import CACHE_DTYPES, ExtractSettings
+from .extract import CACHE_DTYPES, SPLITS, ExtractSettings
+from .layer_selection import parse_layers
 
 
-def buffer_count(settings: ExtractSettings, device) -> int:
-    """Block buffers extraction may hold at once: two sort groups of blocks plus one per writer thread."""
-    return 2 * max(1, settings.sort_tokens // settings.block_tokens) + writer_threads(str(device))
+def buffer_count(settings: ExtractSettings, device, split_tokens: int | None = None) -> int:
+    """Block buffers extraction may hold at once: two sort groups of blocks plus one per writer thread.
+
+    split_tokens: an upper bound on the largest split's tokens, when known; a sort group never spans more blocks
+    than that split has (a block wastes under --max-length tokens, since samples are not cut across blocks)."""
+    group = max(1, settings.sort_tokens // settings.block_tokens)
+    if split_tokens is not None:
+        group = min(group, -(-split_tokens // (settings.block_tokens - settings.max_length + 1)))
+    return 2 * max(1, group) + writer_threads(str(device))
 
 
-def buffer_bytes(settings: ExtractSettings, num_layers: int, hidden_size: int, device) -> int:
-    """Upper bound in bytes of the host memory in block buffers: count x [num_layers, block_tokens, hidden_size]."""
-    itemsize = CACHE_DTYPES[settings.dtype].itemsize
-    return buffer_count(settings, device) * num_layers * settings.block_tokens * hidden_size * itemsize
+def block_buffer_bytes(settings: ExtractSettings, num_layers: int, hidden_size: int) -> int:
+    """Bytes of one block buffer [num_layers, block_tokens, hidden_size] in the dtype extraction fills."""
+    return num_layers * settings.block_tokens * hidden_size * CACHE_DTYPES[settings.dtype].itemsize
 
 
 def available_memory() -> int:
@@ -34,18 +40,24 @@ def available_memory() -> int:
     return psutil.virtual_memory().available
 
 
-def check_host_memory(settings: ExtractSettings, num_layers: int, hidden_size: int, device) -> None:
-    """Raises InputError (one line naming the fix) when the block buffers would not fit in the available memory."""
-    needed = buffer_bytes(settings, num_layers, hidden_size, device)
+def check_host_memory(settings: ExtractSettings, backbone, dataset, device) -> None:
+    """Raises InputError (one line naming the fix) when the block buffers, count x [cached layers, block_tokens,
+    hidden size] in the buffer dtype, would not fit in the memory available now. The --sort-tokens it names keeps
+    them within half of that, leaving the rest to the backbone, its activations and other work."""
+    num_layers = len(parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size))
+    hidden_size = backbone.hidden_size
+    split_tokens = (max(len(dataset.rows(split)) for split in SPLITS) * settings.max_length
+                    if backbone.modality == "text" else None)  # an image's token count is known only after a forward
+    count = buffer_count(settings, device, split_tokens)
+    per_block = block_buffer_bytes(settings, num_layers, hidden_size)
     available = available_memory()
-    if needed <= available:
+    if count * per_block <= available:
         return
-    per_block = needed // buffer_count(settings, device)
-    fits = (int(0.8 * available) // per_block - writer_threads(str(device))) // 2  # blocks per sort group that fit
+    fits = (available // 2 // per_block - writer_threads(str(device))) // 2  # blocks per sort group
     fix = (f"lower --sort-tokens to {fits * settings.block_tokens} (now {settings.sort_tokens}; batches are then "
-           "length-sorted over fewer tokens)" if fits >= 1 else
+           "length-sorted over fewer tokens) or cache fewer layers (--layers every:4)" if fits >= 1 else
            f"cache fewer layers (--layers every:4, or --layers for:METHOD) or lower --block-tokens (now {settings.block_tokens})")
-    raise InputError(f"extraction would hold up to {needed / 2**30:.1f} GiB of block buffers ({buffer_count(settings, device)} x "
+    raise InputError(f"extraction would hold up to {count * per_block / 2**30:.1f} GiB of block buffers ({count} x "
                      f"[{num_layers} layers, {settings.block_tokens} tokens, {hidden_size}] "
                      f"{str(CACHE_DTYPES[settings.dtype]).removeprefix('torch.')}) but {available / 2**30:.1f} GiB of "
                      f"memory is available; {fix}")
