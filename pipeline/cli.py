@@ -154,7 +154,8 @@ def data_options(command):
                      help="Column delimiter of a CSV/TSV file, e.g. ';' or tab [default: ',' (.csv) or tab (.tsv), or the "
                           "one that splits the header when those do not]."),
         click.option("--split-column", default=None,
-                     help="Column with train/validation/test; without it a seeded stratified 80/10/10 split is made."),
+                     help="Column with train/validation/test (val and dev are read as validation) [default: the table's `split` "
+                          "column if it has one]; without one a seeded stratified 80/10/10 split is made."),
         click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", show_default=True,
                      help="Classes (cross-entropy, accuracy and macro-F1) or one numeric target (MSE, Pearson, Spearman)."),
         click.option("--split-seed", type=int, default=0, show_default=True,

@@ -21,6 +21,7 @@ from cache.errors import InputError
 from .tables import READABLE_SUFFIXES, read_table
 
 SPLITS = ("train", "validation", "test")
+DEFAULT_SPLIT_COLUMN = "split"  # a table's splits when --split-column is not given
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 BUILTIN_DATASETS = ("movies", "trec")
 IMAGE_BUILTINS = ("fashion-mnist", "digits")
@@ -375,9 +376,21 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
         base, split_column = path, None  # the files are the splits
     else:
         tables, base = {None: read_table(path, delimiter, log)}, path.parent
+        split_column = split_column or _default_split_column(source, tables[None], log)
     dataset = _table_dataset(source, path, tables, base, text_column, label_column, text_pair_column, task, split_seed,
                              split_column, image_column, log)
     return check_splits(dataset, split_seed, log)
+
+
+def _default_split_column(source: str, table, log) -> str | None:
+    """A single table's `split` column when --split-column is not given, else None (a seeded split is made). Both
+    are said in `log`: a split made silently would mix the rows a user set aside for test into training."""
+    if DEFAULT_SPLIT_COLUMN in table.columns:
+        log(f"{source}: splits from its column {DEFAULT_SPLIT_COLUMN!r} (--split-column names another)")
+        return DEFAULT_SPLIT_COLUMN
+    log(f"{source}: no split column, so a seeded stratified 80/10/10 split is made (--split-seed); "
+        "--split-column names a column of train/validation/test")
+    return None
 
 
 def _table_dataset(source, path, tables: dict, base, text_column, label_column, text_pair_column, task, split_seed,

@@ -45,6 +45,20 @@ def test_a_well_split_table_gets_no_such_warning(tmp_path):
     assert not [line for line in logged if line.startswith("warning:")]
 
 
+def test_a_table_with_a_split_column_keeps_its_splits_and_a_table_without_one_is_told_of_the_seeded_split(tmp_path):
+    rows = sentiment_rows(60)
+    names = ["train"] * 40 + ["validation"] * 10 + ["test"] * 10
+    table = tmp_path / "data.csv"
+    table.write_text("text,label,split\n" + "".join(f"{text},{label},{name}\n" for (text, label), name in zip(rows, names)))
+    logged, log = lines_logged()
+    dataset = load_dataset(str(table), log=log)
+    assert [len(dataset.rows(split)) for split in ("train", "validation", "test")] == [40, 10, 10]
+    assert dataset.split_seed is None and any("splits from its column 'split'" in line for line in logged), logged
+    logged, log = lines_logged()
+    dataset = load_dataset(str(write_table(tmp_path / "plain.csv", rows)), log=log)
+    assert dataset.split_seed == 0 and any("seeded stratified 80/10/10 split is made" in line for line in logged), logged
+
+
 def test_a_label_written_as_1_and_as_1_0_is_refused_not_made_two_classes(tmp_path):
     records = [{"text": text, "label": 1 if label == "pos" else 0} for text, label in sentiment_rows(30)]
     records[7]["label"] = 1.0
