@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -79,6 +80,14 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, dtype: str) -> torch.Tenso
         return (values.view(*codes.shape[:-1], -1, GROUP) * scales.float().unsqueeze(-1)).view(codes.shape)
     wide = scales.float().repeat_interleave(GROUP, -1)[..., :width]
     return values * wide
+
+
+def host_array(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory; bfloat16, which numpy lacks, as ml_dtypes.bfloat16
+    (extraction's fp8 block buffers)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
 
 
 def encode_numpy(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:

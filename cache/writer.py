@@ -90,9 +90,9 @@ class SplitWriter:
         return cls(group, BlockPlan(int(group.attrs["block_tokens"]), np.zeros(0, np.int64), []), layers)
 
     def _encoded(self, block: int, buffer: np.ndarray) -> list[np.ndarray]:
-        """The block's arrays in `self.arrays` order: codes per layer, then scales per layer (8-bit). Records the
-        block's squared error and squared norm against float16, over a sample of its real tokens, in `encode_error`
-        (for `pipeline info`)."""
+        """buffer [K, block_tokens, D] float16, float32 or ml_dtypes.bfloat16 -> the block's arrays in `self.arrays`
+        order: codes per layer, then scales per layer (8-bit). Records the block's squared error and squared norm
+        against float16, over a sample of its real tokens, in `encode_error` (for `pipeline info`)."""
         encoding = self.encoder.encoding
         if encoding.plain:
             return list(buffer)
@@ -100,6 +100,7 @@ class SplitWriter:
         used = np.flatnonzero(np.abs(buffer[0]).max(1) > 0)  # real tokens (the block's unused tail is zeros)
         sample = used[::ERROR_SAMPLE_EVERY]
         for layer, values in zip(self.layers, buffer):
+            values = np.asarray(values, np.float32)  # a bfloat16 buffer (fp8 extraction) widened one layer at a time
             code, scale = self.encoder(layer, values)
             codes.append(code)
             scales.append(scale)

@@ -1,6 +1,7 @@
 """Stage one: cached features, resume after a crash, refusal of changed settings, checksums."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -186,7 +187,8 @@ def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, ti
 
     # defaults on a CPU: sort groups of 4 blocks, two groups in flight plus one writer thread = 9 buffers ...
     assert host_memory.buffer_count(ExtractSettings(out="x"), "cpu") == 9
-    assert host_memory.block_buffer_bytes(ExtractSettings(out="x", dtype="fp8"), 3, 32) == 3 * 8192 * 32 * 4
+    assert host_memory.block_buffer_bytes(ExtractSettings(out="x", dtype="fp8"), 3, 32) == 3 * 8192 * 32 * 2  # bfloat16
+    assert host_memory.block_buffer_bytes(ExtractSettings(out="x", dtype="int8"), 3, 32) == 3 * 8192 * 32 * 4
     # ... but a group never spans more blocks than the largest split can fill
     assert host_memory.buffer_count(ExtractSettings(out="x"), "cpu", split_tokens=6144) == 3
     # tiny_table's 96 training rows x 24 tokens fill at most 10 blocks of 256: 21 buffers of [3, 256, 32] float16, 1008 KiB
@@ -326,6 +328,11 @@ def test_inf_or_nan_features_raise_one_input_error():
     buffers = [block_buffer(2, 16, 4, "float32", "cpu")]
     [pending] = start_group(forward, [np.arange(4)], lengths, [0, 1], buffers, batch_size=2)
     assert pending.result()[0, :12].max() == 1e6 and not pending.result()[:, 12:].any()
+    buffers = [block_buffer(2, 16, 4, "fp8", "cpu")]  # bfloat16: float32's range in half its bytes
+    [pending] = start_group(forward, [np.arange(4)], lengths, [0, 1], buffers, batch_size=2)
+    features = pending.result()
+    assert features.dtype == ml_dtypes.bfloat16 and features.nbytes == 2 * 16 * 4 * 2
+    assert float(features[0, :12].max()) == pytest.approx(1e6, rel=2 ** -8) and not features[:, 12:].any()
 
 
 def test_several_writer_threads_write_everything_and_raise_the_first_error():

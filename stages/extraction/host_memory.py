@@ -1,10 +1,10 @@
 """Extraction's block buffers against the machine's free memory, checked before the store is made.
 
-Extraction fills host buffers of [K cached layers, block_tokens, D] (float16 or float32 as stored; float32 for
-int8/fp8, whose codes are encoded from the full-precision values in the writer): one sort group's blocks being
+Extraction fills host buffers of [K cached layers, block_tokens, D] (float16 or float32 as stored; bfloat16 for
+fp8 and float32 for int8, whose codes the writer encodes: `extract.CACHE_DTYPES`): one sort group's blocks being
 computed, the previous group's still being written, and one more per writer thread (`extract.Writes`). That grows
 as layers x width; at the defaults on a CPU (9 buffers of 8,192 tokens) with `--layers all`: MiniLM (7 x 384) 0.4 GB,
-SmolLM2-135M (31 x 576) 2.6 GB at float16 and 5.3 GB at fp8, a Llama-3-8B (33 x 4096) 20 GB at float16 (a GPU
+SmolLM2-135M (31 x 576) 2.6 GB at float16 or fp8 and 5.3 GB at int8, a Llama-3-8B (33 x 4096) 20 GB at fp8 (a GPU
 run's extra writer threads add up to three buffers). A machine with less would be ended by the kernel's OOM killer:
 no message and a half-written store. Checked for extraction in this process; a dask worker holds one group.
 """
