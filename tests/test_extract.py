@@ -16,7 +16,7 @@ from pipeline.data import load_dataset
 from stages.backbones import load_backbone
 from stages.extraction.extract import ExtractSettings, extract
 
-SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256)
+SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256, dtype="float16")
 
 
 def run_extract(model_folder, table, out, **overrides):
