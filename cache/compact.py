@@ -88,7 +88,7 @@ def check_request(source_path: str, out: str, dtype: str, reduce: str | None):
     return encoding, source, attrs, hidden, layers, components
 
 
-def compact(source_path: str, out: str, dtype: str = "int8", reduce: str | None = None, codec: str = "lz4",
+def compact(source_path: str, out: str, dtype: str = "fp8", reduce: str | None = None, codec: str = "lz4",
             overwrite: bool = False, log=print, progress=None) -> str:
     """Writes or resumes `out` from `source_path`; returns 'complete' (was up to date) or 'written'.
 

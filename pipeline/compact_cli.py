@@ -14,9 +14,10 @@ from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError,
 
 @click.command()
 @click.argument("source")
-@click.option("--dtype", type=click.Choice(["int8", "fp8", "float16", "float32"]), default="int8", show_default=True,
-              help="Codes per value: int8 or fp8 (e4m3) with a float16 scale per token and 64 channels; float16/float32 "
-                   "only with --reduce.")
+@click.option("--dtype", type=click.Choice(["fp8", "int8", "float16", "float32"]), default="fp8", show_default=True,
+              help="Codes per value: fp8 (e4m3, extract's default) or int8 with a float16 scale per token and 64 "
+                   "channels (int8 loses ordinary values beside a decoder's massive activations: BENCHMARKS.md); "
+                   "float16/float32 only with --reduce.")
 @click.option("--reduce", default=None, metavar="pca:K",
               help="Store K PCA coefficients per token and layer, K below the hidden size (basis fitted on a seeded sample "
                    "of training tokens; pca:96 on a 384-wide model keeps a quarter).")
