@@ -376,21 +376,23 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
         base, split_column = path, None  # the files are the splits
     else:
         tables, base = {None: read_table(path, delimiter, log)}, path.parent
-        split_column = split_column or _default_split_column(source, tables[None], log)
+    said = None
+    if split_column is None and None in tables:
+        split_column, said = _default_split_column(source, tables[None])
     dataset = _table_dataset(source, path, tables, base, text_column, label_column, text_pair_column, task, split_seed,
                              split_column, image_column, log)
+    if said:
+        log(said)  # after the table is read, so that a refused table gets its one error line only
     return check_splits(dataset, split_seed, log)
 
 
-def _default_split_column(source: str, table, log) -> str | None:
-    """A single table's `split` column when --split-column is not given, else None (a seeded split is made). Both
-    are said in `log`: a split made silently would mix the rows a user set aside for test into training."""
+def _default_split_column(source: str, table) -> tuple[str | None, str]:
+    """(the table's `split` column, or None: a seeded split is made; the line that says which). Either is said:
+    a split made silently would mix the rows a user set aside for test into training."""
     if DEFAULT_SPLIT_COLUMN in table.columns:
-        log(f"{source}: splits from its column {DEFAULT_SPLIT_COLUMN!r} (--split-column names another)")
-        return DEFAULT_SPLIT_COLUMN
-    log(f"{source}: no split column, so a seeded stratified 80/10/10 split is made (--split-seed); "
-        "--split-column names a column of train/validation/test")
-    return None
+        return DEFAULT_SPLIT_COLUMN, f"{source}: splits from its column {DEFAULT_SPLIT_COLUMN!r} (--split-column names another)"
+    return None, (f"{source}: no split column, so a seeded stratified 80/10/10 split is made (--split-seed); "
+                  "--split-column names a column of train/validation/test")
 
 
 def _table_dataset(source, path, tables: dict, base, text_column, label_column, text_pair_column, task, split_seed,
@@ -405,7 +407,8 @@ def _table_dataset(source, path, tables: dict, base, text_column, label_column, 
     for table in tables.values():
         for column in columns + ([split_column] if split_column else []):
             if column not in table.columns:
-                which = "--image-column/--label-column" if is_image else "--text-column/--label-column"
+                which = ("--split-column" if column == split_column else
+                         "--image-column/--label-column" if is_image else "--text-column/--label-column")
                 where = source if table.path == path else str(table.path)
                 raise InputError(f"{where}: no column {column!r}; columns are: {', '.join(map(str, table.columns))} "
                                  f"(set {which}{', or --delimiter' if len(table.columns) == 1 else ''})")

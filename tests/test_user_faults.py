@@ -59,6 +59,17 @@ def test_a_table_with_a_split_column_keeps_its_splits_and_a_table_without_one_is
     assert dataset.split_seed == 0 and any("seeded stratified 80/10/10 split is made" in line for line in logged), logged
 
 
+def test_a_bad_split_value_or_a_missing_split_column_is_one_line_naming_the_fix(tiny_bert, tmp_path):
+    table = tmp_path / "data.csv"
+    table.write_text("text,label,split\n" + "".join(f"{text},{label},{'holdout' if i == 5 else 'train'}\n"
+                                                    for i, (text, label) in enumerate(sentiment_rows(40))))
+    args = ("extract", "--backbone", tiny_bert, "--data", table, "--out", tmp_path / "f.zarr")
+    for result, fragment in [(cli(*args), "split column 'split' has values ['holdout'] ("),
+                             (cli(*args, "--split-column", "part"), "no column 'part'; columns are: text, label, split (set --split-column)")]:
+        assert_one_line_error(result, fragment)
+        assert len(result.output.strip().splitlines()) == 1, result.output  # no info line before the error
+
+
 def test_a_label_written_as_1_and_as_1_0_is_refused_not_made_two_classes(tmp_path):
     records = [{"text": text, "label": 1 if label == "pos" else 0} for text, label in sentiment_rows(30)]
     records[7]["label"] = 1.0
