@@ -266,8 +266,8 @@ class DaskSplitRunner:
             progress.close()
         elapsed = time.perf_counter() - started
         if elapsed > 0 and progress.n:
-            progress.write(f"{progress.n} samples in {elapsed:.1f} s ({progress.n / elapsed:.1f} samples/s) "
-                           f"on {len(workers)} workers")
+            progress.write(f"{progress.desc}: {progress.n} samples in {elapsed:.1f} s "
+                           f"({progress.n / elapsed:.1f} samples/s)")
         missing = work.writer.pending_blocks()
         if missing:  # every task returned, so this would be a bug, not a crash: never mark such a store complete
             raise RuntimeError(f"{work.split}: blocks {missing[:10]} have no done flag after every task finished")

@@ -543,4 +543,4 @@ def _run_blocks(forward, work: SplitWork, progress, writes: Writes) -> None:
         progress.close()
     elapsed = time.perf_counter() - started
     if elapsed > 0 and progress.n:
-        progress.write(f"{progress.n} samples in {elapsed:.1f} s ({progress.n / elapsed:.1f} samples/s)")
+        progress.write(f"{progress.desc}: {progress.n} samples in {elapsed:.1f} s ({progress.n / elapsed:.1f} samples/s)")
