@@ -57,7 +57,7 @@ def describe_store(path: str) -> dict:
         "ratio_to_padded_fp32": on_disk / padded_fp32 if padded_fp32 else None,
         "codecs": [codec_name(c) for c in (first.filters + first.compressors)] if first is not None else [],
         "key_sha256": attrs.get("key_sha256"), "encoding": attrs.get("encoding"),
-        "derived_from": attrs.get("derived_from"),
+        "derived_from": attrs.get("derived_from"), "split_seed": attrs.get("key", {}).get("split_seed"),
         "bytes_per_token_layer": on_disk / (tokens * len(layers)) if tokens and layers else None,
         # ||x_hat - x||_F / ||x||_F over every real token of every done block, x rounded to float16 (0 when plain)
         "relative_error_vs_float16": float(np.sqrt(error[0] / error[1])) if error[1] else None,

@@ -342,6 +342,8 @@ def info(path, as_json, stats):
     if facts["modality"] == "image" and facts["bytes_per_sample"]:
         click.echo(f"image      {facts['image_size'] or 'processor default'} px -> {facts['max_length']} tokens per image; "
                    f"{facts['bytes_per_sample'] / 1e3:.0f} kB per image on disk")
+    click.echo("splits     " + ("as the data gave them" if facts["split_seed"] is None else
+                                f"seeded and stratified where the data gave none (--split-seed {facts['split_seed']})"))
     for name, split in facts["splits"].items():
         click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
     ratio = facts["ratio_to_padded_fp32"]

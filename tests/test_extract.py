@@ -208,6 +208,7 @@ def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_pat
     result = cli("info", tmp_path / "f.zarr")
     assert result.exit_code == 0, result.output
     assert "[complete]" in result.output and "padded float32" in result.output
+    assert "splits     seeded and stratified where the data gave none (--split-seed 0)" in result.output  # no split column
     assert_one_line_error(cli("info", tmp_path / "missing.zarr"), "no cache")
 
 

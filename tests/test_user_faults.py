@@ -45,7 +45,7 @@ def test_a_well_split_table_gets_no_such_warning(tmp_path):
     assert not [line for line in logged if line.startswith("warning:")]
 
 
-def test_a_table_with_a_split_column_keeps_its_splits_and_a_table_without_one_is_told_of_the_seeded_split(tmp_path):
+def test_a_table_with_a_split_column_keeps_its_splits_and_a_table_without_one_is_told_of_the_seeded_split(tiny_bert, tmp_path):
     rows = sentiment_rows(60)
     names = ["train"] * 40 + ["validation"] * 10 + ["test"] * 10
     table = tmp_path / "data.csv"
@@ -54,6 +54,8 @@ def test_a_table_with_a_split_column_keeps_its_splits_and_a_table_without_one_is
     dataset = load_dataset(str(table), log=log)
     assert [len(dataset.rows(split)) for split in ("train", "validation", "test")] == [40, 10, 10]
     assert dataset.split_seed is None and any("splits from its column 'split'" in line for line in logged), logged
+    run_extract(tiny_bert, table, tmp_path / "given.zarr")
+    assert "splits     as the data gave them" in cli("info", tmp_path / "given.zarr").output
     logged, log = lines_logged()
     dataset = load_dataset(str(write_table(tmp_path / "plain.csv", rows)), log=log)
     assert dataset.split_seed == 0 and any("seeded stratified 80/10/10 split is made" in line for line in logged), logged
