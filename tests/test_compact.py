@@ -197,4 +197,3 @@ def test_predict_on_raw_text_matches_evaluate_on_an_int8_cache(tiny_bert, tiny_t
     texts = [dataset.texts[row] for row in reader.group["row"][:]]
     raw = predict_texts(side, load_matching_backbone(side), texts, batch_size=5)
     np.testing.assert_allclose(raw, cached, atol=1e-4)
-
