@@ -239,8 +239,8 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     with library_errors("extract's checks", name):
         preflight(model, dataset, settings, _log)
     method_support_note(model, _log)
-    if not distributed:  # before the lock: a refused run leaves nothing at --out
-        check_host_memory(settings, model, dataset, settings.runtime().device)
+    if not scheduler:  # before the lock: a refused run leaves nothing at --out (a scheduler's workers are elsewhere)
+        check_host_memory(settings, model, dataset, settings.runtime().device, workers)
     try:
         with store_lock(out, log=_log):
             _clear_failure(out)

@@ -203,6 +203,23 @@ def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, ti
     assert_one_line_error(cli(*args, "--out", tmp_path / "g.zarr"), "cache fewer layers (--layers every:4")
 
 
+def test_local_dask_workers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, tiny_table, tmp_path, monkeypatch):
+    from stages.extraction import host_memory
+
+    settings = ExtractSettings(out="x", block_tokens=256, max_length=24)
+    # each worker: its own copy of the weights plus one sort group (at most 10 blocks: tiny_table's 96 training rows x
+    # 24 tokens) of [3, 256, 32] float16 buffers
+    per_worker = (host_memory.group_blocks(settings, 96 * 24) * host_memory.block_buffer_bytes(settings, 3, 32)
+                  + host_memory.weight_bytes(load_backbone(tiny_bert)))
+    monkeypatch.setattr(host_memory, "available_memory", lambda: int(2.5 * per_worker))
+    args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", tmp_path / "f.zarr", "--block-tokens",
+            256, "--chunk-tokens", 32, "--max-length", 24]
+    assert_one_line_error(cli(*args, "--workers", 3), "lower --workers to 1")  # before any worker process starts
+    assert not list(tmp_path.glob("f.zarr*"))
+    monkeypatch.setattr(host_memory, "available_memory", lambda: per_worker // 2)
+    assert_one_line_error(cli(*args, "--workers", 1), "run without --workers")
+
+
 def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_path):
     run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr")
     result = cli("info", tmp_path / "f.zarr")
