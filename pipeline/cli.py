@@ -176,10 +176,10 @@ def data_options(command):
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Tokens per sample after truncation (text; an image always gives its patches plus CLS).")
 @click.option("--batch-size", type=int, default=None, help="Samples per forward batch [default: 32 on a CPU, 128 on a GPU].")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "fp8"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "fp8"]), default="fp8", show_default=True,
               help="fp8 (e4m3) / int8: 8-bit codes with a float16 scale per token and 64 channels, decoded on the training "
-                   "device, about half of float16's bytes (fp8 kept every method within 0.3 points or one seed-to-seed "
-                   "std of float16 on MiniLM and MPNet, but not lst on SmolLM2-135M: BENCHMARKS.md); float16 / float32: "
+                   "device, about half of float16's bytes (fp8 kept every method measured within 0.3 points or one "
+                   "seed-to-seed std of float16 on MiniLM, MPNet and SmolLM2-135M: BENCHMARKS.md); float16 / float32: "
                    "the features as computed.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="The forward pass's precision (autocast); part of the store's key, since bf16/fp16 features differ.")

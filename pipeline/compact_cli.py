@@ -15,7 +15,7 @@ from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError,
 @click.command()
 @click.argument("source")
 @click.option("--dtype", type=click.Choice(["fp8", "int8", "float16", "float32"]), default="fp8", show_default=True,
-              help="Codes per value: fp8 (e4m3) or int8 with a float16 scale per token and 64 "
+              help="Codes per value: fp8 (e4m3, extract's default) or int8 with a float16 scale per token and 64 "
                    "channels (int8 loses ordinary values beside a decoder's massive activations: BENCHMARKS.md); "
                    "float16/float32 only with --reduce.")
 @click.option("--reduce", default=None, metavar="pca:K",

@@ -197,3 +197,19 @@ def test_predict_on_raw_text_matches_evaluate_on_an_int8_cache(tiny_bert, tiny_t
     texts = [dataset.texts[row] for row in reader.group["row"][:]]
     raw = predict_texts(side, load_matching_backbone(side), texts, batch_size=5)
     np.testing.assert_allclose(raw, cached, atol=1e-4)
+
+
+def test_extract_defaults_to_fp8_close_to_float16(tiny_bert, tiny_table, tmp_path):
+    run_extract(tiny_bert, tiny_table, tmp_path / "f16.zarr")  # the test helper asks for float16 explicitly
+    out = tmp_path / "default.zarr"
+    result = CliRunner().invoke(main, ["extract", "--backbone", str(tiny_bert), "--data", str(tiny_table), "--out", str(out),
+                                       "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8",
+                                       "--max-length", "24", "--sort-tokens", "256"])
+    assert result.exit_code == 0, result.output
+    assert zarr.open_group(str(out), mode="r").attrs["key"]["dtype"] == "fp8"
+    reference, got = decoded_batches(tmp_path / "f16.zarr"), decoded_batches(out)
+    assert reference.keys() == got.keys()
+    assert all(relative_error(values, got[sample]) < 0.05 for sample, values in reference.items())
+    facts = describe_store(str(out))
+    # fewer bytes (0.515 of float16's at real sizes, BENCHMARKS.md; this 32-wide store is dominated by its scales)
+    assert facts["bytes_per_token_layer"] < 0.8 * describe_store(str(tmp_path / "f16.zarr"))["bytes_per_token_layer"]

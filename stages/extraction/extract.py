@@ -39,7 +39,7 @@ class ExtractSettings:
     layers: str = "all"
     max_length: int = 128
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
-    dtype: str = "float16"
+    dtype: str = "fp8"  # the CLI's default (BENCHMARKS.md, "Compact caches")
     codec: str = "lz4"
     lossy: str | None = None
     overwrite: bool = False
