@@ -43,7 +43,7 @@ def open_store(path: str) -> zarr.Group:
     try:
         root = zarr.open_group(path, mode="r", zarr_format=3)
     except Exception:
-        raise InputError(f"no cache at {path}; run `pipeline extract` first or pass --cache PATH") from None
+        raise InputError(f"no cache at {path}; run `pipeline extract` first, or give the path of an existing store") from None
     if root.attrs.get("status") != "complete":
         stopped_by = root.attrs.get("stopped_by")  # written by `pipeline extract` when a check or the model failed
         if stopped_by:

@@ -232,15 +232,18 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
         from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
 
         check_cluster_options(workers, scheduler)
+    notes = []  # said once every check has passed, so that a refused run prints its one error line only
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
-                           _delimiter(delimiter), _log)
+                           _delimiter(delimiter), notes.append)
     model = load_backbone(backbone, trust_remote_code, image_size)
     name = f"at {model.path} ({model.model.config.model_type})"
     with library_errors("extract's checks", name):
-        preflight(model, dataset, settings, _log)
-    method_support_note(model, _log)
+        preflight(model, dataset, settings, notes.append)
+    method_support_note(model, notes.append)
     if not scheduler:  # before the lock: a refused run leaves nothing at --out (a scheduler's workers are elsewhere)
         check_host_memory(settings, model, dataset, settings.runtime().device, workers)
+    for note in notes:
+        _log(note)
     try:
         with store_lock(out, log=_log):
             _clear_failure(out)

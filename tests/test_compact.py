@@ -157,6 +157,16 @@ def test_layers_every_and_for_methods():
             parse_layers(bad, 6, hidden_size=32)
 
 
+def test_layer_lists_with_an_empty_item_or_a_repeat_are_refused():
+    assert parse_layers(" 3, 0 ", 6) == [0, 3]
+    with pytest.raises(InputError, match="use all, last:K"):
+        parse_layers("0,,3", 6)  # was read as 0,3
+    with pytest.raises(InputError, match="layer 3 is listed twice"):
+        parse_layers("3,0,3", 6)  # was read as 0,3
+    with pytest.raises(InputError, match="whole number"):
+        parse_layers("every:x", 6)
+
+
 def test_fit_on_a_cache_without_its_layers_names_the_fix(tiny_bert, tiny_table, tmp_path):
     run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", layers="last:1")
     result = CliRunner().invoke(main, ["fit", "--method", "lst", "--cache", str(tmp_path / "f.zarr"),

@@ -207,10 +207,10 @@ def test_local_dask_workers_beyond_free_memory_are_refused_with_the_fix(tiny_ber
     from stages.extraction import host_memory
 
     settings = ExtractSettings(out="x", block_tokens=256, max_length=24)
-    # each worker: its own copy of the weights plus one sort group (at most 10 blocks: tiny_table's 96 training rows x
-    # 24 tokens) of [3, 256, 32] float16 buffers
+    # each worker: its own process, its own copy of the weights and one sort group (at most 10 blocks: tiny_table's
+    # 96 training rows x 24 tokens) of [3, 256, 32] float16 buffers
     per_worker = (host_memory.group_blocks(settings, 96 * 24) * host_memory.block_buffer_bytes(settings, 3, 32)
-                  + host_memory.weight_bytes(load_backbone(tiny_bert)))
+                  + host_memory.weight_bytes(load_backbone(tiny_bert)) + host_memory.WORKER_PROCESS_BYTES)
     monkeypatch.setattr(host_memory, "available_memory", lambda: int(2.5 * per_worker))
     args = ["extract", "--backbone", tiny_bert, "--data", tiny_table, "--out", tmp_path / "f.zarr", "--block-tokens",
             256, "--chunk-tokens", 32, "--max-length", 24]
@@ -218,6 +218,9 @@ def test_local_dask_workers_beyond_free_memory_are_refused_with_the_fix(tiny_ber
     assert not list(tmp_path.glob("f.zarr*"))
     monkeypatch.setattr(host_memory, "available_memory", lambda: per_worker // 2)
     assert_one_line_error(cli(*args, "--workers", 1), "run without --workers")
+    # memory to spare, but dask would give each of 10,000 workers less than one needs (it would pause or kill them)
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 10**5 * per_worker)
+    assert_one_line_error(cli(*args, "--workers", 10**4), "dask gives each of 10000 workers")
 
 
 def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_path):

@@ -72,6 +72,16 @@ def test_a_bad_split_value_or_a_missing_split_column_is_one_line_naming_the_fix(
         assert len(result.output.strip().splitlines()) == 1, result.output  # no info line before the error
 
 
+def test_a_run_refused_after_the_data_is_read_prints_its_error_line_only(tiny_bert, tmp_path):
+    table = tmp_path / "data.csv"  # no split column: reading it says a seeded split is made
+    table.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in sentiment_rows(40)))
+    result = cli("extract", "--backbone", tiny_bert, "--data", table, "--out", tmp_path / "f.zarr", "--layers", "0,,1")
+    assert_one_line_error(result, "--layers '0,,1': use all")
+    assert len(result.output.strip().splitlines()) == 1, result.output  # the split note waits for the checks
+    ok = cli("extract", "--backbone", tiny_bert, "--data", table, "--out", tmp_path / "f.zarr", "--layers", "0,1")
+    assert ok.exit_code == 0 and "seeded stratified 80/10/10 split" in ok.output, ok.output
+
+
 def test_a_label_written_as_1_and_as_1_0_is_refused_not_made_two_classes(tmp_path):
     records = [{"text": text, "label": 1 if label == "pos" else 0} for text, label in sentiment_rows(30)]
     records[7]["label"] = 1.0

@@ -45,6 +45,11 @@ def weight_bytes(backbone) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# A worker process's own memory beside the weights and buffers: measured 0.38 GiB for MiniLM (Python, torch,
+# transformers and dask imported, tokenizer and model loaded, less the weights), plus room for forward activations.
+WORKER_PROCESS_BYTES = 2**29
+
+
 def block_buffer_bytes(settings: ExtractSettings, num_layers: int, hidden_size: int) -> int:
     """Bytes of one block buffer [num_layers, block_tokens, hidden_size] in the dtype extraction fills."""
     return num_layers * settings.block_tokens * hidden_size * CACHE_DTYPES[settings.dtype].itemsize
@@ -61,7 +66,7 @@ def check_host_memory(settings: ExtractSettings, backbone, dataset, device, work
     them within half of that, leaving the rest to the backbone, its activations and other work.
 
     workers: extraction runs on a LocalCluster of this many worker processes here; each holds one sort group's
-    buffers and a copy of the backbone's weights, and the fix may be fewer workers."""
+    buffers, a copy of the backbone's weights and its own process, and the fix may be fewer workers."""
     num_layers = len(parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size))
     hidden_size = backbone.hidden_size
     split_tokens = (max(len(dataset.rows(split)) for split in SPLITS) * settings.max_length
@@ -71,15 +76,9 @@ def check_host_memory(settings: ExtractSettings, backbone, dataset, device, work
     shape = (f"[{num_layers} layers, {settings.block_tokens} tokens, {hidden_size}] "
              f"{str(CACHE_DTYPES[settings.dtype]).removeprefix('torch.')}")
     if workers is not None:
-        per_worker = group_blocks(settings, split_tokens) * per_block + weight_bytes(backbone)
-        if workers * per_worker <= available:
-            return
-        fits = available // 2 // per_worker
-        fix = (f"lower --workers to {fits}" if fits >= 1 else
-               "lower --sort-tokens, cache fewer layers (--layers every:4) or run without --workers")
-        raise InputError(f"{workers} dask workers would each hold the backbone ({weight_bytes(backbone) / 2**30:.1f} "
-                         f"GiB) and a sort group of block buffers ({shape}), {workers * per_worker / 2**30:.1f} GiB in "
-                         f"all, but {available / 2**30:.1f} GiB of memory is available; {fix}")
+        _check_local_workers(workers, group_blocks(settings, split_tokens) * per_block + weight_bytes(backbone) +
+                             WORKER_PROCESS_BYTES, available, shape, weight_bytes(backbone))
+        return
     count = buffer_count(settings, device, split_tokens)
     if count * per_block <= available:
         return
@@ -89,3 +88,24 @@ def check_host_memory(settings: ExtractSettings, backbone, dataset, device, work
            f"cache fewer layers (--layers every:4, or --layers for:METHOD) or lower --block-tokens (now {settings.block_tokens})")
     raise InputError(f"extraction would hold up to {count * per_block / 2**30:.1f} GiB of block buffers ({count} x "
                      f"{shape}) but {available / 2**30:.1f} GiB of memory is available; {fix}")
+
+
+def _check_local_workers(workers: int, per_worker: int, available: int, shape: str, weights: int) -> None:
+    """A LocalCluster of `workers` processes, each needing `per_worker` bytes, must fit in the memory available
+    and in dask's per-worker limit (system memory / workers; a worker pauses at the `distributed.worker.memory.pause`
+    fraction of it and is killed at `terminate`)."""
+    import dask
+    from distributed.system import MEMORY_LIMIT
+
+    from .distributed_extract import available_cpus
+
+    pause = dask.config.get("distributed.worker.memory.pause")
+    if workers * per_worker <= available and per_worker <= pause * MEMORY_LIMIT / workers:
+        return
+    fits = min(available // 2 // per_worker, int(pause * MEMORY_LIMIT // per_worker), available_cpus())
+    fix = (f"lower --workers to {fits}" if fits >= 1 else
+           "lower --sort-tokens, cache fewer layers (--layers every:4) or run without --workers")
+    raise InputError(f"{workers} dask workers would each hold the backbone ({weights / 2**30:.1f} GiB), a sort group of "
+                     f"block buffers ({shape}) and their own process ({WORKER_PROCESS_BYTES / 2**30:.1f} GiB), "
+                     f"{per_worker / 2**30:.1f} GiB each, but {available / 2**30:.1f} GiB of memory is available and "
+                     f"dask gives each of {workers} workers {pause:.0%} of {MEMORY_LIMIT / workers / 2**30:.1f} GiB; {fix}")

@@ -36,17 +36,23 @@ def parse_layers(spec: str, num_layers: int, hidden_size: int | None = None) -> 
     if spec.startswith("every:"):  # H_0, H_K, H_2K, ..., and always H_L
         step = spec[6:]
         if not step.isdigit() or not 1 <= int(step) <= num_layers:
-            raise InputError(f"--layers {spec}: K must be 1..{num_layers} for this backbone ({num_layers} layers)")
+            raise InputError(f"--layers {spec}: K must be a whole number 1..{num_layers} for this backbone ({num_layers} layers)")
         return sorted(set(range(0, num_layers + 1, int(step))) | {num_layers})
     if spec.startswith("last:"):
         count = spec[5:]
         if not count.isdigit() or not 1 <= int(count) <= num_layers + 1:
-            raise InputError(f"--layers {spec}: K must be 1..{num_layers + 1} for this backbone ({num_layers} layers + embeddings)")
+            raise InputError(f"--layers {spec}: K must be a whole number 1..{num_layers + 1} for this backbone "
+                             f"({num_layers} layers + embeddings)")
         return list(range(num_layers + 1 - int(count), num_layers + 1))
+    parts = [part.strip() for part in spec.split(",")]
     try:
-        indices = sorted({int(part) for part in spec.split(",") if part.strip()})
+        listed = [int(part) for part in parts]
     except ValueError:
         raise InputError(f"--layers {spec!r}: use {FORMS}") from None
+    repeated = sorted({i for i in listed if listed.count(i) > 1})
+    if repeated:
+        raise InputError(f"--layers {spec}: layer {repeated[0]} is listed twice; list each layer once")
+    indices = sorted(listed)
     bad = [i for i in indices if not 0 <= i <= num_layers]
     if bad or not indices:
         raise InputError(f"--layers {spec}: index {bad[0] if bad else '?'} out of range; this backbone has "
