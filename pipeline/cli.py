@@ -367,12 +367,13 @@ def _echo_encoding(facts: dict) -> None:
     """`info`'s lines on a compact store (and bytes per real token and layer for every store)."""
     encoding = facts.get("encoding") or {}
     if encoding.get("reduce") or encoding.get("group"):
+        error = facts["relative_error_vs_float16"]
         click.echo(f"encoding   {encoding['dtype']} (stored as {encoding['storage']}{', scale per token and ' + str(encoding['group']) + ' channels' if encoding.get('group') else ''})"
                    f"{', ' + encoding['reduce'] if encoding.get('reduce') else ''}; relative error against float16 "
-                   f"{facts['relative_error_vs_float16']:.4f}" if facts["relative_error_vs_float16"] is not None else "")
+                   + (f"{error:.4f}" if error is not None else "not known yet (no block written)"))
     if facts.get("derived_from"):
         click.echo(f"source     {facts['derived_from']['path']} (key {facts['derived_from']['key_sha256'][:12]})")
-    if facts.get("bytes_per_token_layer"):
+    if facts.get("bytes_per_token_layer") and facts["status"] == "complete":  # unwritten blocks would count as free
         click.echo(f"bytes      {facts['bytes_per_token_layer']:.1f} per real token and layer on disk "
                    f"(float16 raw: {2 * facts['hidden_size']})")
 

@@ -87,6 +87,10 @@ def test_compact_equals_extraction_and_resumes(tiny_bert, tiny_table, tmp_path, 
     monkeypatch.setattr(writer.SplitWriter, "write_block", original)
     with pytest.raises(InputError, match="incomplete"):
         CacheReader(str(tmp_path / "c.zarr"), "train")
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "c.zarr")])
+    assert "[incomplete]" in info.output and "relative error against float16" in info.output
+    assert "per real token and layer" not in info.output  # its unwritten blocks would count as free
+    assert "" not in info.output.splitlines(), info.output
     assert compact(str(tmp_path / "f16.zarr"), str(tmp_path / "c.zarr"), "int8", log=lambda *_: None) == "written"
     assert compact(str(tmp_path / "f16.zarr"), str(tmp_path / "c.zarr"), "int8", log=lambda *_: None) == "complete"
     made, direct = zarr.open_group(str(tmp_path / "c.zarr"), mode="r"), zarr.open_group(str(tmp_path / "direct.zarr"), mode="r")
