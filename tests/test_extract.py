@@ -220,7 +220,7 @@ def test_local_dask_workers_beyond_free_memory_are_refused_with_the_fix(tiny_ber
     assert_one_line_error(cli(*args, "--workers", 1), "run without --workers")
     # memory to spare, but dask would give each of 10,000 workers less than one needs (it would pause or kill them)
     monkeypatch.setattr(host_memory, "available_memory", lambda: 10**5 * per_worker)
-    assert_one_line_error(cli(*args, "--workers", 10**4), "dask gives each of 10000 workers")
+    assert_one_line_error(cli(*args, "--workers", 10**4), "dask pauses each of 10000 workers")
 
 
 def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_path):

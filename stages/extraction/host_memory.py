@@ -108,4 +108,4 @@ def _check_local_workers(workers: int, per_worker: int, available: int, shape: s
     raise InputError(f"{workers} dask workers would each hold the backbone ({weights / 2**30:.1f} GiB), a sort group of "
                      f"block buffers ({shape}) and their own process ({WORKER_PROCESS_BYTES / 2**30:.1f} GiB), "
                      f"{per_worker / 2**30:.1f} GiB each, but {available / 2**30:.1f} GiB of memory is available and "
-                     f"dask gives each of {workers} workers {pause:.0%} of {MEMORY_LIMIT / workers / 2**30:.1f} GiB; {fix}")
+                     f"dask pauses each of {workers} workers at {pause:.0%} of its {MEMORY_LIMIT / workers / 2**30:.1f} GiB share; {fix}")
