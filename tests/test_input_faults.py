@@ -282,7 +282,7 @@ def test_jsonl_numbers_keep_their_digits_and_csv_and_jsonl_give_the_same_samples
     np.testing.assert_array_equal(as_csv.split, as_jsonl.split)
 
 
-def test_empty_texts_and_labels_are_dropped_and_every_one_is_named(tmp_path):
+def test_empty_texts_and_labels_are_dropped_and_every_one_is_named(tiny_bert, tmp_path):
     rows = sentiment_rows(30)
     rows[2] = ("", "pos")  # line 4
     rows[5] = ("   ", "neg")  # line 7: only spaces
@@ -294,8 +294,13 @@ def test_empty_texts_and_labels_are_dropped_and_every_one_is_named(tmp_path):
     [line] = [line for line in logged if "dropped" in line]
     assert "dropped 3 of 30 rows" in line and "2 with an empty 'text'" in line and "1 with an empty 'label'" in line
     assert "lines 4, 7, 11" in line
-    result = cli("extract", "--backbone", "nowhere", "--data", path, "--out", tmp_path / "f.zarr")
-    assert "dropped 3 of 30 rows" in result.stderr  # on the command line: on stderr, before anything else
+    result = cli("extract", "--backbone", tiny_bert, "--data", path, "--out", tmp_path / "f.zarr")
+    assert result.exit_code == 0, result.output
+    # on the command line: on stderr, once extract's checks have passed and before the forward passes
+    notes = result.stderr.splitlines()
+    assert any("dropped 3 of 30 rows" in note for note in notes[:3]), result.stderr
+    refused = cli("extract", "--backbone", "nowhere", "--data", path, "--out", tmp_path / "g.zarr")
+    assert refused.exit_code == 2 and "dropped" not in refused.stderr  # a refused run prints its one error line
 
 
 def test_json_nulls_and_missing_keys_count_as_empty_and_are_named(tmp_path):
