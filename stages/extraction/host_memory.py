@@ -76,8 +76,9 @@ def check_host_memory(settings: ExtractSettings, backbone, dataset, device, work
     shape = (f"[{num_layers} layers, {settings.block_tokens} tokens, {hidden_size}] "
              f"{str(CACHE_DTYPES[settings.dtype]).removeprefix('torch.')}")
     if workers is not None:
-        _check_local_workers(workers, group_blocks(settings, split_tokens) * per_block + weight_bytes(backbone) +
-                             WORKER_PROCESS_BYTES, available, shape, weight_bytes(backbone))
+        weights = weight_bytes(backbone)
+        _check_local_workers(workers, group_blocks(settings, split_tokens) * per_block + weights + WORKER_PROCESS_BYTES,
+                             available, shape, weights)
         return
     count = buffer_count(settings, device, split_tokens)
     if count * per_block <= available:

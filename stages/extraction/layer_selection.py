@@ -44,9 +44,8 @@ def parse_layers(spec: str, num_layers: int, hidden_size: int | None = None) -> 
             raise InputError(f"--layers {spec}: K must be a whole number 1..{num_layers + 1} for this backbone "
                              f"({num_layers} layers + embeddings)")
         return list(range(num_layers + 1 - int(count), num_layers + 1))
-    parts = [part.strip() for part in spec.split(",")]
     try:
-        listed = [int(part) for part in parts]
+        listed = [int(part) for part in spec.split(",")]  # int() takes surrounding spaces; an empty item is refused
     except ValueError:
         raise InputError(f"--layers {spec!r}: use {FORMS}") from None
     repeated = sorted({i for i in listed if listed.count(i) > 1})
@@ -54,7 +53,7 @@ def parse_layers(spec: str, num_layers: int, hidden_size: int | None = None) -> 
         raise InputError(f"--layers {spec}: layer {repeated[0]} is listed twice; list each layer once")
     indices = sorted(listed)
     bad = [i for i in indices if not 0 <= i <= num_layers]
-    if bad or not indices:
-        raise InputError(f"--layers {spec}: index {bad[0] if bad else '?'} out of range; this backbone has "
+    if bad:
+        raise InputError(f"--layers {spec}: index {bad[0]} out of range; this backbone has "
                          f"hidden_states 0..{num_layers} (0 = embeddings)")
     return indices
