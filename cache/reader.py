@@ -1,8 +1,10 @@
-"""Reading a split for stage two: padded batches of selected layers, streamed block by block.
+"""Reading a split for stage two: padded batches of selected layers, streamed piece by piece.
 
-Memory is bounded by `buffer_blocks` blocks of the selected layers plus one batch, not by the
-store's size. Shuffling is chunk-aligned: block order is shuffled, then samples are shuffled
-within a buffer of blocks; more buffer blocks mean more randomness and more memory.
+Memory is bounded in bytes: `buffer_bytes` of served rows (codes and scales of the selected layers: the buffer
+served and the one read ahead, half each) plus one batch, not by the store's size. Only the rows of the samples
+served are kept (a `--max-train-samples` subset keeps its own rows, not whole blocks). Shuffling is chunk-aligned:
+block order is shuffled, each block's served samples are cut into pieces of at most half the budget, and samples are
+shuffled within a buffer of consecutive pieces; a larger budget means more randomness and more memory.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import zarr
 
 from .encoding import Decoder, Encoding, check_scales, read_projections, scale_array_name
 from .errors import InputError
+from .hidden_states import CachedHiddenStates
 from .layout import layer_array_name
 
 
@@ -28,15 +31,11 @@ class Batch:
     scales: torch.Tensor | None = None  # [B, K, T, ceil(W/64)] float16, 8-bit stores only
     decoder: Decoder | None = None  # None: features are float16/float32 values as they are
 
-    def decoded(self, to_device, subset: list[int] | None = None) -> torch.Tensor:
-        """float32 features [B, K, T, D] on the device `to_device` copies to: a plain batch is widened there, a
-        compact one decoded there (the 8-bit codes are what cross). subset: layer positions to keep."""
-        if self.decoder is None:
-            features = self.features if subset is None else self.features[:, subset]
-            return to_device(features, torch.float32)
-        codes = to_device(self.features if subset is None else self.features[:, subset])
-        scales = None if self.scales is None else to_device(self.scales if subset is None else self.scales[:, subset])
-        return self.decoder.decode(codes, scales, to_device(self.mask), subset)
+    def hidden_states(self, to_device=lambda tensor: tensor) -> CachedHiddenStates:
+        """The batch on the device `to_device` copies to, still in the store's encoding (the codes are what cross);
+        each layer is decoded there when a method uses it (cache/hidden_states.py)."""
+        scales = None if self.scales is None else to_device(self.scales)
+        return CachedHiddenStates(to_device(self.features), to_device(self.mask), scales, self.decoder)
 
 
 def open_store(path: str) -> zarr.Group:
@@ -81,6 +80,9 @@ def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
     return scales
 
 
+BUFFER_BYTES = 32 << 20  # the default read-ahead budget: served rows held, the buffer served and the one read ahead
+
+
 class CacheReader:
     def __init__(self, path: str, split: str, layers: list[int] | None = None, in_memory: bool = False,
                  limit: int | None = None, device: str | torch.device = "cpu"):
@@ -110,8 +112,9 @@ class CacheReader:
         self.token_start = self.group["token_start"][:]
         self.labels = self.group["label"][:]
         self.samples = subset_positions(len(self.lengths), limit)
-        block_of = self.token_start[self.samples] // self.block_tokens
-        blocks = [self.samples[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
+        in_token_order = self.samples[np.argsort(self.token_start[self.samples], kind="stable")]
+        block_of = self.token_start[in_token_order] // self.block_tokens
+        blocks = [in_token_order[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
         self.block_samples = [samples for samples in blocks if len(samples)]
         self.memory = self._load(torch.device(device)) if in_memory else None
 
@@ -143,43 +146,77 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read_block(self, position: int) -> tuple[np.ndarray, int, np.ndarray | None]:
-        """[K, tokens, W] covering the served samples of one block, the first token row read, and the scales
-        [K, tokens, G] (8-bit stores; else None)."""
-        samples = self.block_samples[position]
-        first = int(self.token_start[samples].min())
-        rows = slice(first, int((self.token_start[samples] + self.lengths[samples]).max()))
-        tokens = np.empty((len(self.arrays), rows.stop - rows.start, self.arrays[0].shape[1]), self.arrays[0].dtype)
-        for k, array in enumerate(self.arrays):
-            tokens[k] = read_checked(array, rows)
-        scales = np.stack([read_scales(array, rows) for array in self.scale_arrays]) if self.scale_arrays else None
-        return tokens, first, scales
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one served token holds in a buffer: its codes and scales over the selected layers."""
+        codes = len(self.arrays) * self.arrays[0].shape[1] * self.arrays[0].dtype.itemsize
+        return codes + sum(array.shape[1] * array.dtype.itemsize for array in self.scale_arrays)
 
-    def _read_group(self, blocks: np.ndarray) -> dict:
+    def _pieces(self, buffer_bytes: int) -> list[list[np.ndarray]]:
+        """Per block, its served samples (in token order) cut into pieces of at most buffer_bytes / 2 of rows
+        (at least one sample each)."""
+        budget = max(1, buffer_bytes // 2 // self.token_bytes)  # tokens per piece
+        blocks = []
+        for samples in self.block_samples:
+            pieces, start, tokens = [], 0, 0
+            for i, length in enumerate(self.lengths[samples]):
+                if tokens and tokens + length > budget:
+                    pieces.append(samples[start:i])
+                    start, tokens = i, 0
+                tokens += length
+            blocks.append(pieces + [samples[start:]])
+        return blocks
+
+    def _read_piece(self, samples: np.ndarray) -> tuple[np.ndarray, dict, np.ndarray | None]:
+        """The served rows of `samples` (one block's, in token order) only: codes [K, tokens, W], each sample's first
+        row among them, and the scales [K, tokens, G] (8-bit stores; else None). The span between the first and last
+        sample is read one layer at a time and the rows of samples not served are dropped at once."""
+        starts, lengths = self.token_start[samples], self.lengths[samples]
+        first = int(starts.min())
+        span = slice(first, int((starts + lengths).max()))
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        rows = None if int(lengths.sum()) == span.stop - span.start else \
+            np.concatenate([np.arange(s - first, s - first + n) for s, n in zip(starts, lengths)])
+        take = (lambda values: values) if rows is None else (lambda values: values[rows])  # noqa: E731
+        tokens = np.stack([take(read_checked(array, span)) for array in self.arrays])
+        scales = np.stack([take(read_scales(array, span)) for array in self.scale_arrays]) if self.scale_arrays else None
+        if rows is None:  # every row of the span is served: positions are the rows' own
+            offsets = starts - first
+        return tokens, dict(zip(samples.tolist(), offsets.tolist())), scales
+
+    def _read_group(self, pieces: list[np.ndarray]) -> dict:
         data = {}
-        for position in blocks:
-            read = self._read_block(position)
-            data.update({int(sample): read for sample in self.block_samples[position]})
+        for samples in pieces:
+            tokens, offsets, scales = self._read_piece(samples)
+            data.update({sample: (tokens, offset, scales) for sample, offset in offsets.items()})
         return data
 
-    def _batch_samples(self, blocks: np.ndarray, batch_size: int, shuffle: bool, rng, by_length: bool):
+    def _batch_samples(self, pieces: list[np.ndarray], batch_size: int, shuffle: bool, rng, by_length: bool):
         """The buffer's samples cut into batches: shuffled (or in order); with by_length, batches of similar
         length (sorted within the buffer), served in shuffled order, so less padding is computed."""
-        samples = np.concatenate([self.block_samples[b] for b in blocks])
+        samples = np.concatenate(pieces)
         samples = rng.permutation(samples) if shuffle else np.sort(samples)
         if by_length:
             samples = samples[np.argsort(self.lengths[samples], kind="stable")]
         batches = [samples[first:first + batch_size] for first in range(0, len(samples), batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))] if by_length and shuffle else batches
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_blocks: int = 2,
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_bytes: int = BUFFER_BYTES,
                 pin_memory: bool = False, by_length: bool = False):
-        """Batches of `batch_size`; the next buffer of blocks is read and decoded on a background thread while
-        the current one is served. pin_memory: collate into page-locked memory, for non-blocking GPU copies.
-        by_length: length-bucketed batches within each buffer (see `_batch_samples`)."""
+        """Batches of `batch_size`; the next buffer (at most buffer_bytes / 2 of served rows) is read on a
+        background thread while the current one is served. pin_memory: collate into page-locked memory, for
+        non-blocking GPU copies. by_length: length-bucketed batches within each buffer (see `_batch_samples`)."""
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
-        groups = [order[start:start + buffer_blocks] for start in range(0, len(order), buffer_blocks)]
+        pieces = self._pieces(buffer_bytes)
+        groups, tokens, half = [], 0, buffer_bytes // 2
+        for piece in (piece for block in order for piece in pieces[block]):
+            size = int(self.lengths[piece].sum()) * self.token_bytes
+            if not groups or tokens + size > half:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(piece)
+            tokens += size
         if self.memory is not None:  # same order as streaming; nothing to read
             for blocks in groups:
                 for samples in self._batch_samples(blocks, batch_size, shuffle, rng, by_length):
@@ -217,8 +254,7 @@ class CacheReader:
         scales = torch.zeros((*shape[:3], self.scale_arrays[0].shape[1]), dtype=torch.float16,
                              pin_memory=pin_memory) if self.scale_arrays else None
         for row, sample in enumerate(samples):
-            tokens, first, token_scales = data[int(sample)]
-            start = int(self.token_start[sample] - first)
+            tokens, start, token_scales = data[int(sample)]
             padded[row, :, :lengths[row]] = tokens[:, start:start + lengths[row]]
             if scales is not None:
                 scales.numpy()[row, :, :lengths[row]] = token_scales[:, start:start + lengths[row]]

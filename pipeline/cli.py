@@ -434,8 +434,9 @@ def training_options(command):
         click.option("--batch-size", type=int, default=32, show_default=True, help="Training samples per optimizer step."),
         click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
                      help="Share of steps with linear warm-up; then linear decay to 0."),
-        click.option("--buffer-blocks", type=int, default=2, show_default=True,
-                     help="Cache blocks in the shuffle buffer (memory vs randomness)."),
+        click.option("--buffer-mb", type=float, default=32, show_default=True,
+                     help="MB of cache rows the reader holds: the shuffle buffer served and the one read ahead, half "
+                          "each (memory vs randomness: samples are shuffled within a buffer)."),
         click.option("--in-memory/--streaming", default=None,
                      help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather "
                           "batches there, or stream them from the store [default: in memory on a GPU when they fit in "
@@ -458,18 +459,20 @@ def training_options(command):
     return command
 
 
-def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets, max_train_samples,
+def _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets, max_train_samples,
                   device, precision, lr=1e-3, weight_decay=0.01, seed=0, static_shapes=False, compile_=False):
     from stages.training.fit import FitSettings
 
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
+    if not buffer_mb > 0:
+        raise InputError(f"--buffer-mb {buffer_mb}: give a positive number of MB (default 32)")
     runtime = _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     if compile_ and not runtime.is_cuda and not shutil.which(os.environ.get("CXX", "g++")):
         raise InputError("--compile on the CPU needs a C++ compiler (g++ or $CXX) for torch.compile; install one or "
                          "drop --compile")
     return FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                       seed=seed, buffer_blocks=buffer_blocks, in_memory=in_memory, max_train_samples=max_train_samples,
+                       seed=seed, buffer_mb=buffer_mb, in_memory=in_memory, max_train_samples=max_train_samples,
                        device=device, precision=precision, length_buckets=length_buckets,
                        static_shapes=static_shapes, compile=compile_)
 
@@ -487,7 +490,7 @@ def _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, le
 @training_options
 @user_errors
 def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epochs, batch_size, warmup_ratio,
-        buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
+        buffer_mb, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
         compile_):
     """Stage two: train a side network on the cached features.
 
@@ -504,7 +507,7 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
 
     if lr <= 0:
         raise InputError("--lr must be positive")
-    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
+    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets,
                              max_train_samples, device, precision, lr, weight_decay, seed, static_shapes, compile_)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     if method == "auto":
@@ -561,7 +564,7 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
 @training_options
 @user_errors
 def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path, epochs, batch_size, warmup_ratio,
-          buffer_blocks, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
+          buffer_mb, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
         compile_):
     """Train many side networks on one pass over the cache: every combination of methods, options, learning
     rates, weight decays and seeds.
@@ -581,7 +584,7 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
         methods = ",".join(_runnable_methods(method_names(), cache_path, backbone_path))
     grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
     runs = grid.runs()
-    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_blocks, in_memory, length_buckets,
+    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets,
                              max_train_samples, device, precision, static_shapes=static_shapes, compile_=compile_)
     if any(run.lr <= 0 for run in runs):
         raise InputError("--lr values must be positive")
@@ -803,12 +806,19 @@ def _write_records(records: list[dict], out: str | None) -> None:
               help="Comma list of module names to adapt [default: the attention query and value projections, e.g. query,value; q,v for MPNet and T5; q_proj,v_proj for Llama-layout and Gemma-3 decoders; c_attn for GPT-2].")
 @click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
               help="[default: last for a causal decoder, else the encoder's own]; match the cache's for a fair comparison.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute each backbone layer in backward instead of keeping its activations (transformers' "
+                   "gradient_checkpointing_enable): the memory-conscious baseline; same arithmetic, so same accuracy.")
+@click.option("--measure-step", is_flag=True,
+              help="Do not train: measure the memory of one step on the largest batch of the first epoch and write it "
+                   "to metrics.json (no accuracy). For --gradient-checkpointing, whose accuracy is the plain run's.")
 @click.option("--out", default=None, help=f"Model folder [default: {DEFAULT_MODELS}/METHOD].")
 @runtime_options
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
              split_seed, image_size, max_length, epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples,
-             length_buckets, lora_r, lora_alpha, lora_targets, pooling, out, device, precision):
+             length_buckets, lora_r, lora_alpha, lora_targets, pooling, gradient_checkpointing, measure_step, out, device,
+             precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
 
     Same split, pooling, head, schedule and metrics.json as `fit`; nothing is cached.
@@ -825,15 +835,21 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 length_buckets=length_buckets,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
-                                pooling=pooling, device=device, precision=precision)
+                                pooling=pooling, device=device, precision=precision,
+                                gradient_checkpointing=gradient_checkpointing, measure_step=measure_step)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
         with library_errors(f"baseline --method {method}", backbone):
             metrics = train_baseline(backbone, dataset, settings, out_dir)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None
-    click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable parameters; "
-               f"{metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
+    if measure_step:
+        click.echo(f"{method}{' with gradient checkpointing' if gradient_checkpointing else ''}: one step measured, "
+                   f"no training; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
+    else:
+        click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable "
+                   f"parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; "
+                   f"{metrics['device_name']}, {metrics['precision']}")
     click.echo(f"saved to {out_dir}")
 
 

@@ -22,7 +22,7 @@ def decoded_batches(path, split="train", layers=None, in_memory=False):
     reader = CacheReader(str(path), split, layers, in_memory=in_memory)
     out = {}
     for batch in reader.batches(7):
-        features = batch.decoded(lambda t, dtype=None: t if dtype is None else t.to(dtype))
+        features = batch.hidden_states().dense()
         for row, sample in enumerate(batch.index):
             n = int(batch.mask[row].sum())
             assert not features[row, :, n:].any()  # padding stays zero after decoding

@@ -127,9 +127,9 @@ def test_zstd_round_trips_and_lossy_is_removed_with_its_replacement_named(tiny_b
 def test_reader_shuffles_by_seed_and_in_memory_matches_streaming(tiny_bert, tiny_table, tmp_path):
     run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", layers="0,2")
     reader = CacheReader(str(tmp_path / "f.zarr"), "train", layers=[2])
-    first = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_blocks=2)])
-    again = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_blocks=2)])
-    other = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=2, buffer_blocks=2)])
+    first = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_bytes=1 << 20)])
+    again = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=1, buffer_bytes=1 << 20)])
+    other = np.concatenate([b.index for b in reader.batches(8, shuffle=True, seed=2, buffer_bytes=1 << 20)])
     np.testing.assert_array_equal(first, again)
     assert sorted(first) == list(range(len(reader))) and not np.array_equal(first, other)
     memory = CacheReader(str(tmp_path / "f.zarr"), "train", layers=[2], in_memory=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cache.errors import InputError
+from cache.hidden_states import CachedHiddenStates
 from cache.reader import CacheReader, open_store
 from stages import runtime as runtime_module
 from stages.methods import build_model, config_from_options
@@ -132,7 +133,8 @@ def test_buckets_and_padding_rows():
     assert [bucket_length(n, 128) for n in (1, 32, 33, 97, 128)] == [32, 32, 64, 128, 128]
     features, mask = torch.randn(3, 2, 5, 4), torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]]).bool()
     features = features * mask[:, None, :, None]
-    padded, pmask, labels, rows = pad_batch(features, mask, torch.tensor([0, 1, 0]), 8, max_length=16)
+    states, labels, rows = pad_batch(CachedHiddenStates(features, mask), torch.tensor([0, 1, 0]), 8, max_length=16)
+    padded, pmask = states.codes, states.mask
     assert padded.shape == (8, 2, 8, 4) and pmask.shape == (8, 8) and rows == 3 and labels.tolist()[3:] == [0] * 5
     assert torch.equal(padded[:3, :, :5], features) and not padded[:, :, 5:].any() and not pmask[:, 5:].any()
     assert torch.equal(padded[3:], features[:1].expand(5, -1, -1, -1).new_zeros(5, 2, 8, 4) + padded[:1])
@@ -229,11 +231,13 @@ def test_layer_subsets_gather_without_host_indices():
     from stages.training.evaluate import layer_subsets
 
     features = torch.randn(2, 4, 3, 5)
-    layer_subsets(features, [(0, 3)])  # the index tensor is made (and copied to the device) once
+    states = CachedHiddenStates(features, torch.ones(2, 3, dtype=torch.bool))
+    layer_subsets(states, [(0, 3)])  # the index tensor is made (and copied to the device) once
     with HostSyncs() as syncs:
-        every, run, spread = layer_subsets(features, [None, (1, 2), (0, 3)])
-    assert syncs.seen == [] and every is features and run._base is features
-    assert torch.equal(spread, features[:, [0, 3]]) and torch.equal(run, features[:, 1:3])
+        every, run, spread = layer_subsets(states, [None, (1, 2), (0, 3)])
+    assert syncs.seen == [] and every is states and run.codes._base is features
+    assert torch.equal(spread.codes, features[:, [0, 3]]) and torch.equal(run.codes, features[:, 1:3])
+    assert spread.positions == (0, 3) and run.positions == (1, 2)
 
 
 # ---------------------------------------------------------------- on a GPU only

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cache.hidden_states import CachedHiddenStates
+
 from .base import FeatureSpec, MethodConfig, pool, rms_normalize
 from .registry import register_method
 
@@ -33,8 +35,10 @@ class LinearProbe(nn.Module):
     def required_layers(config: LinearConfig, spec: FeatureSpec) -> list[int]:
         return [spec.num_layers]
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        last = rms_normalize(features[:, -1]) if self.rms_norm else features[:, -1]
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: the cached H_L ([B, 1, T, D] values or CachedHiddenStates), mask [B, T] -> logits [B, C]."""
+        last = CachedHiddenStates.wrap(features, mask).layer(-1)
+        last = rms_normalize(last) if self.rms_norm else last
         return self.head(self.dropout(pool(last, mask, self.spec.pooling)))
 
 

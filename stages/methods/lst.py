@@ -23,7 +23,10 @@ import torch
 from torch import nn
 
 from ..families.encoder import SideBlock, encoder_side_block  # noqa: F401  (SideBlock: the encoders' block)
-from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize, side_width
+from cache.hidden_states import CachedHiddenStates
+
+from .base import FeatureSpec, MethodConfig, pool, rms_normalize, side_width
+from .decode_linear import decode_linear
 from .registry import register_method
 from .support import needs_layer_shape
 
@@ -95,13 +98,15 @@ class LadderSideNetwork(nn.Module):
     def required_layers(config: LSTConfig, spec: FeatureSpec) -> list[int]:
         return [0, *kept_layers(config, spec.num_layers)]
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order.
-        if self.rms_norm:
-            features = rms_normalize(features)
-        s = self.first(self.dropout(features[:, 0]))  # s_0 = W_first dropout(H_0)
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: [B, 1 + kept, T, D] = H_0 then the kept blocks' outputs, in order (values or
+        CachedHiddenStates); mask [B, T] bool -> logits [B, C]."""
+        states = CachedHiddenStates.wrap(features, mask)
+        first = rms_normalize(states.layer(0)) if self.rms_norm else states.layer(0)
+        s = self.first(self.dropout(first))  # s_0 = W_first dropout(H_0)
         gates = torch.sigmoid(self.gates / 0.1)  # mu_l = sigmoid(alpha_l / 0.1)
-        downs = per_layer_linear(features[:, 1:], self.down)  # W_down,l H_l for every kept l at once
+        # W_down,l H_l for every kept l, decoded layer by layer (decode_linear keeps no float32 copy for backward)
+        downs = decode_linear(states, self.down, range(1, states.num_layers), normalize=self.rms_norm)
         for i, block in enumerate(self.blocks):
             s = gates[i] * s + (1 - gates[i]) * downs[:, i]  # s <- mu s + (1 - mu) W_down,l H_l
             s = block(s, mask)  # then the side block

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, rms_normalize, side_width
+from cache.hidden_states import CachedHiddenStates
+
+from .base import FeatureSpec, MethodConfig, per_layer_norm, pool, rms_normalize, side_width
+from .decode_linear import decode_linear
 from .registry import register_method
 from .support import needs_frozen_layers
 
@@ -84,12 +87,13 @@ class SHERL(nn.Module):
         _check(config, spec)
         return list(range(spec.num_layers - config.late_layers + 1))
 
-    def merge(self, features: torch.Tensor) -> torch.Tensor:
-        """Early route: [B, n, T, D] -> merged side features [B, T, h], token by token."""
+    def merge(self, states: CachedHiddenStates) -> torch.Tensor:
+        """Early route: n cached layers [B, n, T, D] -> merged side features [B, T, h], token by token."""
         if isinstance(self.transforms[0], GatedTransform):
-            z = torch.stack([transform(features[:, l]) for l, transform in enumerate(self.transforms)], 2)
-        else:  # z_l = LN(W_l H_l) for every l at once
-            z = per_layer_norm(per_layer_linear(features, [t[0] for t in self.transforms]),
+            layer = lambda l: rms_normalize(states.layer(l)) if self.rms_norm else states.layer(l)  # noqa: E731
+            z = torch.stack([transform(layer(l)) for l, transform in enumerate(self.transforms)], 2)
+        else:  # z_l = LN(W_l H_l) for every l, decoded layer by layer (no float32 copy kept for backward)
+            z = per_layer_norm(decode_linear(states, [t[0] for t in self.transforms], normalize=self.rms_norm),
                                [t[1] for t in self.transforms]).transpose(1, 2)  # [B, T, n, h]
         s, guide = z[:, :, :-1], z[:, :, -1]
         unit = F.normalize(s, dim=-1, eps=1e-6)
@@ -100,8 +104,10 @@ class SHERL(nn.Module):
         weights = scores / (scores.sum(-1, keepdim=True) + 1e-6)
         return (weights.unsqueeze(-1) * s).sum(2) + guide
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        restored = self.out(self.merge(rms_normalize(features) if self.rms_norm else features)) + torch.tanh(self.gate / 0.1) * features[:, -1]
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: H_0 .. H_{L-k} [B, L-k+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
+        states = CachedHiddenStates.wrap(features, mask)
+        restored = self.out(self.merge(states)) + torch.tanh(self.gate / 0.1) * states.layer(-1)
         return self.head(pool(self.frozen(restored, mask), mask, self.spec.pooling))
 
 

@@ -47,6 +47,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cache.hidden_states import CachedHiddenStates
+
 from .base import FeatureSpec, MethodConfig
 from .registry import register_method
 from .support import needs_frozen_layers
@@ -177,13 +179,16 @@ class SynQT(nn.Module):
         weights = torch.cat([torch.ones_like(weights[:, :1]), weights], 1)
         return (weights.unsqueeze(-1) * features).mean(1)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B = features.shape[0]
-        previous = masked_mean(features[:, 0], mask)  # Q_0: the masked mean of H_0 (our choice)
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: H_0 .. H_{L-1} [B, L, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C].
+        Each layer is decoded just in time for its frozen layer's keys and values, which need no gradient."""
+        states = CachedHiddenStates.wrap(features, mask)
+        B = states.shape[0]
+        previous = masked_mean(states.layer(0), mask)  # Q_0: the masked mean of H_0 (our choice)
         qs, hs, hhs = [], [], []
         for i, synthesis in enumerate(self.synthesis):
             seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
-            q, h, hh = self.frozen.query_pass(i, synthesis(seed), features[:, i], mask)  # layer i + 1 on H_i
+            q, h, hh = self.frozen.query_pass(i, synthesis(seed), states.layer(i), mask)  # layer i + 1 on H_i
             previous = q.mean(1)
             qs.append(previous)
             hs.append(h.mean(1))

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, per_layer_norm, pool, rms_normalize, side_width
+from cache.hidden_states import CachedHiddenStates
+
+from .base import FeatureSpec, MethodConfig, per_layer_norm, pool, side_width
+from .decode_linear import decode_linear
 from .registry import register_method
 
 
@@ -53,11 +56,11 @@ class UniPT(nn.Module):
     def required_layers(config: UniPTConfig, spec: FeatureSpec) -> list[int]:
         return list(range(spec.num_layers + 1))
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.rms_norm:
-            features = rms_normalize(features)
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: H_0 .. H_L [B, L+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
+        states = CachedHiddenStates.wrap(features, mask)
         # T_l = LN(W_l H_l), stacked [B, L+1, T, h]; the anchor is the last layer's.
-        t = per_layer_norm(per_layer_linear(features, self.project), self.norms)
+        t = per_layer_norm(decode_linear(states, self.project, normalize=self.rms_norm), self.norms)
         anchor, others = t[:, -1], t[:, :-1]
         # Parallel interaction: ReLU'd raw dot products with padded keys zeroed, rows l1-normalised, plus identity.
         scores = torch.einsum("bqh,blkh->blqk", anchor, others) * mask[:, None, None, :].to(t.dtype)

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cache.hidden_states import CachedHiddenStates
+
 from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize
+from .decode_linear import decode_linear
 from .registry import register_method
 
 TUNERS = ("adapter", "lora", "prefix")
@@ -134,24 +137,32 @@ class UTuning(nn.Module):
         _check(config)
         return list(range(spec.num_layers + 1))
 
-    def laterals(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Lat_l(H_l) for l = 1 .. L at once ([B, L, T, D]): they do not depend on the bypass, so adapter and lora
-        tuners run as batched matmuls over the layers; prefix tuners one by one."""
-        first = self.lateral[0]
-        if isinstance(first, AdapterTuner):
-            hidden = F.gelu(per_layer_linear(outputs, [t.down for t in self.lateral]))
-            return outputs + per_layer_linear(hidden, [t.up for t in self.lateral])
-        if isinstance(first, LoRATuner):
-            return outputs + per_layer_linear(per_layer_linear(outputs, [t.a for t in self.lateral]), [t.b for t in self.lateral])
-        return torch.stack([lateral(outputs[:, l]) for l, lateral in enumerate(self.lateral)], 1)
+    def layer(self, states: CachedHiddenStates, l: int) -> torch.Tensor:
+        """H_l decoded [B, T, D] (RMS-normalised with rms_norm)."""
+        return rms_normalize(states.layer(l)) if self.rms_norm else states.layer(l)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.rms_norm:
-            features = rms_normalize(features)
-        x = features[:, 0]  # x_0 = H_0
-        lateral = self.laterals(features[:, 1:])
-        for l, vertical in enumerate(self.vertical):
-            x = lateral[:, l] + vertical(x)  # x_l = Lat_l(H_l) + Ver_l(x_{l-1})
+    def tuned(self, states: CachedHiddenStates) -> torch.Tensor | None:
+        """The trainable part of Lat_l(H_l) for l = 1 .. L at once ([B, L, T, D]; the residual H_l is added
+        layer by layer in forward): they do not depend on the bypass, so adapter and lora tuners run as batched
+        matmuls over the layers, their first one decoding the cache (decode_linear). None for prefix tuners."""
+        first, layers = self.lateral[0], range(1, states.num_layers)
+        if isinstance(first, AdapterTuner):
+            hidden = F.gelu(decode_linear(states, [t.down for t in self.lateral], layers, self.rms_norm))
+            return per_layer_linear(hidden, [t.up for t in self.lateral])
+        if isinstance(first, LoRATuner):
+            return per_layer_linear(decode_linear(states, [t.a for t in self.lateral], layers, self.rms_norm),
+                                    [t.b for t in self.lateral])
+        return None
+
+    def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: H_0 .. H_L [B, L+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
+        states = CachedHiddenStates.wrap(features, mask)
+        x = self.layer(states, 0)  # x_0 = H_0
+        tuned = self.tuned(states)
+        for l, (lateral, vertical) in enumerate(zip(self.lateral, self.vertical)):
+            h = self.layer(states, l + 1)  # H_{l+1}, decoded just in time
+            lateral_out = lateral(h) if tuned is None else h + tuned[:, l]  # Lat(H) = H + U(H)
+            x = lateral_out + vertical(x)  # x_l = Lat_l(H_l) + Ver_l(x_{l-1})
         return self.head(pool(self.norm(x), mask, self.spec.pooling))
 
 

@@ -4,39 +4,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cache.hidden_states import CachedHiddenStates
 from cache.reader import CacheReader
 
 from ..metrics import task_metrics
 from ..runtime import CPU, Runtime
 
 
-def side_inputs(batch, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, mask) of a cached batch on the runtime's device; features are widened to float32 there, after
-    the copy, so the host collates and transfers the cache's float16."""
-    return batch.decoded(runtime.to_device), runtime.to_device(batch.mask)
+def side_inputs(batch, runtime: Runtime) -> tuple[CachedHiddenStates, torch.Tensor]:
+    """(hidden states, mask) of a cached batch on the runtime's device, still in the store's encoding: the host
+    collates and transfers the codes, and each method decodes a layer when it uses it."""
+    states = batch.hidden_states(runtime.to_device)
+    return states, states.mask
 
 
-_INDEX: dict = {}  # (positions, device) -> the positions as an index tensor on that device, made once
-
-
-def _positions(subset: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    if (subset, device) not in _INDEX:
-        _INDEX[subset, device] = torch.tensor(subset, dtype=torch.long).to(device)
-    return _INDEX[subset, device]
-
-
-def layer_subsets(features: torch.Tensor, subsets: list[tuple[int, ...] | None]) -> list[torch.Tensor]:
-    """features [B, K, T, D] narrowed to each network's layer positions (None: all K); networks that read the same
-    positions share one tensor. A run of consecutive positions is a view; others gather with an index tensor kept
-    on the device (indexing with a Python list would copy it to the GPU, and wait, at every step)."""
-    made = {}
-    for subset in dict.fromkeys(subsets):
-        if subset is None or list(subset) == list(range(features.shape[1])):
-            made[subset] = features
-        elif list(subset) == list(range(subset[0], subset[0] + len(subset))):
-            made[subset] = features.narrow(1, subset[0], len(subset))
-        else:
-            made[subset] = features.index_select(1, _positions(tuple(subset), features.device))
+def layer_subsets(states: CachedHiddenStates, subsets: list[tuple[int, ...] | None]) -> list[CachedHiddenStates]:
+    """The batch narrowed to each network's layer slots (None: all K); networks that read the same slots share
+    one CachedHiddenStates (a view for consecutive slots, a gather of the codes otherwise)."""
+    made = {subset: states if subset is None else states.select(subset) for subset in dict.fromkeys(subsets)}
     return [made[subset] for subset in subsets]
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cache.errors import InputError
 from cache.layout import key_sha256, layer_array_name
-from cache.reader import CacheReader, open_store
+from cache.reader import BUFFER_BYTES, CacheReader, open_store
 
 from ..atomic_folder import atomic_folder
 from .checkpoint import Checkpoint
@@ -34,7 +34,7 @@ class FitSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     seed: int = 0
-    buffer_blocks: int = 2  # blocks in the shuffle buffer: more = more random, more memory
+    buffer_mb: float = BUFFER_BYTES / 2**20  # served cache rows the reader holds (buffer + read-ahead): more = more random
     in_memory: bool | None = None  # pack the needed layers on the device once; None: on a GPU when they fit (resident_fits)
     max_train_samples: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -98,20 +98,22 @@ def open_readers(cache_path: str, root, layers: list[int], settings: FitSettings
 def train_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtime: Runtime):
     """One epoch's training batches, in the order the seed and epoch fix: `fit` and `sweep` both read them here."""
     return reader.batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                          buffer_blocks=settings.buffer_blocks, pin_memory=runtime.pin_memory,
+                          buffer_bytes=int(settings.buffer_mb * 2**20), pin_memory=runtime.pin_memory,
                           by_length=settings.length_buckets)
 
 
 def device_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtime: Runtime, max_length: int):
-    """One epoch's training batches on the device: ((features [B, K, T, D] float32, mask [B, T]), labels [B], real
-    rows), padded to static shapes with --static-shapes. `fit` and `sweep` both train on these."""
+    """One epoch's training batches on the device: ((hidden states [B, K, T, W] in the store's encoding, mask
+    [B, T]), labels [B], real rows), padded to static shapes with --static-shapes. `fit` and `sweep` both train
+    on these."""
     for batch in train_batches(reader, settings, epoch, runtime):
-        features, mask = side_inputs(batch, runtime)
+        states, mask = side_inputs(batch, runtime)
         labels = runtime.to_device(batch.labels)
         rows = len(labels)
         if settings.static_shapes:
-            features, mask, labels, rows = pad_batch(features, mask, labels, settings.batch_size, max_length)
-        yield (features, mask), labels, rows
+            states, labels, rows = pad_batch(states, labels, settings.batch_size, max_length)
+            mask = states.mask
+        yield (states, mask), labels, rows
 
 
 def network_forward(model: torch.nn.Module, settings: FitSettings, runtime: Runtime):
@@ -145,13 +147,12 @@ def gpu_memory_figures(runtime: Runtime, learner, resident: int, alone: bool) ->
         "also held the sweep's other networks; their sum is peak_gpu_invocation_mb), less the --in-memory cache")
     return figures
 def reader_buffer_mb(reader: CacheReader, settings: FitSettings) -> float:
-    """MB of decoded cache a training reader holds at most (numpy, outside torch's tracking): the layers packed in
-    memory (--in-memory), or two groups of `buffer_blocks` blocks (the one served and the one read ahead), each
-    block `block_tokens` x layers read x hidden size in the cache's dtype."""
+    """MB of cache rows a training reader holds at most (numpy, outside torch's tracking): the layers packed in
+    memory (--in-memory), or its byte budget (--buffer-mb; a single sample longer than half of it is held whole)."""
     if reader.memory is not None:
         return reader.memory.numel() * reader.memory.element_size() / 2**20
-    array = reader.arrays[0]
-    return 2 * settings.buffer_blocks * reader.block_tokens * len(reader.arrays) * array.shape[1] * array.dtype.itemsize / 2**20
+    longest = int(reader.lengths[reader.samples].max(initial=0)) * reader.token_bytes / 2**20
+    return 2 * max(settings.buffer_mb / 2, longest)
 
 
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from cache.errors import InputError
-from cache.quantize import EIGHT_BIT, decode, encode
+from cache.hidden_states import CachedHiddenStates
 
 from ..backbones import causal_position_ids, load_backbone
 from ..extraction.extract import preprocessor_sha256
@@ -42,7 +42,6 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
     except InputError as error:
         raise InputError(f"this model's cache was extracted in {precision}, which {runtime.device} cannot run ({error}); "
                          "predict with --device cuda") from None
-    dtype = torch.float16 if side.info["dtype"] == "float16" else torch.float32
     backbone.tokenizer.padding_side = "right"
     outputs = []
     side.model.eval().to(runtime.device)
@@ -55,14 +54,11 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
         batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
         with stage_one.autocast():
             hidden = encoder(**batch, output_hidden_states=True).hidden_states
-        features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
-        if side.info["dtype"] in EIGHT_BIT:  # the codes' rounding, as the side network saw it (cache/quantize.py)
-            flat = features.reshape(-1, features.shape[-1])
-            features = decode(*encode(flat, side.info["dtype"]), side.info["dtype"]).view_as(features)
         mask = batch["attention_mask"].bool()
-        features = features * mask[:, None, :, None]  # padded positions are zeros, as in the cache reader
+        # in the store's encoding: the rounding the side network saw in training, decoded layer by layer
+        states = CachedHiddenStates.encode(torch.stack([hidden[i] for i in side.layers], 1), mask, side.info["dtype"])
         with runtime.autocast():
-            logits = side.model(features, mask)
+            logits = side.model(states, mask)
         outputs.append(logits.float())
     return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, side.spec.num_labels), np.float32)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cache.errors import InputError
+from cache.hidden_states import CachedHiddenStates
 
 from ..extraction.extract import pixel_values
 from ..runtime import CPU, Runtime
@@ -56,7 +57,6 @@ def predict_images(side: SideModel, backbone, paths: list[Path], batch_size: int
     from pipeline.data import Images
 
     runtime = runtime or CPU
-    dtype = torch.float16 if side.info["dtype"] == "float16" else torch.float32
     data = SimpleNamespace(images=Images(paths=[str(p) for p in paths]))
     side.model.eval().to(runtime.device)
     encoder = backbone.model.to(runtime.device)
@@ -65,9 +65,10 @@ def predict_images(side: SideModel, backbone, paths: list[Path], batch_size: int
         rows = np.arange(first, min(first + batch_size, len(paths)))
         hidden = encoder(pixel_values=runtime.to_device(pixel_values(backbone, data, rows)),
                          output_hidden_states=True).hidden_states
-        features = torch.stack([hidden[i] for i in side.layers], 1).to(dtype).float()
+        features = torch.stack([hidden[i] for i in side.layers], 1)
         mask = torch.ones(features.shape[0], features.shape[2], dtype=torch.bool, device=features.device)
+        states = CachedHiddenStates.encode(features, mask, side.info["dtype"])  # as text predict: the cache's rounding
         with runtime.autocast():
-            logits = side.model(features, mask)
+            logits = side.model(states, mask)
         outputs.append(logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, side.spec.num_labels), np.float32)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from cache.hidden_states import CachedHiddenStates
 
 LENGTH_BUCKETS = 4
 
@@ -22,17 +23,13 @@ def bucket_length(length: int, max_length: int, buckets: int = LENGTH_BUCKETS) -
     return min(max(step, math.ceil(length / step) * step), max(max_length, length))
 
 
-def pad_batch(features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, batch_size: int,
-              max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """features [B, K, T, D], mask [B, T], labels [B] -> the same padded to [batch_size, K, T', D] with
+def pad_batch(states: CachedHiddenStates, labels: torch.Tensor, batch_size: int,
+              max_length: int) -> tuple[CachedHiddenStates, torch.Tensor, int]:
+    """states [B, K, T, W] (mask [B, T] inside), labels [B] -> the same padded to [batch_size, K, T', W] with
     T' = bucket_length(T), and B (the real rows, first). Runs on the tensors' device, without waiting for it."""
-    rows, length = features.shape[0], features.shape[2]
-    extra = bucket_length(length, max_length) - length
-    if extra:
-        features = F.pad(features, (0, 0, 0, extra))
-        mask = F.pad(mask, (0, extra), value=False)
+    rows, length = states.shape[0], states.shape[2]
     if rows < batch_size:
-        index = torch.cat([torch.arange(rows, device=features.device),
-                           torch.zeros(batch_size - rows, dtype=torch.long, device=features.device)])
-        features, mask, labels = features.index_select(0, index), mask.index_select(0, index), labels.index_select(0, index)
-    return features, mask, labels, rows
+        index = torch.cat([torch.arange(rows, device=labels.device),
+                           torch.zeros(batch_size - rows, dtype=torch.long, device=labels.device)])
+        labels = labels.index_select(0, index)
+    return states.pad(batch_size, bucket_length(length, max_length)), labels, rows

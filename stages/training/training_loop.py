@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cache.hidden_states import CachedHiddenStates
+
 from ..memory import peak_allocated_mb, peak_rss_mb, tensor_mb
 from ..metrics import primary_metric
 from ..progress import progress_bar
@@ -109,7 +111,7 @@ class Learner:
         for nothing)."""
         rows = len(labels) if rows is None else rows
         if self.runtime.is_cuda:
-            self.batch_bytes = max(self.batch_bytes, sum(t.nbytes for t in inputs if isinstance(t, torch.Tensor)))
+            self.batch_bytes = max(self.batch_bytes, sum(t.nbytes for t in batch_tensors(inputs)))
         with self.runtime.memory.window(self.step_peak):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -149,9 +151,8 @@ class Learner:
         self.start_epoch()
         self.optimizer.zero_grad(set_to_none=True)
         state = [t for values in self.optimizer.state.values() for t in values.values() if torch.is_tensor(t)]
-        batch = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
         resident = tensor_mb([*self.modules.parameters(), *self.modules.buffers(), *state,
-                              *[t for t in batch if torch.is_tensor(t)], labels])
+                              *batch_tensors(inputs), labels])
         return {"resident": resident, "step_peak": peak_allocated_mb(lambda: self.step(inputs, labels, rows))}
 
     def running_loss(self) -> float:
@@ -178,10 +179,22 @@ class Learner:
                            sum(self.seconds) / len(self.seconds), step_memory)
 
 
-def batch_elements(inputs) -> int:
-    """Elements in a batch's tensors (a tuple, or a dict as tokenizers give): within one run, the padded size."""
+def batch_tensors(inputs) -> list[torch.Tensor]:
+    """The tensors of a batch: a tuple of tensors and CachedHiddenStates (side networks), or a dict as tokenizers
+    give (baselines)."""
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
-    return sum(t.numel() for t in values if torch.is_tensor(t))
+    tensors = []
+    for value in values:
+        if isinstance(value, CachedHiddenStates):
+            tensors += [t for t in (value.codes, value.scales, value.mask) if t is not None]
+        elif torch.is_tensor(value):
+            tensors.append(value)
+    return tensors
+
+
+def batch_elements(inputs) -> int:
+    """Elements in a batch's tensors: within one run, the padded size."""
+    return sum(t.numel() for t in batch_tensors(inputs))
 
 
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
