@@ -199,9 +199,11 @@ def memory_measure(models: list[dict]) -> tuple[str, str, str]:
     return MEMORY_MEASURES[-1]
 
 
-def reference_model(models: list[dict]) -> dict | None:
-    """The LoRA run the ratios are taken against (the first by name), or None."""
-    return next((model for model in models if model["metrics"].get("method") == "lora"), None)
+def reference_model(models: list[dict], checkpointing: bool = False) -> dict | None:
+    """The LoRA run the ratios are taken against (the first by name), or None; checkpointing: the LoRA run with
+    gradient checkpointing (`pipeline baseline --gradient-checkpointing`) instead of the plain one."""
+    return next((model for model in models if model["metrics"].get("method") == "lora"
+                 and bool(model["metrics"].get("gradient_checkpointing")) == checkpointing), None)
 
 
 def _ratio(value, reference) -> str:
@@ -219,7 +221,7 @@ def _signed(difference: float | None, metric: str) -> str:
 def comparison_section(models: list[dict]) -> str:
     """The report's opening: every run beside LoRA (accuracy, memory, time, parameters, and their ratios), the
     amortised cost, and sentences generated from the numbers."""
-    lora = reference_model(models)
+    lora, checkpointed = reference_model(models), reference_model(models, checkpointing=True)
     key, description, _ = memory_measure(models)
     metric = primary_test_metric((lora or models[0])["metrics"])[0]
     title = "accuracy" if metric == "accuracy" else "Pearson r"
@@ -231,8 +233,10 @@ def comparison_section(models: list[dict]) -> str:
     if lora is None:
         lines += ["No LoRA run under the models folder, so no ratios: run `pipeline baseline --method lora` on the "
                   "same data (`dvc repro` does).", ""]
-    header = ["model", f"test {title}", f"{title} − LoRA{unit}", "memory MB", "memory / LoRA", "s / epoch",
-              "time / LoRA", "trainable parameters"]
+    checkpointed_memory = checkpointed["metrics"].get(key) if checkpointed else None
+    header = ["model", f"test {title}", f"{title} − LoRA{unit}", "memory MB", "memory / LoRA",
+              *(["memory / LoRA (checkpointing)"] if checkpointed else []), "s / epoch", "time / LoRA",
+              "trainable parameters"]
     lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for model in order:
         m = model["metrics"]
@@ -241,11 +245,19 @@ def comparison_section(models: list[dict]) -> str:
         name = f"**{model['name']}**" if model is lora else model["name"]
         row = [name, _number(value, 4), _signed(value - ref_value if value is not None and ref_value is not None
                                                 else None, metric),
-               _number(m.get(key), 0), _ratio(m.get(key), ref_memory), _number(m.get("seconds_per_epoch"), 1),
-               _ratio(m.get("seconds_per_epoch"), ref_time), f"{parameters:,}" if isinstance(parameters, int) else "–"]
+               _number(m.get(key), 0), _ratio(m.get(key), ref_memory),
+               *([_ratio(m.get(key), checkpointed_memory)] if checkpointed else []),
+               _number(m.get("seconds_per_epoch"), 1), _ratio(m.get("seconds_per_epoch"), ref_time),
+               f"{parameters:,}" if isinstance(parameters, int) else "–"]
+        if m.get("measured_step_only"):  # memory of one step only: the same arithmetic as LoRA, so LoRA's accuracy
+            row[1:3] = ["(LoRA's)", "(same)"]
         lines.append("| " + " | ".join(row) + " |")
     samples = sorted({m["metrics"].get("train_samples") for m in models if m["metrics"].get("train_samples")})
-    lines += ["", f"Test {title} at the epoch with the best validation {title}. Memory: {description}. Time: seconds "
+    note = (f" {checkpointed['name']}: LoRA with gradient checkpointing (transformers' `gradient_checkpointing_enable`), "
+            "the baseline a memory-conscious user runs; its memory is one measured step on the largest batch, and its "
+            "accuracy is LoRA's (the same arithmetic, recomputed)." if checkpointed and
+            checkpointed["metrics"].get("measured_step_only") else "")
+    lines += ["", f"Test {title} at the epoch with the best validation {title}. Memory: {description}.{note} Time: seconds "
               "per training epoch (validation excluded)"
               + (f"; every run trained on {samples[0]:,} samples" if len(samples) == 1 else "")
               + f"; {', '.join(sorted({measured_on(m['metrics']) for m in models}))}.", ""]
@@ -253,6 +265,12 @@ def comparison_section(models: list[dict]) -> str:
     if amortised:
         lines += [amortised, ""]
     lines += [summary_sentences(order, lora, key, metric), ""]
+    if checkpointed_memory:
+        shares = [m["metrics"][key] / checkpointed_memory for m in order
+                  if not is_baseline(m["metrics"]) and m["metrics"].get(key) is not None]
+        if shares:
+            lines += [f"Against LoRA with gradient checkpointing ({checkpointed_memory:.0f} MB), the side networks "
+                      f"hold {min(shares):.2f}–{max(shares):.2f} of its memory.", ""]
     return "\n".join(lines)
 
 

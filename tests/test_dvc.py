@@ -83,7 +83,10 @@ def test_project_pipeline_resolves_to_one_fit_per_method(tmp_path):
     baselines = list(project_params()["baseline"]["methods"])
     assert "lora" in baselines
     assert list(commands) == ["extract", *[f"fit@{m}" for m in methods], *[f"baseline@{m}" for m in baselines],
-                              "sweep", "report"]
+                              "baseline-checkpointing", "sweep", "report"]
+    assert re.fullmatch(r"pipeline baseline --method lora --gradient-checkpointing --measure-step --backbone minilm "
+                        r"--data movies --max-length 128 .*--max-train-samples 4000 --length-buckets --device auto "
+                        r"--precision auto --out artifacts/models/lora-checkpointing", commands["baseline-checkpointing"])
     assert commands["sweep"].startswith("pipeline sweep --grid params.yaml --cache artifacts/features.zarr "
                                         "--out artifacts/models/sweep --epochs 5")
     assert "--max-train-samples 4000 --length-buckets" in commands["sweep"]

@@ -25,7 +25,7 @@ from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import pool
 from ..runtime import Runtime
 from ..metrics import task_metrics
-from .training_loop import Schedule, run_metrics, train_epochs
+from .training_loop import Learner, Schedule, TrainingRun, batch_elements, run_metrics, train_epochs
 
 
 @dataclass
@@ -48,6 +48,8 @@ class BaselineSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str | None = None  # fp32 | bf16 | fp16; default bf16 on a GPU that has it, else fp32
     length_buckets: bool = False  # batches of similar length within windows of the shuffled order, as `fit`'s
+    gradient_checkpointing: bool = False  # transformers' gradient_checkpointing_enable: layers recomputed in backward
+    measure_step: bool = False  # no training: one step's memory on the first epoch's largest batch
 
 
 BUCKET_WINDOW_BATCHES = 20  # a window of 20 batches (640 snippets at 32) is sorted by length, like fit's 2-block buffer
@@ -155,6 +157,11 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     num_labels = len(dataset.label_names) if dataset.task == "classification" else 1
     encoder = backbone.model
     encoder.requires_grad_(settings.method == "full")
+    if settings.gradient_checkpointing:  # non-reentrant: gradients reach LoRA's weights with a frozen embedding
+        if not encoder.supports_gradient_checkpointing:
+            raise InputError(f"the {encoder.config.model_type} backbone at {backbone.path} does not support gradient "
+                             "checkpointing in transformers; leave out --gradient-checkpointing")
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.method == "lora":
         encoder = _wrap_lora(encoder, settings)
     model = BackboneClassifier(encoder, num_labels, pooling, backbone.causal).to(runtime.device)
@@ -173,24 +180,38 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     checkpoint = Checkpoint.beside(out_dir, {"baseline": asdict(settings), "lr": lr, "data": dataset.fingerprint(),
                                              "backbone_weights_sha256": backbone.weights_sha256})
     runtime.reset_peak_memory()  # resident weights stay counted; the peak covers training from here
-    run = train_epochs(
-        settings.method, model, trainable, model,
-        lambda epoch: _batches(backbone, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime,
-                               lengths),
-        len(train_rows), lambda: evaluate("validation"),
-        lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
-        schedule, dataset.task, show_progress, runtime, checkpoint)
-    model.load_state_dict(run.best_state, strict=False)
-    test = evaluate("test")
+    def batches(epoch):
+        return _batches(backbone, dataset, train_rows, settings, True, settings.seed * 1000 + epoch, runtime, lengths)
+
+    snapshot = lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    if settings.measure_step:
+        run, test = measured_step(model, trainable, snapshot, batches, schedule, len(train_rows), dataset.task, runtime), {}
+    else:
+        run = train_epochs(settings.method, model, trainable, model, batches, len(train_rows),
+                           lambda: evaluate("validation"), snapshot, schedule, dataset.task, show_progress, runtime,
+                           checkpoint)
+        model.load_state_dict(run.best_state, strict=False)
+        test = evaluate("test")
     metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
                           "peak RSS of the run (Linux VmHWM, reset when it began) minus the RSS when it began "
                           "(after importing torch and zarr; the backbone loads later)",
                           {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime,
                           runtime.peak_memory())
-    metrics.update(baseline=True, wall_seconds=time.perf_counter() - started)  # backbone loaded, epochs, evaluation
+    metrics.update(baseline=True, wall_seconds=time.perf_counter() - started,  # backbone loaded, epochs, evaluation
+                   gradient_checkpointing=settings.gradient_checkpointing, measured_step_only=settings.measure_step)
     with atomic_folder(out_dir) as folder:
         (folder / "model.safetensors").write_bytes(save({n: t.contiguous() for n, t in run.best_state.items()}))
         (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     checkpoint.remove()
     return metrics
+
+
+def measured_step(model, trainable, snapshot, batches, schedule: Schedule, train_size: int, task: str,
+                  runtime: Runtime) -> TrainingRun:
+    """No training: the memory of one step on the first epoch's largest batch (most padded tokens), measured as a
+    trained run measures its own (Learner.step_memory). For a setting whose arithmetic equals a trained run's (LoRA
+    with gradient checkpointing computes what LoRA computes), so its accuracy is that run's."""
+    largest = max(batches(0), key=lambda batch: batch_elements(batch[0]))
+    learner = Learner(model, trainable, model, snapshot, schedule, train_size, task, runtime)
+    return TrainingRun([], 0, None, {}, None, learner.step_memory(*largest))
