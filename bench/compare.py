@@ -1,8 +1,11 @@
 """Cached side networks against LoRA (PEFT) and full fine-tuning on the same backbone, data,
 split, batch size and max length. Every run is a fresh process (`pipeline fit` / `pipeline baseline`).
 
-Peak memory = the run's peak RSS (Linux VmHWM, reset when training begins) minus the peak RSS of a
-bare `python -c "import torch, transformers"`, the same way for every row. Seconds per epoch
+Memory both ways: training memory by torch's own allocation tracking (the report's measure: one step on the largest
+batch plus what is alive beside it; on a GPU, peak allocated), and peak RSS (Linux VmHWM, reset when training begins)
+minus the peak RSS of a bare `python -c "import torch, transformers"`, the same way for every row. Each is a ratio
+against LoRA and against LoRA with gradient checkpointing (row lora_ckpt: `pipeline baseline --gradient-checkpointing
+--measure-step`, one measured step on LoRA's largest batch; its accuracy is LoRA's, so it has none). Seconds per epoch
 exclude validation. The amortised line compares one extraction plus fitting every cached method
 against one LoRA run per method.
 
@@ -88,6 +91,8 @@ def main():
     baselines = [(b, b, runtime) for b in args.baselines.split(",") if b and b != "none"]
     if "lora" in args.baselines and args.device.startswith("cuda") and args.precision != "fp32":
         baselines.append(("lora_fp32", "lora", ["--device", args.device, "--precision", "fp32"]))
+    if "lora" in args.baselines:
+        baselines.append(("lora_ckpt", "lora", runtime + ["--gradient-checkpointing", "--measure-step"]))
     for name, method, options in baselines:
         wall[name] = run(pipeline + ["baseline", "--method", method, "--backbone", args.backbone, "--data", args.data, "--max-length",
                                      str(args.max_length), "--batch-size", str(args.batch_size), "--out", str(work / name)]
@@ -97,31 +102,35 @@ def main():
     walls = work / "wall_seconds.json"  # wall times of every run so far, so a partial rerun keeps the others
     wall = {**(json.loads(walls.read_text()) if walls.exists() else {}), **wall}
     walls.write_text(json.dumps(wall, indent=2))
-    for name in method_names() + ["lora", "lora_fp32", "full"]:
+    for name in method_names() + ["lora", "lora_fp32", "lora_ckpt", "full"]:
         if name not in rows and (work / name / "metrics.json").exists() and name in wall:
             rows[name] = json.loads((work / name / "metrics.json").read_text())  # measured by an earlier run
     methods = [m for m in method_names() if m in rows]
-    lora = rows.get("lora")
-    header = ("| method | test acc | macro-F1 | trainable params | peak MB | s/epoch | samples/s | epochs | memory / LoRA "
-              "| time / LoRA | acc − LoRA | device, precision |")
-    lines = [header, "|" + "---|" * 12]
+    lora, checkpointed = rows.get("lora"), rows.get("lora_ckpt")
+    header = ("| method | test acc | trainable params | training MB (torch) | / LoRA | / LoRA ckpt | peak RSS MB | / LoRA "
+              "| / LoRA ckpt | s/epoch | time / LoRA | acc − LoRA | device, precision |")
+    lines = [header, "|" + "---|" * 13]
 
-    def peak_of(m):  # GPU: peak allocated during training; CPU: peak RSS above a bare import
-        return m["peak_gpu_allocated_mb"] if "peak_gpu_allocated_mb" in m else m["peak_rss_mb"] - bare
+    def training_mb(m):  # GPU: peak allocated during training; CPU: torch's allocation tracking
+        return m.get("peak_gpu_allocated_mb", m.get("training_memory_mb"))
+
+    def rss_of(m):  # peak RSS above a bare import
+        return m["peak_rss_mb"] - bare
+
+    def ratio(ours, reference, of):
+        return f"{of(ours) / of(reference):.3f}" if reference and of(ours) is not None and of(reference) else "–"
 
     for name, m in rows.items():
-        peak = peak_of(m)
         where = f"{m.get('device_name', 'cpu')}, {m.get('precision', 'fp32')}"
-        speed = m["train_samples"] / m["seconds_per_epoch"]
-        ratio = lambda ours, theirs: f"{ours / theirs:.3f}" if lora else "–"  # noqa: E731
-        lines.append(f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
-                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {speed:.0f} | "
-                     f"{len(m['history'])} | {ratio(peak, peak_of(lora))} | "
-                     f"{ratio(m['seconds_per_epoch'], lora['seconds_per_epoch'])} | "
-                     f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f} | {where} |" if lora else
-                     f"| {name} | {100 * m['test']['accuracy']:.2f}% | {100 * m['test']['macro_f1']:.2f}% | "
-                     f"{m['trainable_parameters']:,} | {peak:.0f} | {m['seconds_per_epoch']:.1f} | {speed:.0f} | "
-                     f"{len(m['history'])} | – | – | – | {where} |")
+        trained = not m.get("measured_step_only")
+        accuracy = f"{100 * m['test']['accuracy']:.2f}%" if trained else "(LoRA's)"
+        lines.append(" | ".join([
+            f"| {name}", accuracy, f"{m['trainable_parameters']:,}", f"{training_mb(m):.0f}",
+            ratio(m, lora, training_mb), ratio(m, checkpointed, training_mb), f"{rss_of(m):.0f}", ratio(m, lora, rss_of),
+            ratio(m, checkpointed, rss_of), f"{m['seconds_per_epoch']:.1f}" if trained else "–",
+            f"{m['seconds_per_epoch'] / lora['seconds_per_epoch']:.3f}" if lora and trained else "–",
+            f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f}" if lora and trained else "–",
+            f"{where} |"]))
     train = next(iter(rows.values()))["train_samples"]
     summary = [f"backbone {args.backbone}, {train} training samples, batch {args.batch_size}, max length {args.max_length}; "
                f"bare import peak RSS {bare:.0f} MB (subtracted)",

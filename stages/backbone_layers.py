@@ -47,6 +47,13 @@ class FrozenLayers(nn.Module):
     def train(self, mode: bool = True) -> "FrozenLayers":
         return super().train(False)
 
+    def hold_in(self, dtype: torch.dtype) -> "FrozenLayers":
+        """The frozen weights converted to `dtype` (bf16 when training runs in bf16 on a GPU: half the bytes, and
+        autocast would cast them per op anyway). Buffers keep theirs: a rotary table in bf16 would move positions."""
+        for parameter in self.parameters():
+            parameter.data = parameter.data.to(dtype)
+        return self
+
     def parameter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
 

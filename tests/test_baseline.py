@@ -49,3 +49,41 @@ def test_length_buckets_serve_every_row_once_in_batches_of_similar_length():
         return sum(len(b) * lengths[b - 1000].max() for b in batches)
 
     assert padded(bucketed) < 0.75 * padded(plain)
+
+
+def test_gradient_checkpointing_measures_a_smaller_step_on_the_same_batch(tiny_bert, tiny_table, tmp_path):
+    """`--measure-step`: one step's memory on the largest batch, no training; checkpointing keeps fewer activations."""
+    steps = {}
+    for name, flags in (("plain", []), ("checkpointing", ["--gradient-checkpointing"])):
+        result = cli("baseline", "--backbone", tiny_bert, "--data", tiny_table, "--max-length", 64, "--measure-step",
+                     *flags, "--out", tmp_path / name)
+        assert result.exit_code == 0 and "one step measured, no training" in result.output, result.output
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["measured_step_only"] and metrics["history"] == [] and metrics["test"] == {}
+        assert metrics["gradient_checkpointing"] == (name == "checkpointing")
+        steps[name] = metrics["training_memory_parts_mb"]
+    assert steps["checkpointing"]["resident"] == pytest.approx(steps["plain"]["resident"])  # same weights and batch
+    assert steps["checkpointing"]["step_peak"] < steps["plain"]["step_peak"]
+
+
+def test_gradient_checkpointing_computes_what_lora_computes(tiny_bert):
+    """The same LoRA gradients with and without checkpointing (transformers recomputes the layers in backward)."""
+    import torch
+
+    from stages.backbones import load_backbone
+    from stages.training.baseline import BackboneClassifier, BaselineSettings, _wrap_lora, enable_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone = load_backbone(str(tiny_bert))
+        encoder = backbone.model.requires_grad_(False)
+        if checkpointing:
+            enable_checkpointing(encoder)
+        model = BackboneClassifier(_wrap_lora(encoder, BaselineSettings(lora_dropout=0.0)), 2, "cls").train()
+        batch = backbone.tokenizer(["a fine film", "dull and long, far too long"], padding=True, return_tensors="pt")
+        model(dict(batch)).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

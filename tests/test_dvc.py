@@ -114,16 +114,21 @@ def test_dvc_repro_end_to_end_then_no_op_then_only_the_changed_fit(tiny_bert, ti
     repo = make_repo(tmp_path / "repo", params)
 
     first = dvc("repro", cwd=repo)
-    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "sweep", "report"}, first
+    assert ran_stages(first) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "baseline-checkpointing",
+                                 "sweep", "report"}, first
     for name in ("linear", "sherl", "lora"):
         metrics = json.loads((repo / "artifacts" / "models" / name / "metrics.json").read_text())
         assert metrics["method"] == name and metrics["settings"]["epochs"] == 1 and len(metrics["history"]) == 1
     assert "--set r=4 --set late_layers=1" in first
     report = (repo / "reports" / "report.md").read_text()
     assert "| linear |" in report and "| sherl |" in report and "| **lora** |" in report
+    assert "memory / LoRA (checkpointing)" in report and "| lora-checkpointing | (LoRA's) |" in report
+    checkpointed = json.loads((repo / "artifacts" / "models" / "lora-checkpointing" / "metrics.json").read_text())
+    assert checkpointed["gradient_checkpointing"] and checkpointed["measured_step_only"]
+    assert 0 < checkpointed["training_memory_mb"] and checkpointed["history"] == []
     assert "## Sweep `sweep`" in report and "| linear-lr=0.003 | 1 |" in report
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "sweep", "report"}
+    assert set(lock) == {"extract", "fit@linear", "fit@sherl", "baseline@lora", "baseline-checkpointing", "sweep", "report"}
 
     second = dvc("repro", cwd=repo)
     assert ran_stages(second) == set() and "Data and pipelines are up to date" in second, second

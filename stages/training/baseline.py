@@ -94,6 +94,15 @@ LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "t5": ["q
 DEFAULT_LORA_TARGETS = ["query", "value"]  # BERT, RoBERTa, XLM-R, ELECTRA, ...
 
 
+def enable_checkpointing(encoder) -> None:
+    """transformers' gradient checkpointing (`activation_checkpointing_enable` from transformers 5, its old name
+    before), non-reentrant, so gradients reach LoRA's weights although the embedding is frozen."""
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _wrap_lora(encoder, settings: BaselineSettings):
     try:
         from peft import LoraConfig, get_peft_model
@@ -161,7 +170,7 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
         if not encoder.supports_gradient_checkpointing:
             raise InputError(f"the {encoder.config.model_type} backbone at {backbone.path} does not support gradient "
                              "checkpointing in transformers; leave out --gradient-checkpointing")
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(encoder)
     if settings.method == "lora":
         encoder = _wrap_lora(encoder, settings)
     model = BackboneClassifier(encoder, num_labels, pooling, backbone.causal).to(runtime.device)

@@ -20,7 +20,7 @@ from .evaluate import evaluate_split, side_inputs
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import FeatureSpec, MethodConfig, build_model, get_method
 from ..methods.support import require_support
-from ..runtime import Runtime
+from ..runtime import PRECISIONS, Runtime
 from .side_model import SideModel, save_side_model, trainable_state
 from .static_shapes import pad_batch
 from .training_loop import Schedule, run_metrics, train_epochs
@@ -116,6 +116,18 @@ def device_batches(reader: CacheReader, settings: FitSettings, epoch: int, runti
         yield (states, mask), labels, rows
 
 
+def hold_frozen_layers(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """On a GPU training in bf16 or fp16, a side network's frozen backbone layers (SHERL's late layers, SynQT's) are
+    held in that precision. On the CPU they stay float32: training runs in fp32 there."""
+    if runtime.is_cuda and runtime.precision != "fp32":
+        from ..backbone_layers import FrozenLayers
+
+        for module in model.modules():
+            if isinstance(module, FrozenLayers):
+                module.hold_in(PRECISIONS[runtime.precision])
+    return model
+
+
 def network_forward(model: torch.nn.Module, settings: FitSettings, runtime: Runtime):
     """(forward(inputs) = model(*inputs), whether it replays CUDA graphs). With --compile the module is compiled
     (torch.compile: fused kernels; on a GPU mode="reduce-overhead" captures CUDA graphs, which pays with
@@ -178,7 +190,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     layers = required_layers(config, spec, cache_path)
     runtime.reset_peak_memory()  # from here: the --in-memory cache is measured, then counted apart
     readers = open_readers(cache_path, root, layers, settings, runtime)
-    model = build_model(config, spec).to(runtime.device)
+    model = hold_frozen_layers(build_model(config, spec).to(runtime.device), runtime)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
                         settings.warmup_ratio, settings.seed)
@@ -190,7 +202,8 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
         return device_batches(readers["train"], settings, epoch, runtime, attrs["max_length"])
 
     def evaluate(split):
-        return evaluate_split(model, readers[split], task, spec.num_labels, runtime=runtime)
+        # batches of the training size: evaluation never needs more memory than a training step
+        return evaluate_split(model, readers[split], task, spec.num_labels, settings.batch_size, runtime)
 
     forward, cuda_graphs = network_forward(model, settings, runtime)
     learners = []

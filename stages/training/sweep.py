@@ -28,8 +28,8 @@ from cache.reader import CacheReader, open_store, subset_positions
 
 from .checkpoint import Checkpoint
 from .evaluate import layer_subsets, predict_split_many
-from .fit import (FitSettings, data_path, device_batches, gpu_memory_figures, model_info, network_forward,
-                  open_readers, require_training_splits, required_layers, resident_bytes, run_identity, spec_from_store,
+from .fit import (FitSettings, data_path, device_batches, gpu_memory_figures, hold_frozen_layers, model_info, network_forward,
+                  open_readers, reader_buffer_mb, require_training_splits, required_layers, resident_bytes, run_identity, spec_from_store,
                   write_model_folder)
 from ..memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
 from ..methods import build_model
@@ -38,7 +38,7 @@ from ..progress import progress_bar
 from ..runtime import Runtime
 from .side_model import SideModel, trainable_state
 from .sweep_grid import SweepRun
-from .training_loop import Learner, Schedule, run_metrics
+from .training_loop import Largest, Learner, Schedule, run_metrics
 
 SWEEP_JSON, SWEEP_CSV, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
 
@@ -137,6 +137,7 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
                        task, runtime, out_dir, bar) for run in group]
     first = min(member.learner.epochs_done for member in members)
     bar.update(first * train_size)  # epochs every run of the group finished before a resume
+    largest = Largest()
     for epoch in range(first, settings.epochs):
         active = [member for member in members if member.learner.epochs_done == epoch]  # a resumed run may be ahead
         if not active:
@@ -150,9 +151,10 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
             for member, inputs in zip(active, layer_subsets(features, [m.subset for m in active])):
                 with member.stream.active():
                     member.learner.step((inputs, mask), labels, rows)
+            largest.offer(((features, mask), labels, rows), runtime)
             bar.update(rows)
         seconds = time.perf_counter() - began
-        validations = _evaluate(active, readers["validation"], task, spec.num_labels, runtime)
+        validations = _evaluate(active, readers["validation"], task, spec.num_labels, runtime, settings.batch_size)
         for member, validation in zip(active, validations):
             with member.stream.active():  # the checkpoint stores the run's own random state
                 member.learner.finish_epoch(validation, seconds)
@@ -161,17 +163,27 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
         if not bar.disable:
             bar.write(f"seed {settings.seed} epoch {epoch + 1}/{settings.epochs}: best so far {best[0]}, validation "
                       f"{members[0].learner.metric} {best[1]:.4f}")
-    for member in members:
+    if largest.batch is None and not runtime.is_cuda:  # every run resumed after its last epoch: the first batch
+        largest.offer(next(iter(device_batches(readers["train"], settings, 0, runtime, attrs["max_length"])), None), runtime)
+    step_memory = {}
+    for member in members:  # on the CPU, fit's measure: one step of each network on the largest batch
+        if largest.batch is not None:
+            (features, mask), labels, rows = largest.batch
+            with member.stream.active():
+                step_memory[member.run.name] = member.learner.step_memory(
+                    (layer_subsets(features, [member.subset])[0], mask), labels, rows)
         member.model.load_state_dict(member.learner.best_state, strict=False)
-    tests = _evaluate(members, readers["test"], task, spec.num_labels, runtime) if "test" in readers else [{}] * len(members)
+    tests = (_evaluate(members, readers["test"], task, spec.num_labels, runtime, settings.batch_size)
+             if "test" in readers else [{}] * len(members))
     for member, test in zip(members, tests):
-        run = member.learner.result()
+        run = member.learner.result(step_memory.get(member.run.name))
         trainable = member.learner.trainable
         metrics = run_metrics(member.run.config.method, run, test, trainable, train_size, task, rss_at_start,
                               "peak RSS of the whole sweep so far (Linux VmHWM, reset when it began) minus the RSS "
                               "when it began; seconds per epoch are the sweep's, shared by every run of its seed",
                               asdict(member.settings), runtime,
-                              gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False))
+                              gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False),
+                              reader_buffer_mb(readers["train"], member.settings))
         metrics.update(identity_sha256=key_sha256(member.identity), sweep_run=member.run.name,
                        sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]))
         side = SideModel(member.model, member.run.config, spec, model_info(attrs, cache_path))
@@ -183,7 +195,7 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
 def _member(run, settings, identity, layers, union, spec, train_size, task, runtime, out_dir, bar) -> Member:
     """Built as `fit` builds it: the same seed, then the model, so the initial weights are the same."""
     torch.manual_seed(run.seed)
-    model = build_model(run.config, spec).to(runtime.device)
+    model = hold_frozen_layers(build_model(run.config, spec).to(runtime.device), runtime)
     stream = RandomStream(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, run.lr, run.weight_decay, settings.warmup_ratio, run.seed)
@@ -196,8 +208,10 @@ def _member(run, settings, identity, layers, union, spec, train_size, task, runt
     return Member(run, settings, identity, model, subset, stream, learner)
 
 
-def _evaluate(members: list[Member], reader: CacheReader, task: str, num_labels: int, runtime: Runtime) -> list[dict]:
-    logits, labels = predict_split_many([m.model for m in members], reader, runtime=runtime,
+def _evaluate(members: list[Member], reader: CacheReader, task: str, num_labels: int, runtime: Runtime,
+              batch_size: int) -> list[dict]:
+    """Batches of the training size, as `fit` evaluates."""
+    logits, labels = predict_split_many([m.model for m in members], reader, batch_size, runtime=runtime,
                                         subsets=[m.subset for m in members])
     return [task_metrics(each, labels, task, num_labels) for each in logits]
 

@@ -179,6 +179,19 @@ class Learner:
                            sum(self.seconds) / len(self.seconds), step_memory)
 
 
+class Largest:
+    """The batch with the most elements seen so far (CPU runs: training memory is measured on it after training,
+    by `Learner.step_memory`, in `fit`, `sweep` and `baseline` alike). Kept only on the CPU."""
+
+    def __init__(self):
+        self.batch, self.size = None, -1
+
+    def offer(self, batch: tuple | None, runtime: Runtime) -> None:
+        """batch: (inputs, labels[, rows]); None is ignored."""
+        if batch is not None and runtime.device.type == "cpu" and batch_elements(batch[0]) > self.size:
+            self.batch, self.size = batch, batch_elements(batch[0])
+
+
 def batch_tensors(inputs) -> list[torch.Tensor]:
     """The tensors of a batch: a tuple of tensors and CachedHiddenStates (side networks), or a dict as tokenizers
     give (baselines)."""
@@ -210,7 +223,7 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                       cuda_graphs)
     if learner_out is not None:
         learner_out.append(learner)
-    largest, largest_size = None, -1
+    largest = Largest()
     for epoch in range(learner.epochs_done, schedule.epochs):
         started = shown = time.perf_counter()
         learner.start_epoch()
@@ -218,8 +231,7 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                            disable=not show_progress)
         for inputs, labels, *rows in batches(epoch):
             learner.step(inputs, labels, *rows)
-            if learner.runtime.device.type == "cpu" and batch_elements(inputs) > largest_size:
-                largest, largest_size = (inputs, labels, *rows), batch_elements(inputs)
+            largest.offer((inputs, labels, *rows), learner.runtime)
             bar.update(rows[0] if rows else len(labels))
             if not bar.disable and time.perf_counter() - shown >= LOSS_SHOWN_EVERY_S:  # .item(): waits for the GPU
                 bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
@@ -232,9 +244,9 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                        f"{row[f'validation_{learner.metric}']:.4f}")
     if learner.runtime.device.type != "cpu":
         return learner.result()
-    if largest is None:  # resumed after the last epoch: measure on the first batch
-        largest = next(iter(batches(0)), None)
-    return learner.result(learner.step_memory(*largest) if largest is not None else None)
+    if largest.batch is None:  # resumed after the last epoch: measure on the first batch
+        largest.offer(next(iter(batches(0)), None), learner.runtime)
+    return learner.result(learner.step_memory(*largest.batch) if largest.batch is not None else None)
 
 
 TRAINING_MEMORY_MEASURED_AS = (
