@@ -32,13 +32,13 @@ def main():
 
     import torch
 
-    from cache.reader import CacheReader, open_store
-    from stages.memory import current_rss_mb, peak_rss_mb, reset_peak
-    from stages.methods import build_model, config_from_options
-    from stages.runtime import CPU
-    from stages.training.evaluate import side_inputs
-    from stages.training.fit import required_layers, spec_from_store
-    from stages.training.training_loop import Learner, Schedule
+    from cachetune.cache.reader import CacheReader, open_store
+    from cachetune.stages.memory import current_rss_mb, peak_rss_mb, reset_peak
+    from cachetune.stages.methods import build_model, config_from_options
+    from cachetune.stages.runtime import CPU
+    from cachetune.stages.training.evaluate import side_inputs
+    from cachetune.stages.training.fit import required_layers, spec_from_store
+    from cachetune.stages.training.training_loop import Learner, Schedule
 
     torch.set_num_threads(args.threads)
     spec = spec_from_store(open_store(args.cache))

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cache.reader import CacheReader, open_store  # noqa: E402
-from stages.memory import peak_allocated_mb, tensor_mb  # noqa: E402
-from stages.methods import build_model, config_from_options  # noqa: E402
-from stages.training.fit import required_layers, spec_from_store  # noqa: E402
-from stages.training.training_loop import batch_tensors, loss_of  # noqa: E402
+from cachetune.cache.reader import CacheReader, open_store  # noqa: E402
+from cachetune.stages.memory import peak_allocated_mb, tensor_mb  # noqa: E402
+from cachetune.stages.methods import build_model, config_from_options  # noqa: E402
+from cachetune.stages.training.fit import required_layers, spec_from_store  # noqa: E402
+from cachetune.stages.training.training_loop import batch_tensors, loss_of  # noqa: E402
 
 
 def batches_of(reader: CacheReader, sizes: list[int]) -> list:

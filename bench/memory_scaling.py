@@ -31,7 +31,7 @@ def main():
         peaks = []
         for count in (args.samples, 4 * args.samples):
             out = ROOT / args.work / f"{method}-{count}"
-            command = [sys.executable, "-m", "pipeline.cli", "fit", "--method", method, "--cache", args.cache,
+            command = [sys.executable, "-m", "cachetune.pipeline.cli", "fit", "--method", method, "--cache", args.cache,
                        "--out", str(out), "--epochs", "1", "--max-train-samples", str(count)]
             command += [f"--set={o}" for o in args.options if method in ("lst", "sherl")]
             subprocess.run(command, cwd=ROOT, check=True, capture_output=True)

@@ -25,7 +25,7 @@ def largest_values(cache: str, samples: int = 64) -> list[tuple[int, float, floa
     """(layer, max |x|, median |x|) over the first `samples` training samples' real tokens."""
     import numpy as np
 
-    from cache.reader import CacheReader
+    from cachetune.cache.reader import CacheReader
 
     reader = CacheReader(cache, "train")
     batch = next(iter(reader.batches(batch_size=samples)))
@@ -50,7 +50,7 @@ def main():
         print(f"H_{layer:<3d} max |x| {biggest:10.1f}   median |x| {median:7.3f}")
     running = []
     for method in args.methods.split(","):
-        command = [sys.executable, "-m", "pipeline.cli", "sweep", "--cache", args.cache, "--methods", method,
+        command = [sys.executable, "-m", "cachetune.pipeline.cli", "sweep", "--cache", args.cache, "--methods", method,
                    "--set", "rms_norm=false,true", "--lr", args.lr, "--seeds", args.seeds, "--epochs", str(args.epochs),
                    "--in-memory", "--out", f"{args.out}/{method}"]
         print("$", " ".join(command), flush=True)

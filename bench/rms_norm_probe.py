@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.nn import functional as F
-from cache.reader import CacheReader
-from stages.methods.base import pool, rms_normalize
+from cachetune.cache.reader import CacheReader
+from cachetune.stages.methods.base import pool, rms_normalize
 torch.manual_seed(0)
 LAYERS = [6, 12, 16, 20, 24, 28, 29]
 def pooled(split):

@@ -1,6 +1,6 @@
 """A sweep of N configurations against N separate `pipeline fit` runs on the same cache.
 
-Every run is a fresh process (`python -m pipeline.cli ...`), timed from start to exit; peak memory is what the
+Every run is a fresh process (`python -m cachetune.pipeline.cli ...`), timed from start to exit; peak memory is what the
 run itself records (metrics.json / sweep.json: peak RSS above the RSS when training began, or peak GPU memory
 allocated on a GPU). Prints the ratios the issue sets goals for (sweep wall against one fit's and against all N
 fits'; sweep peak against the largest fit's) and checks that each run's test metric is the same in both.
@@ -47,13 +47,13 @@ def main():
     parser.add_argument("--work", default="artifacts/bench/sweep")
     args = parser.parse_args()
 
-    from stages.training.sweep_grid import make_grid
+    from cachetune.stages.training.sweep_grid import make_grid
 
     runs = make_grid({}, methods=args.methods, pairs=tuple(args.pairs or ["r=4,8"]), lrs=args.lr, seeds=args.seeds).runs()
     work = ROOT / args.work
     common = ["--cache", args.cache, "--epochs", str(args.epochs), "--max-train-samples", str(args.max_train_samples),
               "--device", args.device]
-    base = [sys.executable, "-m", "pipeline.cli"]
+    base = [sys.executable, "-m", "cachetune.pipeline.cli"]
     print(f"{len(runs)} configurations on {args.cache}, {args.max_train_samples} training samples, {args.epochs} epochs, "
           f"{args.device}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
 

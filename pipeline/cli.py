@@ -4,123 +4,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from contextlib import contextmanager
-from functools import wraps
 
 import click
 
-from cache.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, OtherStoreError, StorageError,
-                          describe_os_error)
+from cachetune.cache.errors import InputError, StorageError, describe_os_error
 
-DEFAULT_CACHE = os.path.join("artifacts", "features.zarr")
-DEFAULT_MODELS = os.path.join("artifacts", "models")
+from .cli_errors import PipelineGroup, user_errors
+from .cli_options import DEFAULT_CACHE, DEFAULT_MODELS, delimiter_option, log, resolve_runtime, runtime_options
+from .library_errors import library_errors
+
 
 
 def _method_names() -> list[str]:
-    from stages.methods import method_names
+    from cachetune.stages.methods import method_names
 
     return method_names()
-
-
-def user_errors(function):
-    """Faults end in one line on stderr and a documented exit code, never a traceback: bad input 2, an OS
-    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130. A closed stdout (the reader of
-    a pipe quit: `pipeline info | head -1`) is no fault: a quiet exit 0."""
-
-    @wraps(function)
-    def run(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except BrokenPipeError:
-            _quiet_exit()
-        except InputError as error:
-            _fail(f"error: {error}", EXIT_INPUT)
-        except StorageError as error:
-            _fail(f"error: {error}", EXIT_STORAGE)
-        except OSError as error:
-            _fail(f"error: {describe_os_error(error)}; fix that (free space, permissions), then rerun the same command",
-                  EXIT_STORAGE)
-        except KeyboardInterrupt:
-            _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
-
-    return run
-
-
-def _quiet_exit():
-    """stdout is pointed at /dev/null first, so the interpreter's last flush cannot fail (and print) again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (AttributeError, ValueError, OSError):  # no real file descriptor (a test runner's stdout)
-        pass
-    sys.exit(0)
-
-
-@contextmanager
-def library_errors(step: str, backbone: str):
-    """An error the model, tokenizer or layer code raises during `step` becomes one InputError line (exit 2)
-    naming the step and the backbone: rerunning the same command would fail the same way, so the line says to
-    change the backbone or the options instead. CACHETUNE_TRACEBACK=1 lets the traceback through (for a report)."""
-    try:
-        yield
-    except (InputError, StorageError, OSError, KeyboardInterrupt, click.exceptions.ClickException, SystemExit):
-        raise
-    except Exception as error:
-        if os.environ.get("CACHETUNE_TRACEBACK"):
-            raise
-        text = str(error).strip()
-        reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-        raise InputError(f"{step} failed inside the model code on the backbone {backbone} ({reason}); the same command "
-                         "will fail again: change the backbone or the options (CACHETUNE_TRACEBACK=1 shows where)") from None
-
-
-def _fail(line: str, code: int):
-    """The line comes last: progress bars left open by the fault are closed first, so none redraws after it."""
-    if "tqdm" in sys.modules:
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
-    click.echo(line, err=True)
-    sys.exit(code)
-
-
-NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
-
-
-class OneLineUsageError(click.ClickException):
-    """A click usage error (an unknown option, a value outside the choices) shown as every other bad input is: one
-    `error:` line naming the command's --help, exit 2, instead of click's usage block."""
-
-    exit_code = EXIT_INPUT
-
-    def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
-
-
-class PipelineGroup(click.Group):
-    """The `pipeline` group; its own and its commands' usage errors become `OneLineUsageError`s."""
-
-    @staticmethod
-    def _one_line(error: click.UsageError) -> click.ClickException:
-        if isinstance(error, NO_ARGS_IS_HELP):  # bare `pipeline`: click's help, as before
-            return error
-        path = error.ctx.command_path if error.ctx else "pipeline"
-        return OneLineUsageError(f"{error.format_message().rstrip('.')}; see `{path} --help`")
-
-    def make_context(self, *args, **kwargs):
-        try:
-            return super().make_context(*args, **kwargs)
-        except click.UsageError as error:
-            raise self._one_line(error) from None
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as error:
-            raise self._one_line(error) from None
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,196 +113,29 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
     unfinished block. Different settings into an existing store are refused without --overwrite.
     --out may be an fsspec URL (s3://bucket/features.zarr).
     """
-    from cache.store_lock import store_lock
-    from pipeline.data import load_dataset
-    from stages.backbones import load_backbone
-    from stages.extraction.extract import ExtractSettings, extract as run_extract, validate_settings
-    from stages.extraction.host_memory import check_host_memory
-    from stages.extraction.preflight import method_support_note, preflight
+    from cachetune.pipeline.extract_run import run_extract
 
-    settings = ExtractSettings(out=out, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype,
-                               codec=codec, lossy=lossy, overwrite=overwrite, block_tokens=block_tokens,
-                               chunk_tokens=chunk_tokens, sort_tokens=sort_tokens, device=device,
-                               precision=precision, pooling=pooling)
-    validate_settings(settings)
-    distributed = workers is not None or bool(scheduler)
-    if distributed:
-        from stages.extraction.distributed_extract import check_cluster_options, extract_distributed
-
-        check_cluster_options(workers, scheduler)
-    notes = []  # said once every check has passed, so that a refused run prints its one error line only
-    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
-                           _delimiter(delimiter), notes.append)
-    model = load_backbone(backbone, trust_remote_code, image_size)
-    name = f"at {model.path} ({model.model.config.model_type})"
-    with library_errors("extract's checks", name):
-        preflight(model, dataset, settings, notes.append)
-    method_support_note(model, notes.append)
-    if not scheduler:  # before the lock: a refused run leaves nothing at --out (a scheduler's workers are elsewhere)
-        check_host_memory(settings, model, dataset, settings.runtime().device, workers)
-    for note in notes:
-        _log(note)
-    try:
-        with store_lock(out, log=_log):
-            _clear_failure(out)
-            try:
-                with library_errors("extract (tokenizing and forward passes)", name):
-                    if distributed:
-                        state = extract_distributed(model, dataset, settings, workers=workers, scheduler=scheduler,
-                                                    trust_remote_code=trust_remote_code)
-                    else:
-                        state = run_extract(model, dataset, settings)
-            except OtherStoreError:  # not this run's store: leave it alone
-                raise
-            except InputError as error:  # the unfinished store says why, so `fit` does not send the user back here
-                _record_failure(out, str(error))
-                raise
-    except OSError as error:
-        raise StorageError(_store_error(error, model, dataset, settings)) from None
+    state = run_extract(backbone, data, out, log=log, text_column=text_column, image_column=image_column,
+                        text_pair_column=text_pair_column, label_column=label_column, delimiter=delimiter_option(delimiter),
+                        split_column=split_column, task=task, split_seed=split_seed, image_size=image_size,
+                        layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype, precision=precision,
+                        codec=codec, lossy=lossy, pooling=pooling, overwrite=overwrite, device=device,
+                        trust_remote_code=trust_remote_code, block_tokens=block_tokens, chunk_tokens=chunk_tokens,
+                        sort_tokens=sort_tokens, workers=workers, scheduler=scheduler)
     if state == "complete":
         click.echo(f"{out} is up to date (same backbone, data and settings); nothing to do")
     else:
         click.echo(f"wrote {out}")
 
 
-def _log(line: str) -> None:
-    click.echo(line, err=True)
-
-
-def _delimiter(text):
-    from pipeline.tables import parse_delimiter
-
-    return parse_delimiter(text)
-
-
-FAILURE_ATTRIBUTE = "stopped_by"  # cache/reader.py names it when `fit` finds the store unfinished
-
-
-def _existing_store(out: str):
-    """The root group of the store at `out` for writing, or None when there is none."""
-    from cache.writer import open_group, store_fs
-
-    fs, path = store_fs(out)
-    if not fs.exists(path):
-        return None
-    try:
-        return open_group(out, mode="r+")
-    except Exception:
-        return None
-
-
-def _record_failure(out: str, message: str) -> None:
-    """Writes why extract stopped into this run's unfinished store (nothing when there is no store)."""
-    root = _existing_store(out)
-    if root is not None and root.attrs.get("status") != "complete":
-        root.attrs[FAILURE_ATTRIBUTE] = message
-
-
-def _clear_failure(out: str) -> None:
-    root = _existing_store(out)
-    if root is not None and FAILURE_ATTRIBUTE in root.attrs:
-        del root.attrs[FAILURE_ATTRIBUTE]
-
-
-def _store_error(error: OSError, model, dataset, settings) -> str:
-    """One line for an OS error while writing the store: what failed, where, the room the rest needs, resume."""
-    from cache.errors import is_disk_full
-    from stages.extraction.store_room import describe_room
-
-    room = describe_room(model, dataset, settings) if is_disk_full(error) else ""
-    fix = "free room" if is_disk_full(error) else "fix that"
-    return (f"writing the store at {settings.out} failed: {describe_os_error(error)}; "
-            f"{f'the rest needs {room}; ' if room else ''}{fix}, then rerun the same command: it resumes where it stopped")
-
-
-@main.command()
-@click.argument("path", default=DEFAULT_CACHE)
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@click.option("--stats", is_flag=True,
-              help="Per-layer mean, std, max |x| and share of values beyond float16 over the real tokens (reads every layer).")
-@user_errors
-def info(path, as_json, stats):
-    """What a cache holds: backbone, splits, layers, dtype, codecs, size against padded float32.
-
-    PATH may be an fsspec URL (s3://bucket/features.zarr).
-    """
-    from cache.info import describe_store, layer_stats
-
-    facts = describe_store(path)
-    if stats:
-        facts["stats"] = layer_stats(path)
-    if as_json:
-        click.echo(json.dumps(facts, indent=2))
-        return
-    click.echo(f"store      {facts['path']}  [{facts['status']}]")
-    click.echo(f"backbone   {facts['backbone']} ({facts['model_type']}, {facts['num_layers']} layers x {facts['hidden_size']}, pooling {facts['pooling']})")
-    click.echo(f"layers     {facts['layers']}")
-    click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, max length {facts['max_length']}")
-    _echo_encoding(facts)
-    click.echo(f"task       {facts['task']} {facts['label_names'] or ''}")
-    if facts["modality"] == "image" and facts["bytes_per_sample"]:
-        click.echo(f"image      {facts['image_size'] or 'processor default'} px -> {facts['max_length']} tokens per image; "
-                   f"{facts['bytes_per_sample'] / 1e3:.0f} kB per image on disk")
-    click.echo("splits     " + ("as the data gave them" if facts["split_seed"] is None else
-                                f"seeded and stratified where the data gave none (--split-seed {facts['split_seed']})"))
-    for name, split in facts["splits"].items():
-        click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
-    ratio = facts["ratio_to_padded_fp32"]
-    click.echo(f"size       {facts['bytes_on_disk'] / 1e6:.1f} MB on disk; padded float32 at max length would be "
-               f"{facts['bytes_padded_fp32'] / 1e6:.1f} MB (ratio {ratio:.3f})" if ratio else f"size {facts['bytes_on_disk']} bytes")
-    if stats:
-        click.echo(f"stats      over {facts['stats'][0]['tokens'] if facts['stats'] else 0} real tokens (done blocks, all splits)")
-        click.echo(f"  {'layer':>5}  {'mean':>11}  {'std':>11}  {'max |x|':>11}  {'> float16 max':>13}")
-        for row in facts["stats"]:
-            if row["mean"] is None:
-                click.echo(f"  {row['layer']:>5}  (no finished blocks)")
-                continue
-            click.echo(f"  {row['layer']:>5}  {row['mean']:>11.4g}  {row['std']:>11.4g}  {row['max_abs']:>11.4g}  "
-                       f"{row['fp16_overflow_fraction']:>13.3g}")
-
-
-def _echo_encoding(facts: dict) -> None:
-    """`info`'s lines on a compact store (and bytes per real token and layer for every store)."""
-    encoding = facts.get("encoding") or {}
-    if encoding.get("reduce") or encoding.get("group"):
-        error = facts["relative_error_vs_float16"]
-        click.echo(f"encoding   {encoding['dtype']} (stored as {encoding['storage']}{', scale per token and ' + str(encoding['group']) + ' channels' if encoding.get('group') else ''})"
-                   f"{', ' + encoding['reduce'] if encoding.get('reduce') else ''}; relative error against float16 "
-                   + (f"{error:.4f}" if error is not None else "not known yet (no block written)"))
-    if facts.get("derived_from"):
-        click.echo(f"source     {facts['derived_from']['path']} (key {facts['derived_from']['key_sha256'][:12]})")
-    if facts.get("bytes_per_token_layer") and facts["status"] == "complete":  # unwritten blocks would count as free
-        click.echo(f"bytes      {facts['bytes_per_token_layer']:.1f} per real token and layer on disk "
-                   f"(float16 raw: {2 * facts['hidden_size']})")
-
-
 @main.command()
 @user_errors
 def methods():
     """List the registered side networks, one line each."""
-    from stages.methods import get_method, method_names
+    from cachetune.stages.methods import get_method, method_names
 
     for name in method_names():
         click.echo(f"{name:10s} {get_method(name).summary}")
-
-
-def runtime_options(command):
-    """--device and --precision, shared by fit, evaluate, predict and baseline (stages/runtime.py decides)."""
-    options = [
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (a GPU when there is one), cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="Autocast precision; auto: bf16 on a GPU that supports it, else fp32."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _runtime(device, precision):
-    from stages.runtime import Runtime
-
-    return Runtime.resolve(device, precision)
 
 
 class MethodChoice(click.Choice):
@@ -434,7 +165,7 @@ def training_options(command):
         click.option("--batch-size", type=int, default=32, show_default=True, help="Training samples per optimizer step."),
         click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
                      help="Share of steps with linear warm-up; then linear decay to 0."),
-        click.option("--buffer-mb", type=float, default=32, show_default=True,
+        click.option("--buffer-mb", type=float, default=48, show_default=True,
                      help="MB of cache rows the reader holds: the shuffle buffer served and the one read ahead, half "
                           "each (memory vs randomness: samples are shuffled within a buffer)."),
         click.option("--in-memory/--streaming", default=None,
@@ -461,13 +192,13 @@ def training_options(command):
 
 def _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets, max_train_samples,
                   device, precision, lr=1e-3, weight_decay=0.01, seed=0, static_shapes=False, compile_=False):
-    from stages.training.fit import FitSettings
+    from cachetune.stages.training.fit import FitSettings
 
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
     if not buffer_mb > 0:
-        raise InputError(f"--buffer-mb {buffer_mb}: give a positive number of MB (default 32)")
-    runtime = _runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
+        raise InputError(f"--buffer-mb {buffer_mb}: give a positive number of MB (default 48)")
+    runtime = resolve_runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     if compile_ and not runtime.is_cuda and not shutil.which(os.environ.get("CXX", "g++")):
         raise InputError("--compile on the CPU needs a C++ compiler (g++ or $CXX) for torch.compile; install one or "
                          "drop --compile")
@@ -501,9 +232,9 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
     """
     from pathlib import Path
 
-    from pipeline.method_options import collect_options
-    from stages.training.fit import fit as run_fit
-    from stages.methods import config_from_options
+    from cachetune.pipeline.method_options import collect_options
+    from cachetune.stages.training.fit import fit as run_fit
+    from cachetune.stages.methods import config_from_options
 
     if lr <= 0:
         raise InputError("--lr must be positive")
@@ -534,9 +265,9 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
     """The sweep's runs go to OUT/runs; the best run's files are copied into OUT itself, beside the tables."""
     import shutil
 
-    from stages.methods import method_names
-    from stages.training.sweep import RUNS_DIR
-    from stages.training.sweep_grid import make_grid
+    from cachetune.stages.methods import method_names
+    from cachetune.stages.training.sweep import RUNS_DIR
+    from cachetune.stages.training.sweep_grid import make_grid
 
     grid = make_grid({}, methods=_runnable_methods(method_names(), cache_path, backbone_path), lrs=[settings.lr],
                      weight_decays=[settings.weight_decay], seeds=[settings.seed])
@@ -576,8 +307,8 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
     """
     from pathlib import Path
 
-    from stages.methods import method_names
-    from stages.training.sweep_grid import make_grid, read_grid_file
+    from cachetune.stages.methods import method_names
+    from cachetune.stages.training.sweep_grid import make_grid, read_grid_file
 
     file = read_grid_file(grid_file) if grid_file else {}
     if methods is None and "methods" not in file:  # every method that can run on this cache's backbone
@@ -592,7 +323,7 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
 
 
 def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
-    from stages.training.sweep import SWEEP_CSV, sweep as run_sweep
+    from cachetune.stages.training.sweep import SWEEP_CSV, sweep as run_sweep
 
     try:
         with library_errors("sweep", _cache_backbone(cache_path, backbone_path)):
@@ -611,7 +342,7 @@ def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
 
 def _cache_backbone(cache_path: str, backbone_path: str | None) -> str:
     """'DIR (model type) of the cache at PATH', for messages; what the store records, --backbone first."""
-    from cache.reader import open_store
+    from cachetune.cache.reader import open_store
 
     try:
         attrs = open_store(cache_path).attrs
@@ -623,8 +354,8 @@ def _cache_backbone(cache_path: str, backbone_path: str | None) -> str:
 def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | None) -> list[str]:
     """The methods that can run on the cache's backbone (stages/methods/support.py); the others are named on
     stderr. A missing cache is left for the training code to report."""
-    from cache.reader import open_store
-    from stages.methods.support import split_supported
+    from cachetune.cache.reader import open_store
+    from cachetune.stages.methods.support import split_supported
 
     try:
         attrs = open_store(cache_path).attrs
@@ -632,7 +363,7 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
         return methods
     runnable, reasons = split_supported(methods, backbone_path or attrs["backbone_path"])
     if reasons:
-        _log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
+        log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
              f"({next(iter(reasons.values()))})")
     return runnable
 
@@ -647,7 +378,7 @@ def _format_memory(metrics: dict) -> str:
 
 def _training_error(error: OSError, out_dir) -> str:
     """One line for an OS error while training writes its checkpoint or model folder."""
-    from cache.errors import is_disk_full
+    from cachetune.cache.errors import is_disk_full
 
     where = "" if error.filename else f" writing {out_dir} or its checkpoint {out_dir}.checkpoint.pt"
     return (f"{describe_os_error(error)}{where}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the "
@@ -668,15 +399,15 @@ def _format_metrics(metrics: dict) -> str:
 @user_errors
 def evaluate(model_dir, cache_path, split, batch_size, device, precision):
     """Metrics of a saved side network on a cached split (printed as JSON)."""
-    from cache.reader import CacheReader, open_store
-    from stages.training.evaluate import evaluate_split
-    from stages.training.side_model import load_side_model
+    from cachetune.cache.reader import CacheReader, open_store
+    from cachetune.stages.training.evaluate import evaluate_split
+    from cachetune.stages.training.side_model import load_side_model
 
-    runtime = _runtime(device, precision)
+    runtime = resolve_runtime(device, precision)
     side = load_side_model(model_dir)
     if cache_path is None:
         cache_path = side.info.get("cache_path") or DEFAULT_CACHE  # models saved before cache_path was recorded
-        _log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
+        log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
              if side.info.get("cache_path") else f"evaluate: scoring the cache at {cache_path} (--cache for another)")
     key = open_store(cache_path).attrs["key"]
     trained = side.info["cache_key"]
@@ -686,104 +417,13 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
                              f"{model_dir} was trained on; extract with the same backbone and settings")
     encoding = lambda k: (k.get("dtype", "float16"), k.get("reduce"))  # noqa: E731
     if encoding(key) != encoding(trained):
-        _log(f"evaluate: note: {model_dir} was trained on {'+'.join(filter(None, encoding(trained)))} features and this "
+        log(f"evaluate: note: {model_dir} was trained on {'+'.join(filter(None, encoding(trained)))} features and this "
              f"cache holds {'+'.join(filter(None, encoding(key)))}: the side network sees another approximation of "
              "the same hidden states, so its metrics can differ from those on its own cache")
     reader = CacheReader(cache_path, split, side.layers)
     metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels, batch_size,
                              runtime)
     click.echo(json.dumps({"split": split, "samples": len(reader), **metrics}, indent=2))
-
-
-@main.command()
-@click.argument("model_dir")
-@click.option("--text", "texts", multiple=True, help="A text to classify; repeat for more.")
-@click.option("--image", "images", multiple=True, help="An image file or a folder of images (image models); repeat for more.")
-@click.option("--data", default=None, help="A .csv/.tsv/.jsonl/.parquet file of texts (or of image paths: --image-column).")
-@click.option("--text-column", default="text", show_default=True, help="--data: the column of texts.")
-@click.option("--text-pair-column", default=None, help="--data: the column of second texts, for pair tasks.")
-@click.option("--delimiter", default=None, help="Column delimiter of a CSV/TSV file, e.g. ';' or tab.")
-@click.option("--image-column", default=None, help="Image models: the table's column of image paths [default: image].")
-@click.option("--out", default=None, help="Write .jsonl or .csv here [default: JSONL on stdout].")
-@click.option("--backbone", "backbone_path", default=None, help="Backbone folder, if it moved since extraction.")
-@runtime_options
-@user_errors
-def predict(model_dir, texts, images, data, text_column, text_pair_column, delimiter, image_column, out, backbone_path,
-            device, precision):
-    """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
-    from stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
-    from stages.training.side_model import load_side_model
-
-    side = load_side_model(model_dir, backbone_path)
-    if images or image_column or side.info["cache_key"].get("modality") == "image":
-        return _predict_images(side, model_dir, texts, images, data, image_column, out, _runtime(device, precision))
-    if bool(texts) == bool(data):
-        raise InputError("give either --text (one or more) or --data FILE")
-    if any(not t.strip() for t in texts):
-        raise InputError("--text is empty; give the text to classify")
-    runtime = _runtime(device, precision)
-    pairs, lines = None, None
-    if data:
-        from pathlib import Path
-
-        from pipeline.tables import read_table
-
-        if not Path(data).exists():
-            raise InputError(f"--data {data}: file not found")
-        table = read_table(Path(data), _delimiter(delimiter), _log)
-        columns = [text_column] + ([text_pair_column] if text_pair_column else [])
-        for column in columns:
-            if column not in table.columns:
-                raise InputError(f"{data}: no column {column!r}; columns are: {', '.join(map(str, table.columns))}")
-        empty = [i for i in range(len(table)) if any(not table.columns[c][i].strip() for c in columns)]
-        if empty:
-            _log(f"predict: {len(empty)} of {len(table)} rows not scored: an empty {' or '.join(map(repr, columns))} "
-                 f"({table.where(empty)}); each record carries its {table.unit} number")
-        kept = sorted(set(range(len(table))) - set(empty))
-        if not kept:
-            raise InputError(f"{data}: every row has an empty {' or '.join(map(repr, columns))}; nothing to predict")
-        texts = [table.columns[text_column][i] for i in kept]
-        pairs = [table.columns[text_pair_column][i] for i in kept] if text_pair_column else None
-        lines = [{table.unit: table.lines[i]} for i in kept]
-    logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs, runtime=runtime)
-    records = [{**(where or {}), "text": t, **r} for where, t, r in
-               zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
-    _write_records(records, out)
-
-
-def _predict_images(side, model_dir, texts, images, data, image_column, out, runtime) -> None:
-    from stages.training.predict import load_matching_backbone, logits_to_records
-    from stages.training.predict_images import image_paths, predict_images
-
-    if side.info["cache_key"].get("modality", "text") != "image":
-        raise InputError(f"{model_dir} is a text model: give --text or --data FILE of texts, not images")
-    if texts:
-        raise InputError(f"{model_dir} is an image model: give --image FILE|FOLDER or --data TABLE of image paths, not --text")
-    if not images and not data:
-        raise InputError("give --image FILE|FOLDER (one or more) or --data TABLE of image paths")
-    paths = image_paths(list(images), data, image_column)
-    logits = predict_images(side, load_matching_backbone(side), paths, runtime=runtime)
-    _write_records([{"image": str(p), **r} for p, r in zip(paths, logits_to_records(logits, side.info["task"],
-                                                                                      side.info["label_names"]))], out)
-
-
-def _write_records(records: list[dict], out: str | None) -> None:
-    if out and out.endswith(".csv"):
-        import csv
-
-        with open(out, "w", newline="") as stream:
-            flat = [{**{k: v for k, v in r.items() if k != "probabilities"},
-                     **{f"p_{name}": p for name, p in r.get("probabilities", {}).items()}} for r in records]
-            writer = csv.DictWriter(stream, fieldnames=list(flat[0]))
-            writer.writeheader()
-            writer.writerows(flat)
-        return
-    lines = "\n".join(json.dumps(r) for r in records) + "\n"
-    if out:
-        with open(out, "w") as stream:
-            stream.write(lines)
-    else:
-        click.echo(lines, nl=False)
 
 
 @main.command()
@@ -825,12 +465,12 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     """
     from pathlib import Path
 
-    from pipeline.data import load_dataset
-    from stages.training.baseline import BaselineSettings, train_baseline
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.training.baseline import BaselineSettings, train_baseline
 
-    _runtime(device, precision)
+    resolve_runtime(device, precision)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
-                           _delimiter(delimiter), _log)
+                           delimiter_option(delimiter), log)
     settings = BaselineSettings(method=method, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 length_buckets=length_buckets,
@@ -853,11 +493,17 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     click.echo(f"saved to {out_dir}")
 
 
-from pipeline.report_cli import report  # noqa: E402  (its own module: report needs matplotlib, not the stages)
+from cachetune.pipeline.info_cli import info  # noqa: E402  (its own module, as report)
+from cachetune.pipeline.predict_cli import predict  # noqa: E402  (its own module, as report)
+
+main.add_command(info)
+main.add_command(predict)
+
+from cachetune.pipeline.report_cli import report  # noqa: E402  (its own module: report needs matplotlib, not the stages)
 
 main.add_command(report)
 
-from pipeline.compact_cli import compact  # noqa: E402  (its own module, as report)
+from cachetune.pipeline.compact_cli import compact  # noqa: E402  (its own module, as report)
 
 main.add_command(compact)
 

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, describe_os_error
+from cachetune.cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, describe_os_error
 
 
 @click.command()
@@ -32,10 +32,10 @@ def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     Block by block and resumable (rerun the same command after a kill); every chunk is checksummed; the new store's
     key records that it derives from SOURCE's.
     """
-    from cache.compact import check_request, compact as run_compact
-    from cache.store_lock import store_lock
-    from cache.layout import LOSSY_REMOVED
-    from stages.progress import progress_bar
+    from cachetune.cache.compact import check_request, compact as run_compact
+    from cachetune.cache.store_lock import store_lock
+    from cachetune.cache.layout import LOSSY_REMOVED
+    from cachetune.stages.progress import progress_bar
 
     if lossy:
         _fail(f"error: {LOSSY_REMOVED}", EXIT_INPUT)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
+
+from cachetune.stages.images import IMAGE_SUFFIXES, Images
 
 from .tables import READABLE_SUFFIXES, read_table
 
@@ -25,53 +27,9 @@ DEFAULT_SPLIT_COLUMN = "split"  # a table's splits when --split-column is not gi
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 BUILTIN_DATASETS = ("movies", "trec")
 IMAGE_BUILTINS = ("fashion-mnist", "digits")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                        "Ankle boot"]
-
-
-class Images:
-    """A lazy, indexable image collection: file paths, or one uint8 array [N, H, W] or [N, H, W, C].
-
-    `load(i, mode)` decodes image i as a PIL image in `mode` ("RGB", or "L" for one-channel models), so
-    grayscale images reach processors that expect three channels as RGB.
-    """
-
-    def __init__(self, paths: list[str] | None = None, array: np.ndarray | None = None):
-        if (paths is None) == (array is None):
-            raise ValueError("give either paths or an array")
-        self.paths = [str(p) for p in paths] if paths is not None else None
-        self.array = np.ascontiguousarray(array, dtype=np.uint8) if array is not None else None
-
-    def __len__(self) -> int:
-        return len(self.paths) if self.paths is not None else len(self.array)
-
-    def load(self, index: int, mode: str = "RGB"):
-        from PIL import Image
-
-        if self.array is not None:
-            return Image.fromarray(self.array[index]).convert(mode)
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert(mode)
-        except Exception as error:  # missing, truncated, not an image
-            raise InputError(f"cannot read image {path}: {_first_line(error)}; replace or remove the file") from None
-
-    def update_digest(self, digest) -> None:
-        """Pixel bytes (array) or file bytes (paths), in order: the same images give the same fingerprint."""
-        if self.array is not None:
-            digest.update(json.dumps(["array", list(self.array.shape)]).encode())
-            digest.update(self.array.tobytes())
-            return
-        for path in self.paths:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as error:
-                raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 VALIDATION_FRACTION = 0.1
 SPLITS = ("train", "validation", "test")

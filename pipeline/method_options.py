@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 
 def collect_options(pairs: tuple[str, ...], config_file: str | None) -> dict:

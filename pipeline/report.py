@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 BASELINE_METHODS = ("lora", "full")
 REPORT_NAME = "report.md"

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 DEFAULT_MODELS = os.path.join("artifacts", "models")
 DEFAULT_REPORTS = "reports"
@@ -24,7 +24,7 @@ def report(models_dir, out_dir):
     """Compare every fitted model: a Markdown table, test metric against peak memory, and training curves."""
     from pathlib import Path
 
-    from pipeline.report import write_report
+    from cachetune.pipeline.report import write_report
 
     try:
         path = write_report(Path(models_dir), Path(out_dir))

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 READABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}

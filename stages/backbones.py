@@ -20,19 +20,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
+
+from .families import FAMILIES, family_facts
 
 BUILTIN_BACKBONES = ("minilm", "mpnet", "smollm2", "dinov2-small")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Full two-tower checkpoints: model_type -> the vision tower's class in transformers.
-VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
-MEAN_POOLED_VISION = ("siglip", "siglip_vision_model")  # no CLS token
 MPNET_PARTS = 5
-# Causal decoders (model_type) whose base model AutoModel builds; positions come from the mask (causal_position_ids).
-CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "gpt2")
-# Encoder-decoder checkpoints of which only the encoder is loaded: model_type -> the encoder's class in transformers.
-ENCODER_ONLY = {"t5": "T5EncoderModel"}
 POOLINGS = ("cls", "mean", "last")
+# Families, from their records (stages/families/): causal decoders whose base model AutoModel builds (positions come
+# from the mask: causal_position_ids), and encoder-decoders of which only the encoder is loaded.
+CAUSAL_MODEL_TYPES = tuple(kind for kind, family in FAMILIES.items() if family.causal)
+ENCODER_ONLY = {kind: family.encoder_class for kind, family in FAMILIES.items() if family.encoder_class}
 
 
 def artifacts_dir() -> Path:
@@ -170,7 +169,7 @@ class Backbone:
 
 
 def is_causal(config) -> bool:
-    return config.model_type in CAUSAL_MODEL_TYPES
+    return family_facts(config.model_type).causal
 
 
 def causal_position_ids(attention_mask):
@@ -193,13 +192,11 @@ def check_family(config) -> None:
 
 
 def default_pooling(folder: Path, config, modality: str) -> str:
-    if modality == "image":
-        return "mean" if config.model_type in MEAN_POOLED_VISION else "cls"
-    if is_causal(config):
-        return "last"
-    if config.model_type in ENCODER_ONLY:
-        return "mean"
-    return pooling_of(folder)
+    """The family's pooling (stages/families/), else cls for images and the folder's own for text encoders."""
+    pooling = family_facts(config.model_type).pooling
+    if pooling:
+        return pooling
+    return "cls" if modality == "image" else pooling_of(folder)
 
 
 def check_pooling(backbone: "Backbone", pooling: str, log=None) -> None:
@@ -260,11 +257,12 @@ def _load(folder: Path, trust_remote_code: bool):
         raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check its config.json") from None
     check_family(config)
     try:
-        if config.model_type in ENCODER_ONLY:  # AutoModel would build the whole encoder-decoder
-            model = getattr(transformers, ENCODER_ONLY[config.model_type]).from_pretrained(folder)
-        elif config.model_type in VISION_TOWERS:  # a full CLIP/SigLIP checkpoint: build the vision tower only
+        family = family_facts(config.model_type)
+        if family.encoder_class:  # AutoModel would build the whole encoder-decoder
+            model = getattr(transformers, family.encoder_class).from_pretrained(folder)
+        elif config.model_type in family.towers:  # a full CLIP/SigLIP checkpoint: build the vision tower only
             with _quiet(transformers_logging):  # its load report lists every text-tower key as unexpected
-                model = getattr(transformers, VISION_TOWERS[config.model_type]).from_pretrained(folder)
+                model = getattr(transformers, family.towers[config.model_type]).from_pretrained(folder)
         elif is_causal(config):
             with _quiet(transformers_logging):  # the base model: its load report lists an untied lm_head as unexpected
                 model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 from .backbones import files_sha256
 

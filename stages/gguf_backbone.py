@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 from .backbones import files_sha256
 

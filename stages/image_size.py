@@ -11,9 +11,10 @@ the per-image token count (`max_length`), so a store made at one size is never r
 """
 from __future__ import annotations
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
-INTERPOLATING = ("dinov2",)  # model types whose forward interpolates position embeddings to any grid
+from .families import family_facts
+
 
 
 def patch_size(config) -> int:
@@ -36,7 +37,7 @@ def apply_image_size(backbone, size: int) -> None:
     if backbone.modality != "image":
         raise InputError(f"--image-size applies to image backbones; {backbone.path} is a text model: drop --image-size")
     config = backbone.model.config
-    if config.model_type not in INTERPOLATING:
+    if not family_facts(config.model_type).interpolates_positions:  # stages/families/: DINOv2's record
         raise InputError(f"--image-size needs a backbone that interpolates its position embeddings (DINOv2); "
                          f"{config.model_type} runs at its own size only: drop --image-size")
     patch = patch_size(config)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
-# Two-tower checkpoints whose vision tower's layers are used: model_type -> the checkpoint's vision prefix.
-VISION_TOWERS = {"clip": "vision_model.", "siglip": "vision_model."}
-
 
 def layer_config(backbone_path: str) -> PretrainedConfig:
     """The config the layers are built from: the model's, or the vision tower's of a CLIP/SigLIP checkpoint."""
+    from .families import family_facts  # the family adapters import this module's helpers
+
     config = AutoConfig.from_pretrained(backbone_path)
-    if config.model_type in VISION_TOWERS:
+    if config.model_type in family_facts(config.model_type).towers:  # a two-tower checkpoint: its vision tower's
         config = config.vision_config
     return config
 

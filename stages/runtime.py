@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -59,7 +59,8 @@ def sentiment_rows(count, seed=0):
 def auto_is_the_cpu():
     """`--device auto` (the default of extract, fit, sweep, evaluate, predict, baseline) means the CPU in tests, so a
     CPU test stays a CPU fp32 run on a machine with a GPU; GPU tests ask for `cuda` by name. `real_auto` undoes it."""
-    import stages.runtime
+    import cachetune.stages.runtime  # noqa: F401  (binds the submodule)
+    from cachetune import stages
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stages.runtime, "auto_device", lambda: torch.device("cpu"))
@@ -68,13 +69,15 @@ def auto_is_the_cpu():
 
 @pytest.fixture()
 def real_auto(monkeypatch):
-    import stages.runtime
+    import cachetune.stages.runtime  # noqa: F401  (binds the submodule)
+    from cachetune import stages
 
     monkeypatch.setattr(stages.runtime, "auto_device", REAL_AUTO_DEVICE)
 
 
 def _real_auto_device():
-    import stages.runtime
+    import cachetune.stages.runtime  # noqa: F401  (binds the submodule)
+    from cachetune import stages
 
     return stages.runtime.auto_device
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import (BertConfig, BertForMaskedLM, BertModel, MPNetConfig, MPNetModel, RobertaConfig,
                           RobertaModel)
 
-from stages.backbone_layers import load_frozen_layers
+from cachetune.stages.backbone_layers import load_frozen_layers
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 FAMILIES = {"bert": (BertConfig, BertModel), "mpnet": (MPNetConfig, MPNetModel), "roberta": (RobertaConfig, RobertaModel)}
@@ -83,7 +83,7 @@ def test_unsupported_family_and_bad_index(tmp_path, tiny):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "electra", "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="supported: bert"):
         load_frozen_layers(str(tmp_path), [1])
-    from cache.errors import InputError
+    from cachetune.cache.errors import InputError
 
     with pytest.raises(InputError, match="'electra' has no frozen-layer support"):  # the CLI: one line, exit 2
         load_frozen_layers(str(tmp_path), [1])

@@ -36,7 +36,7 @@ def test_lora_with_unknown_target_modules_is_a_one_line_error(tiny_bert, tiny_ta
 def test_length_buckets_serve_every_row_once_in_batches_of_similar_length():
     import numpy as np
 
-    from stages.training.baseline import training_order
+    from cachetune.stages.training.baseline import training_order
 
     rows = np.arange(1000, 1640)
     lengths = np.random.default_rng(3).integers(5, 80, len(rows))
@@ -70,8 +70,8 @@ def test_gradient_checkpointing_computes_what_lora_computes(tiny_bert):
     """The same LoRA gradients with and without checkpointing (transformers recomputes the layers in backward)."""
     import torch
 
-    from stages.backbones import load_backbone
-    from stages.training.baseline import BackboneClassifier, BaselineSettings, _wrap_lora, enable_checkpointing
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.training.baseline import BackboneClassifier, BaselineSettings, _wrap_lora, enable_checkpointing
 
     grads = []
     for checkpointing in (False, True):

@@ -7,13 +7,13 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache.compact import compact
-from cache.errors import InputError
-from cache.info import describe_store
-from cache.quantize import GROUP, decode, encode, relative_error
-from cache.reader import CacheReader
-from pipeline.cli import main
-from stages.extraction.layer_selection import parse_layers
+from cachetune.cache.compact import compact
+from cachetune.cache.errors import InputError
+from cachetune.cache.info import describe_store
+from cachetune.cache.quantize import GROUP, decode, encode, relative_error
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.cli import main
+from cachetune.stages.extraction.layer_selection import parse_layers
 from tests.test_extract import run_extract
 
 
@@ -71,7 +71,7 @@ def test_compact_equals_extraction_and_resumes(tiny_bert, tiny_table, tmp_path, 
     run_extract(tiny_bert, tiny_table, tmp_path / "f16.zarr", dtype="float32")  # the values int8 extraction encodes
     run_extract(tiny_bert, tiny_table, tmp_path / "direct.zarr", dtype="int8")
     # a crash after the first block, then the same command: the result equals an uninterrupted run
-    from cache import writer
+    from cachetune.cache import writer
 
     original, calls = writer.SplitWriter.write_block, []
 
@@ -195,10 +195,10 @@ def test_fit_runs_unchanged_on_a_compact_store(tiny_bert, tiny_table, tmp_path):
 
 def test_predict_on_raw_text_matches_evaluate_on_an_int8_cache(tiny_bert, tiny_table, tmp_path):
     """predict rounds the backbone's features through the same int8 codes the side network was trained on."""
-    from pipeline.data import load_dataset
-    from stages.training.evaluate import predict_split
-    from stages.training.predict import load_matching_backbone, predict_texts
-    from stages.training.side_model import load_side_model
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.training.evaluate import predict_split
+    from cachetune.stages.training.predict import load_matching_backbone, predict_texts
+    from cachetune.stages.training.side_model import load_side_model
 
     run_extract(tiny_bert, tiny_table, tmp_path / "c.zarr", dtype="int8")
     result = CliRunner().invoke(main, ["fit", "--method", "linear", "--cache", str(tmp_path / "c.zarr"),

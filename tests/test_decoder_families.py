@@ -16,11 +16,11 @@ import torch
 import transformers as t
 from torch.nn import functional as F
 
-from stages.backbone_layers import SUPPORTED_MODEL_TYPES, load_frozen_layers
-from stages.families.base import key_positions
-from stages.families.decoder import layer_type
-from stages.families.side_block import PreNormSideBlock
-from stages.methods import FeatureSpec, build_model, config_from_options
+from cachetune.stages.backbone_layers import SUPPORTED_MODEL_TYPES, load_frozen_layers
+from cachetune.stages.families.base import key_positions
+from cachetune.stages.families.decoder import layer_type
+from cachetune.stages.families.side_block import PreNormSideBlock
+from cachetune.stages.methods import FeatureSpec, build_model, config_from_options
 
 LAYERS, D = 3, 32
 LLAMA_LIKE = dict(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -141,7 +141,7 @@ def joint_layer_output(family, model, index, hidden, mask, query, j):
     token_rows[T, T] = False  # padded token rows see themselves (no fully masked row); the query never does
     allowed = allowed | token_rows
     if family == "t5":  # bidirectional; the bias of (key position - query position)
-        from stages.families.t5 import relative_bias
+        from cachetune.stages.families.t5 import relative_bias
 
         block = model.encoder.block[index]
         table = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
@@ -264,7 +264,7 @@ def test_real_smollm2_late_route_and_query_pass():
     alone plus the final norm maps hidden_states[29] to hidden_states[30] (after the final norm: RMS ~2 against
     ~100+ for the raw residual stream), and SynQT's query pass through layer 15 equals the layer on [tokens; query]."""
     pytest.importorskip("gguf")
-    from stages.backbones import resolve_backbone
+    from cachetune.stages.backbones import resolve_backbone
 
     try:
         folder = str(resolve_backbone("smollm2"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 import zarr
 
-from cache.reader import CacheReader
-from pipeline.data import load_dataset
-from stages.backbones import load_backbone
-from stages.extraction.extract import ExtractSettings, extract
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.data import load_dataset
+from cachetune.stages.backbones import load_backbone
+from cachetune.stages.extraction.extract import ExtractSettings, extract
 
 from .conftest import sentiment_rows, write_table
 from .decoder_folders import write_tiny_decoder
@@ -134,7 +134,7 @@ def test_an_unsupported_family_is_a_one_line_error_naming_the_supported(table, t
 
 
 def test_a_gguf_without_the_gguf_package_is_a_one_line_error(table, tmp_path, monkeypatch):
-    from stages import gguf_backbone
+    from cachetune.stages import gguf_backbone
 
     monkeypatch.setenv("CACHETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gguf_backbone, "installed", lambda name: name != "gguf")
@@ -188,7 +188,7 @@ def test_lora_baseline_on_decoders_and_t5(family, adapted, folders, table, tmp_p
 def test_smollm2_real_weights_on_real_movie_snippets(tmp_path):
     """SmolLM2-135M-Instruct (GGUF Q4_1, dequantized once into ~/.cache/cachetune) on 40 real movie snippets: the
     cache equals transformers' own forward pass of each snippet alone; pooling is the last real token."""
-    from pipeline.data import load_dataset as load
+    from cachetune.pipeline.data import load_dataset as load
 
     movies = load("movies")
     rows = movies.rows("train")[:40]

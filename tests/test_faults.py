@@ -28,7 +28,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def pipeline(*args) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    return [sys.executable, "-m", "cachetune.pipeline.cli", *map(str, args)]
 
 
 def run(*args) -> subprocess.CompletedProcess:

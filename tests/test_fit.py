@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from cache.errors import InputError
-from cache.reader import CacheReader
-from pipeline.data import load_dataset
-from stages.training.evaluate import predict_split
-from stages.training.fit import FitSettings, fit
-from stages.methods import config_from_options
-from stages.training.predict import load_matching_backbone, predict_texts
-from stages.training.side_model import load_side_model
+from cachetune.cache.errors import InputError
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.data import load_dataset
+from cachetune.stages.training.evaluate import predict_split
+from cachetune.stages.training.fit import FitSettings, fit
+from cachetune.stages.methods import config_from_options
+from cachetune.stages.training.predict import load_matching_backbone, predict_texts
+from cachetune.stages.training.side_model import load_side_model
 from tests.test_extract import assert_one_line_error, cli, run_extract
 
 METHOD_OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {"r": "2"}, "sherl": {"r": "4"}, "utuning": {}, "synqt": {}}

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from cache.errors import InputError
-from cache.hidden_states import CachedHiddenStates
-from cache.reader import CacheReader, open_store
-from stages import runtime as runtime_module
-from stages.methods import build_model, config_from_options
-from stages.runtime import DeviceMemory, Runtime, resolve_device, spread_device
-from stages.training.fit import FitSettings, device_batches, fit, spec_from_store
-from stages.training.static_shapes import bucket_length, pad_batch
-from stages.training.training_loop import Learner, Schedule
+from cachetune.cache.errors import InputError
+from cachetune.cache.hidden_states import CachedHiddenStates
+from cachetune.cache.reader import CacheReader, open_store
+from cachetune.stages import runtime as runtime_module
+from cachetune.stages.methods import build_model, config_from_options
+from cachetune.stages.runtime import DeviceMemory, Runtime, resolve_device, spread_device
+from cachetune.stages.training.fit import FitSettings, device_batches, fit, spec_from_store
+from cachetune.stages.training.static_shapes import bucket_length, pad_batch
+from cachetune.stages.training.training_loop import Learner, Schedule
 from tests.sync_count import HostSyncs
 from tests.test_extract import assert_one_line_error, cli
 from tests.test_fit import METHOD_OPTIONS, tiny_cache  # noqa: F401  (the module fixture)
@@ -55,7 +55,7 @@ def test_a_gpu_the_machine_lacks_is_one_line(two_gpus, tiny_bert, tiny_table, tm
 
 
 def test_workers_spread_over_the_gpus(two_gpus):
-    from stages.extraction.distributed_extract import worker_device
+    from cachetune.stages.extraction.distributed_extract import worker_device
 
     assert [spread_device("cuda", rank) for rank in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert spread_device("cuda:1", 0) == "cuda:1" and spread_device("cpu", 3) == "cpu"
@@ -63,8 +63,8 @@ def test_workers_spread_over_the_gpus(two_gpus):
 
 
 def test_extract_and_fit_default_to_auto():
-    from pipeline.cli import main
-    from stages.extraction.extract import ExtractSettings
+    from cachetune.pipeline.cli import main
+    from cachetune.stages.extraction.extract import ExtractSettings
 
     defaults = {command: {p.name: p.default for p in main.commands[command].params} for command in ("extract", "fit")}
     assert defaults["extract"]["device"] == defaults["fit"]["device"] == "auto"
@@ -76,7 +76,7 @@ def test_tests_pin_auto_to_the_cpu_and_real_auto_asks_torch(real_auto):
 
 
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes(monkeypatch):
-    from stages.training import checkpoint
+    from cachetune.stages.training import checkpoint
 
     states = checkpoint.random_states()
     states["cuda"] = [torch.zeros(16, dtype=torch.uint8) + i for i in range(4)]  # saved on a 4-GPU machine
@@ -202,7 +202,7 @@ def test_no_host_sync_in_a_training_step(method, in_memory, tiny_cache):  # noqa
 
 
 def test_no_host_sync_in_the_extraction_loop():
-    from stages.extraction.extract import block_buffer, start_group
+    from cachetune.stages.extraction.extract import block_buffer, start_group
 
     def forward(samples):
         hidden = torch.randn(len(samples), 5, 4)
@@ -216,7 +216,7 @@ def test_no_host_sync_in_the_extraction_loop():
 
 
 def test_evaluation_copies_logits_once(tiny_cache):  # noqa: F811
-    from stages.training.evaluate import predict_split_many
+    from cachetune.stages.training.evaluate import predict_split_many
 
     reader = CacheReader(str(tiny_cache[0]), "validation", [0, 1, 2])
     spec = spec_from_store(open_store(str(tiny_cache[0])))
@@ -228,7 +228,7 @@ def test_evaluation_copies_logits_once(tiny_cache):  # noqa: F811
 
 
 def test_layer_subsets_gather_without_host_indices():
-    from stages.training.evaluate import layer_subsets
+    from cachetune.stages.training.evaluate import layer_subsets
 
     features = torch.randn(2, 4, 3, 5)
     states = CachedHiddenStates(features, torch.ones(2, 3, dtype=torch.bool))
@@ -266,10 +266,10 @@ def test_cuda_steps_never_sync(method, precision, in_memory, tiny_cache):  # noq
 
 @needs_gpu
 def test_cuda_extraction_copies_overlap_and_never_sync(tiny_bert, tiny_table, tmp_path):
-    from stages.extraction.extract import block_buffer, start_group, _text_forward, tokenize
-    from stages.backbones import load_backbone
-    from stages.extraction.token_table import TokenTable
-    from pipeline.data import load_dataset
+    from cachetune.stages.extraction.extract import block_buffer, start_group, text_forward, tokenize
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.extraction.token_table import TokenTable
+    from cachetune.pipeline.data import load_dataset
 
     backbone, dataset = load_backbone(str(tiny_bert)), load_dataset(str(tiny_table))
     runtime = Runtime.resolve("cuda:0", "fp32")
@@ -277,7 +277,7 @@ def test_cuda_extraction_copies_overlap_and_never_sync(tiny_bert, tiny_table, tm
     rows = dataset.rows("train")
     table = TokenTable.from_encoded(tokenize(backbone.tokenizer, dataset, rows, 32), backbone.tokenizer)
     lengths = table.lengths.astype(np.int64)
-    forward = _text_forward(model, table, runtime)
+    forward = text_forward(model, table, runtime)
     buffers = [block_buffer(2, int(lengths.sum()), backbone.hidden_size, "float16", runtime.device)]
     layout = [np.argsort(-lengths, kind="stable")]  # a block's samples, longest first (as cache.layout plans them)
     start_group(forward, layout, lengths, [0, 2], buffers, batch_size=8)  # warm up
@@ -289,7 +289,7 @@ def test_cuda_extraction_copies_overlap_and_never_sync(tiny_bert, tiny_table, tm
     finally:
         torch.cuda.set_sync_debug_mode("default")
     features = pending.result()
-    cpu = start_group(_text_forward(backbone.model.cpu(), table, Runtime.resolve("cpu", "fp32")), layout, lengths,
+    cpu = start_group(text_forward(backbone.model.cpu(), table, Runtime.resolve("cpu", "fp32")), layout, lengths,
                       [0, 2], [block_buffer(2, int(lengths.sum()), backbone.hidden_size, "float16", "cpu")], 8)[0]
     np.testing.assert_allclose(features.astype(np.float32), cpu.result().astype(np.float32), atol=5e-3)
 
@@ -314,10 +314,10 @@ class _no_sync_warnings:
 
 
 def test_predict_runs_the_backbone_at_the_stores_precision_and_evaluate_checks_it(tiny_bert, tiny_cache, tmp_path):  # noqa: F811
-    from pipeline.data import load_dataset
-    from stages.training.evaluate import predict_split
-    from stages.training.predict import load_matching_backbone, predict_texts
-    from stages.training.side_model import load_side_model
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.training.evaluate import predict_split
+    from cachetune.stages.training.predict import load_matching_backbone, predict_texts
+    from cachetune.stages.training.side_model import load_side_model
     from tests.test_extract import run_extract
 
     cache, table = tiny_cache
@@ -338,7 +338,7 @@ def test_predict_runs_the_backbone_at_the_stores_precision_and_evaluate_checks_i
 
 
 def test_the_cache_is_resident_by_default_on_a_gpu_when_it_fits(tiny_cache, monkeypatch):  # noqa: F811
-    from stages.training.fit import resident_fits, run_identity
+    from cachetune.stages.training.fit import resident_fits, run_identity
 
     root = open_store(str(tiny_cache[0]))
     needed = sum(root[split][f"layer_{i:02d}"].nbytes for split in ("train", "validation", "test") for i in (0, 2))

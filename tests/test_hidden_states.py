@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from cache.encoding import Decoder, Encoding
-from cache.hidden_states import CachedHiddenStates
-from stages.methods.base import per_layer_linear, rms_normalize
-from stages.methods.decode_linear import decode_linear
+from cachetune.cache.encoding import Decoder, Encoding
+from cachetune.cache.hidden_states import CachedHiddenStates
+from cachetune.stages.methods.base import per_layer_linear, rms_normalize
+from cachetune.stages.methods.decode_linear import decode_linear
 
 
 def encoded_batch(dtype: str, seed: int = 0) -> CachedHiddenStates:
@@ -65,7 +65,7 @@ def test_methods_give_the_same_logits_and_gradients_on_codes_and_on_float32(meth
     """Every method, fed an 8-bit batch or its float32 decoding, gives the same logits and weight gradients."""
     from transformers import BertConfig, BertModel
 
-    from stages.methods import FeatureSpec, build_model, config_from_options, get_method
+    from cachetune.stages.methods import FeatureSpec, build_model, config_from_options, get_method
 
     torch.manual_seed(0)
     BertModel(BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,

@@ -16,9 +16,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache.errors import InputError
-from pipeline.cli import main
-from pipeline.data import load_dataset
+from cachetune.cache.errors import InputError
+from cachetune.pipeline.cli import main
+from cachetune.pipeline.data import load_dataset
 from tests.conftest import WORDS, sentiment_rows, write_table, write_tiny_bert
 from tests.test_extract import assert_one_line_error
 
@@ -123,7 +123,7 @@ def test_position_limits_follow_each_family_s_table():
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, MPNetConfig, MPNetModel, RobertaConfig,
                               RobertaModel)
 
-    from stages.extraction.preflight import position_limit
+    from cachetune.stages.extraction.preflight import position_limit
 
     shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=40,
                  max_position_embeddings=66)
@@ -136,7 +136,7 @@ def test_position_limits_follow_each_family_s_table():
 @pytest.mark.parametrize("method", ["lst", "sherl", "synqt"])
 def test_fit_with_a_method_that_cannot_rebuild_the_model_type_is_one_line_before_training(method, electra_cache, tiny_electra,
                                                                                           tmp_path):
-    from stages.methods.support import unsupported_reason
+    from cachetune.stages.methods.support import unsupported_reason
 
     if unsupported_reason(method, str(tiny_electra)) is None:  # lst sizes its side blocks from any BERT-like config
         pytest.skip(f"{method} runs on electra caches")
@@ -151,8 +151,8 @@ def test_methods_that_need_no_backbone_run_on_the_same_cache_and_auto_leaves_the
                                                                                            tmp_path):
     result = cli("fit", "--method", "linear", "--cache", electra_cache, "--epochs", 1, "--out", tmp_path / "linear")
     assert result.exit_code == 0, result.output
-    from stages.methods import method_names
-    from stages.methods.support import split_supported, universal_methods
+    from cachetune.stages.methods import method_names
+    from cachetune.stages.methods.support import split_supported, universal_methods
 
     runnable, reasons = split_supported(method_names(), str(tiny_electra))  # today: sherl and synqt cannot
     assert set(universal_methods()) <= set(runnable) and set(runnable) | set(reasons) == set(method_names())
@@ -166,8 +166,8 @@ def test_methods_that_need_no_backbone_run_on_the_same_cache_and_auto_leaves_the
 def test_support_comes_from_the_frozen_layer_families_and_the_layer_config(tiny_bert, tmp_path):
     from transformers import CanineConfig
 
-    from stages.backbone_layers import SUPPORTED_MODEL_TYPES
-    from stages.methods.support import needs_frozen_layers, needs_layer_shape
+    from cachetune.stages.backbone_layers import SUPPORTED_MODEL_TYPES
+    from cachetune.stages.methods.support import needs_frozen_layers, needs_layer_shape
 
     assert needs_frozen_layers(str(tiny_bert)) is None and needs_layer_shape(str(tiny_bert)) is None
     folder = tmp_path / "canine"
@@ -181,7 +181,7 @@ def test_support_comes_from_the_frozen_layer_families_and_the_layer_config(tiny_
 
 def test_a_library_error_in_the_forward_pass_is_one_line_and_fit_does_not_send_the_user_back(tiny_bert, tmp_path,
                                                                                               monkeypatch):
-    from stages.extraction import extract as extract_module
+    from cachetune.stages.extraction import extract as extract_module
 
     def broken(*args, **kwargs):
         def forward(samples):
@@ -369,7 +369,7 @@ def test_small_classes_get_validation_rows_from_the_default_split(per_class, tmp
 
 
 def test_a_split_that_already_has_validation_is_unchanged(tmp_path):
-    from pipeline.data import stratified_split
+    from cachetune.pipeline.data import stratified_split
 
     dataset = load_dataset(str(write_table(tmp_path / "data.csv", sentiment_rows(120))), log=lambda _: None)
     np.testing.assert_array_equal(dataset.split, stratified_split(dataset.labels, 0))
@@ -415,7 +415,7 @@ def test_nan_from_the_checkpoint_in_a_float32_store_names_the_layer_not_float16(
 
 
 def test_float16_overflow_names_the_layer():
-    from stages.extraction.extract import check_finite
+    from cachetune.stages.extraction.extract import check_finite
 
     bounds = torch.tensor([[-1.0, 2.0], [-3.0, 1e6], [0.0, 1.0]])
     with pytest.raises(InputError, match=r"layer 6's features overflow float16 \(max \|x\| 1e\+06"):
@@ -461,7 +461,7 @@ def test_a_closed_stdout_is_a_quiet_exit(tiny_bert, tmp_path):
     assert cli(*extract_args(tiny_bert, write_table(tmp_path / "data.csv", sentiment_rows(40)), store)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
     for command in (["info", store], ["methods"]):
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, command)], stdout=subprocess.PIPE,
+        process = subprocess.Popen([sys.executable, "-m", "cachetune.pipeline.cli", *map(str, command)], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, env=env)
         process.stdout.close()  # the reader quit before the first line, as `| head -0` would
         stderr = process.stderr.read().decode()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.memory import peak_allocated_mb, tensor_mb
-from stages.training.training_loop import Learner, Schedule
+from cachetune.stages.memory import peak_allocated_mb, tensor_mb
+from cachetune.stages.training.training_loop import Learner, Schedule
 
 MB = 2**20
 

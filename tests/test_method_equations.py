@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel
 
-from stages.methods import FeatureSpec, build_model, config_from_options
+from cachetune.stages.methods import FeatureSpec, build_model, config_from_options
 
 D = 16  # backbone width
 HEADS = 2  # the tiny BERT's attention heads

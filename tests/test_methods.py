@@ -8,8 +8,8 @@ import torch
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel
 
-from stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
-from stages.methods.lst import LSTConfig, LadderSideNetwork
+from cachetune.stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
+from cachetune.stages.methods.lst import LSTConfig, LadderSideNetwork
 
 METHODS = ["linear", "lst", "unipt", "sherl"]
 OPTIONS = {"linear": {}, "lst": {"r": "4"}, "unipt": {}, "sherl": {"r": "4"}}
@@ -138,7 +138,7 @@ def test_config_round_trip(name):
 
 
 def test_weight_decay_spares_biases_norms_and_gates(task):
-    from stages.training.training_loop import parameter_groups
+    from cachetune.stages.training.training_loop import parameter_groups
 
     spec, _, _, _ = task
     _, model, _ = build("lst", spec)

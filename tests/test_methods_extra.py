@@ -9,10 +9,10 @@ from safetensors import safe_open
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel
 
-from stages.backbone_layers import load_frozen_layers
-from stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
-from stages.families.encoder import Encoder, extract
-from stages.training.side_model import trainable_state
+from cachetune.stages.backbone_layers import load_frozen_layers
+from cachetune.stages.methods import FeatureSpec, build_model, config_from_dict, config_from_options, get_method, method_names
+from cachetune.stages.families.encoder import Encoder, extract
+from cachetune.stages.training.side_model import trainable_state
 
 METHODS = ["utuning", "synqt"]
 LEARNING_RATE = {"utuning": 1e-2, "synqt": 1e-2}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from stages.training.side_model import load_side_model
+from cachetune.stages.training.side_model import load_side_model
 from tests.test_extract import assert_one_line_error, cli
 from tests.test_fit import tiny_cache, train  # noqa: F401  (the module's tiny cache fixture)
 
@@ -57,7 +57,7 @@ def test_baseline_folder_given_to_predict_is_named_as_such(tmp_path):
 
 
 def test_a_fit_killed_while_saving_leaves_the_old_folder_or_none(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
-    from stages.training import fit as fit_module
+    from cachetune.stages.training import fit as fit_module
 
     folder = tmp_path / "lst"
     train(tiny_cache[0], "lst", folder, epochs=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache.reader import CacheReader
+from cachetune.cache.reader import CacheReader
 from tests.test_extract import run_extract
 
 
@@ -33,7 +33,7 @@ def test_small_budgets_serve_the_same_rows_and_hold_only_served_ones(tiny_bert, 
     for sample, values in small.items():
         torch.testing.assert_close(values, whole[sample], rtol=0, atol=0)
     # a piece of a sparse subset reads its span but keeps only its samples' rows
-    tokens, offsets, _ = subset._read_piece(subset.block_samples[0])
+    tokens, offsets, _ = subset.read_rows(subset.block_samples[0])
     assert tokens.shape[1] == int(subset.lengths[subset.block_samples[0]].sum())
     assert sorted(offsets) == sorted(subset.block_samples[0].tolist())
     first = subset.block_samples[0]

@@ -8,9 +8,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from cache.errors import InputError
-from pipeline.report import write_report
-from pipeline.report_cli import report
+from cachetune.cache.errors import InputError
+from cachetune.pipeline.report import write_report
+from cachetune.pipeline.report_cli import report
 
 pytest.importorskip("matplotlib")
 
@@ -21,11 +21,11 @@ def fit_tiny_models(tiny_bert, tiny_table, folder, methods=(("linear", {}), ("sh
     """A tiny cache made with the shared fixtures, then each method fitted for one epoch into folder/METHOD."""
     import torch
 
-    from pipeline.data import load_dataset
-    from stages.backbones import load_backbone
-    from stages.extraction.extract import ExtractSettings, extract
-    from stages.training.fit import FitSettings, fit
-    from stages.methods import config_from_options
+    from cachetune.pipeline.data import load_dataset
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.extraction.extract import ExtractSettings, extract
+    from cachetune.stages.training.fit import FitSettings, fit
+    from cachetune.stages.methods import config_from_options
 
     store = folder.parent / "f.zarr"
     settings = ExtractSettings(out=str(store), block_tokens=128, chunk_tokens=32, batch_size=8, max_length=24)
@@ -196,6 +196,6 @@ def test_unreadable_metrics_names_the_file(tmp_path):
 
 
 def test_report_is_a_pipeline_command():
-    from pipeline.cli import main
+    from cachetune.pipeline.cli import main
 
     assert "report" in main.commands, "add `main.add_command(report)` (from pipeline.report_cli) to pipeline/cli.py"

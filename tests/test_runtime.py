@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache.reader import CacheReader
-from stages.training.fit import FitSettings, fit
-from stages.methods import config_from_options
-from stages.runtime import Runtime
+from cachetune.cache.reader import CacheReader
+from cachetune.stages.training.fit import FitSettings, fit
+from cachetune.stages.methods import config_from_options
+from cachetune.stages.runtime import Runtime
 from tests.test_extract import assert_one_line_error, cli
 from tests.test_fit import tiny_cache  # noqa: F401  (the module fixture)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache.errors import InputError
-from stages.training.fit import FitSettings, fit
-from stages.methods import config_from_options
-from stages.training.sweep import RUNS_DIR, SWEEP_CSV, SWEEP_JSON, sweep
-from stages.training.sweep_grid import make_grid, read_grid_file
+from cachetune.cache.errors import InputError
+from cachetune.stages.training.fit import FitSettings, fit
+from cachetune.stages.methods import config_from_options
+from cachetune.stages.training.sweep import RUNS_DIR, SWEEP_CSV, SWEEP_JSON, sweep
+from cachetune.stages.training.sweep_grid import make_grid, read_grid_file
 from tests.test_extract import assert_one_line_error, cli
 from tests.test_fit import tiny_cache  # noqa: F401  (module fixture: a tiny BERT's cache of 160 texts)
 
@@ -59,7 +59,7 @@ def test_tables_and_best_by_validation(tiny_cache, tmp_path):
     assert len((out / SWEEP_CSV).read_text().splitlines()) == 1 + len(runs)
     assert all("test_accuracy" in row for row in saved["runs"])
 
-    from pipeline.report import write_report
+    from cachetune.pipeline.report import write_report
 
     report = write_report(tmp_path / "models", tmp_path / "reports").read_text()
     assert "## Sweep `sweep`" in report and (tmp_path / "reports" / "sweep_sweep.png").exists()
@@ -79,7 +79,7 @@ def test_rerun_skips_finished_runs_and_resumes_the_rest(tiny_cache, tmp_path, mo
     sweep(str(cache), grid("lst", "r=4").runs(), settings, tmp_path / "killed", show_progress=False)  # finished
     finished = tmp_path / "killed" / RUNS_DIR / "lst-r=4-lr=0.003-seed=0" / "metrics.json"
     finished_bytes = finished.read_bytes()
-    from stages.training import training_loop
+    from cachetune.stages.training import training_loop
 
     calls = {"n": 0}
     original = training_loop.Learner.finish_epoch

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cache.errors import InputError
-from pipeline.data import load_dataset
+from cachetune.cache.errors import InputError
+from cachetune.pipeline.data import load_dataset
 from tests.conftest import sentiment_rows, write_table
 from tests.test_extract import assert_one_line_error, cli, run_extract
 from tests.test_input_faults import REPO, lines_logged, write_jsonl
@@ -122,7 +122,7 @@ def test_predict_on_a_table_skips_empty_texts_names_them_and_keeps_line_numbers(
 
 
 def test_pooling_last_on_an_encoder_is_said(tiny_bert, tmp_path):
-    from stages.backbones import check_pooling, load_backbone
+    from cachetune.stages.backbones import check_pooling, load_backbone
 
     logged, log = lines_logged()
     check_pooling(load_backbone(tiny_bert), "last", log)
@@ -145,9 +145,9 @@ def test_the_profiler_s_allocator_line_no_longer_reaches_stderr():
 
 
 def test_the_disk_room_estimate_counts_one_byte_a_value_for_8_bit_stores(tiny_bert, tmp_path):
-    from stages.backbones import load_backbone
-    from stages.extraction.extract import ExtractSettings
-    from stages.extraction.store_room import bytes_still_needed
+    from cachetune.stages.backbones import load_backbone
+    from cachetune.stages.extraction.extract import ExtractSettings
+    from cachetune.stages.extraction.store_room import bytes_still_needed
 
     backbone = load_backbone(tiny_bert)
     dataset = load_dataset(str(write_table(tmp_path / "data.csv", sentiment_rows(400))), log=lambda _: None)
@@ -161,7 +161,7 @@ def test_the_disk_room_estimate_counts_one_byte_a_value_for_8_bit_stores(tiny_be
 def test_the_new_option_help_is_there():
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from cachetune.pipeline.cli import main
 
     for command, option in [("extract", "--split-seed"), ("extract", "--label-column"), ("fit", "--lr"),
                             ("fit", "--epochs"), ("compact", "--codec"), ("baseline", "--lora-r")]:

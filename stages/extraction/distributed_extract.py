@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import InputError
-from cache.writer import SplitWriter, open_group
+from cachetune.cache.errors import InputError
+from cachetune.cache.writer import SplitWriter, open_group
 
 from ..backbones import Backbone, load_backbone
-from .extract import ExtractSettings, sort_groups, SplitWork, _image_forward, _text_forward, extract, group_features
+from .extract import ExtractSettings, sort_groups, SplitWork, image_forward, text_forward, extract, group_features
 from ..progress import progress_bar
 from ..runtime import Runtime, device_kind, spread_device
 
@@ -83,7 +83,7 @@ class RowImages:
     """The images of some dataset rows, loadable by their original row number (as `Images.load` is)."""
 
     def __init__(self, images, rows: list[int]):
-        from pipeline.data import Images
+        from ..images import Images
 
         self.index = {row: position for position, row in enumerate(rows)}
         if images.paths is not None:
@@ -155,10 +155,10 @@ def run_block_task(task: BlockTask) -> dict:
     backbone = worker_backbone(task.backbone, task.workers_per_host, task.torch_threads)
     runtime = Runtime.resolve(worker_device(task.backbone.device), task.precision)
     if task.modality == "image":
-        forward = _image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
+        forward = image_forward(backbone.model, backbone, types.SimpleNamespace(images=task.images), task.rows,
                                  task.tokens_per_image, runtime)
     else:
-        forward = _text_forward(backbone.model, task.encoded, runtime)
+        forward = text_forward(backbone.model, task.encoded, runtime)
     writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
     written = []
     group_size = max(1, task.sort_tokens // task.block_tokens)

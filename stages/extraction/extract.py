@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.encoding import Encoding
-from cache.errors import InputError
-from cache.quantize import host_array, one_thread
-from cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
-from cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
+from cachetune.cache.encoding import Encoding
+from cachetune.cache.errors import InputError
+from cachetune.cache.quantize import host_array, one_thread
+from cachetune.cache.layout import FORMAT_VERSION, codec_pipeline, plan_blocks
+from cachetune.cache.writer import BackgroundWriter, open_store_for_write, prepare_split, writer_threads
 
 from ..backbones import Backbone, causal_position_ids, check_pooling, is_causal
 from ..runtime import Runtime, device_kind
@@ -157,7 +157,7 @@ def image_tokens(model, backbone: Backbone, dataset, device: str) -> int:
     return int(hidden[0].shape[1])
 
 
-def _check_modality(backbone: Backbone, dataset) -> None:
+def check_modality(backbone: Backbone, dataset) -> None:
     data_modality = getattr(dataset, "modality", "text")
     if data_modality != backbone.modality:
         raise InputError(f"the data {dataset.name!r} is {data_modality} but the backbone at {backbone.path} is "
@@ -201,7 +201,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     """
     started = time.perf_counter()
     validate_settings(settings)
-    _check_modality(backbone, dataset)
+    check_modality(backbone, dataset)
     if settings.pooling is not None:
         check_pooling(backbone, settings.pooling, log)
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)
@@ -274,11 +274,11 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
 def split_forward(backbone: Backbone, model, work: SplitWork, runtime: Runtime):
     """The forward function of a split: batch samples (split positions) -> (hidden_states, real tokens per row)."""
     if work.modality == "image":
-        return _image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, runtime)
-    return _text_forward(model, work.encoded, runtime)
+        return image_forward(model, backbone, work.dataset, work.rows, work.tokens_per_image, runtime)
+    return text_forward(model, work.encoded, runtime)
 
 
-def _text_forward(model, table: TokenTable, runtime: Runtime):
+def text_forward(model, table: TokenTable, runtime: Runtime):
     """batch samples (split positions) -> (hidden_states, real tokens per row, column of each row's first real token).
 
     Padding is on the tokenizer's side. A causal decoder gets position ids counted over real tokens
@@ -298,7 +298,7 @@ def _text_forward(model, table: TokenTable, runtime: Runtime):
     return forward
 
 
-def _image_forward(model, backbone, dataset, rows, tokens_per_image, runtime: Runtime):
+def image_forward(model, backbone, dataset, rows, tokens_per_image, runtime: Runtime):
     """batch samples (split positions) -> (hidden_states, real tokens per row: all of them, first real column: 0),
     images decoded per batch."""
 

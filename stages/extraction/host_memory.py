@@ -16,8 +16,8 @@ import itertools
 
 import psutil
 
-from cache.errors import InputError
-from cache.writer import writer_threads
+from cachetune.cache.errors import InputError
+from cachetune.cache.writer import writer_threads
 
 from .extract import CACHE_DTYPES, SPLITS, ExtractSettings
 from .layer_selection import parse_layers

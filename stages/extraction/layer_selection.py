@@ -2,7 +2,7 @@
 L = last layer)."""
 from __future__ import annotations
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 FORMS = "all, last:K, every:K, for:METHOD[,METHOD...] or a comma list of indices such as 0,3,6"
 
@@ -10,7 +10,7 @@ FORMS = "all, last:K, every:K, for:METHOD[,METHOD...] or a comma list of indices
 def layers_for_methods(names: list[str], num_layers: int, hidden_size: int) -> list[int]:
     """The union of the layers the named methods read at their defaults on a backbone of `num_layers` layers of
     width `hidden_size` (each method's `required_layers(config, spec)`)."""
-    from stages.methods import FeatureSpec, get_method, method_names
+    from cachetune.stages.methods import FeatureSpec, get_method, method_names
 
     unknown = [name for name in names if name not in method_names()]
     if unknown or not names:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 SAMPLE_ROWS = 256  # rows tokenized for the vocabulary checks, spread over the data
 MAX_UNKNOWN_SHARE = 0.5  # more unknown tokens than this (of the sample's non-special tokens) is refused
@@ -28,9 +28,9 @@ POSITION_TABLES = ("position_embeddings", "wpe")  # learned absolute positions (
 def preflight(backbone, dataset, settings, log=None) -> None:
     """Raises InputError (one line naming the fix) when the backbone cannot give meaningful features for this
     data and these options. Rotary or relative positions have no table, so no length limit is checked for them."""
-    from .extract import _check_modality
+    from .extract import check_modality
 
-    _check_modality(backbone, dataset)  # image data on a text backbone (or back) is named as such first
+    check_modality(backbone, dataset)  # image data on a text backbone (or back) is named as such first
     if backbone.modality != "text":
         return
     check_vocabulary(backbone)

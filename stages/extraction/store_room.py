@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 
-from cache.layout import plan_blocks
-from cache.quantize import EIGHT_BIT, STORAGE, groups
-from cache.writer import open_group
+from cachetune.cache.layout import plan_blocks
+from cachetune.cache.quantize import EIGHT_BIT, STORAGE, groups
+from cachetune.cache.writer import open_group
 
 from .extract import SPLITS, ExtractSettings, tokenize
 from .layer_selection import parse_layers

@@ -34,7 +34,16 @@ class Family:
 
     model_types: tuple[str, ...] = ()
     default_attention = "sdpa"  # what AutoModel picks; "eager" when the family has nothing else
-    causal = False  # does the backbone mask future tokens (decoders)
+    # What stage one, the baselines and the methods ask of a family, in this one record:
+    causal = False  # does the backbone mask future tokens (decoders): pooling `last`, positions counted over real tokens
+    pooling: str | None = None  # the default pooling; None: the model folder's own (sentence-transformers), else cls
+    towers: dict[str, str] = {}  # a two-tower checkpoint's model_type -> the class of the tower used (CLIPVisionModel);
+    # its layers are built from config.vision_config
+    encoder_class: str | None = None  # an encoder-decoder: the transformers class of its encoder (T5EncoderModel)
+    interpolates_positions = False  # the forward interpolates position embeddings to any grid (--image-size)
+    lora_targets: tuple[str, ...] = ("query", "value")  # the LoRA baseline's attention query and value projections
+    lora_fan_in_fan_out = False  # the targets are Conv1D ([in, out] weights: GPT-2)
+    frozen_layers = True  # the layers load as FrozenLayers (SHERL, SynQT); False: a record of facts only
 
     def build_layer(self, config, index: int) -> nn.Module:
         """Backbone layer `index` (0-based) with random weights; called on the meta device."""

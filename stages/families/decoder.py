@@ -39,6 +39,8 @@ def rope_theta(config) -> float:
 
 class RotaryDecoder(Family):
     causal = True
+    pooling = "last"  # only the last real token has seen the whole text
+    lora_targets = ("q_proj", "v_proj")
 
     def __init__(self, model_types: tuple[str, ...], module: str, prefix: str, sandwich_norms: bool = False):
         self.model_types, self.module, self.prefix = model_types, module, prefix

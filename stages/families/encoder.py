@@ -117,11 +117,6 @@ class Encoder(Family):
     def build_layer(self, config, index: int) -> nn.Module:
         return getattr(importlib.import_module(self.module), self.layer_class)(config)
 
-    def shared_modules(self, config, indices):
-        if self.model_types == ("mpnet",):
-            return {"relative_attention_bias": nn.Embedding(config.relative_attention_num_buckets,
-                                                            config.num_attention_heads)}
-        return {}
 
     def checkpoint_tensor(self, name, keys, get_tensor):
         """The key for a module name, allowing a model prefix (bert., mpnet., …) and old LayerNorm names."""
@@ -136,18 +131,11 @@ class Encoder(Family):
 
     def run(self, frozen, hidden, mask):
         attention_mask = bidirectional_mask(frozen.config, hidden, mask)
-        if getattr(frozen, "relative_attention_bias", None) is not None:
-            # MPNetEncoder computes the bias once from its input and passes it to every layer.
-            bias = mpnet_position_bias(frozen.relative_attention_bias, hidden)
-            for layer in frozen.layer.values():
-                hidden = layer(hidden, attention_mask, bias)[0]
-            return hidden
         for layer in frozen.layer.values():
             hidden = layer(hidden, attention_mask)
         return hidden
 
     def query_pass(self, frozen, index, queries, hidden, mask):
-        """MPNet: the learnable queries have no position, so no relative bias applies to them and none is added."""
         return parts_query_pass(self.parts(frozen.layer[str(index)]), frozen.config.num_attention_heads,
                                 queries, hidden, mask)
 
@@ -179,7 +167,38 @@ def mpnet_position_bias(relative_attention_bias: nn.Embedding, hidden: torch.Ten
     return MPNetEncoder.compute_position_bias(encoder, hidden)
 
 
+class MPNet(Encoder):
+    """MPNet: an encoder whose layers share one relative position bias, computed once from the input (as
+    MPNetEncoder does) and passed to every layer. SynQT's learnable queries have no position, so no relative bias
+    applies to them and none is added."""
+
+    lora_targets = ("q", "v")
+
+    def shared_modules(self, config, indices):
+        return {"relative_attention_bias": nn.Embedding(config.relative_attention_num_buckets,
+                                                        config.num_attention_heads)}
+
+    def run(self, frozen, hidden, mask):
+        attention_mask = bidirectional_mask(frozen.config, hidden, mask)
+        bias = mpnet_position_bias(frozen.relative_attention_bias, hidden)
+        for layer in frozen.layer.values():
+            hidden = layer(hidden, attention_mask, bias)[0]
+        return hidden
+
+
 BERT = Encoder("bert", "transformers.models.bert.modeling_bert", "BertLayer")
 ROBERTA = Encoder("roberta", "transformers.models.roberta.modeling_roberta", "RobertaLayer")
 XLM_ROBERTA = Encoder("xlm-roberta", "transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaLayer")
-MPNET = Encoder("mpnet", "transformers.models.mpnet.modeling_mpnet", "MPNetLayer", "eager")
+MPNET = MPNet("mpnet", "transformers.models.mpnet.modeling_mpnet", "MPNetLayer", "eager")
+
+
+class FactsOnly(Family):
+    """A family known by its facts alone: stage one and the baselines run it; its layers do not load as FrozenLayers."""
+
+    frozen_layers = False
+
+    def __init__(self, model_types: tuple[str, ...], lora_targets: tuple[str, ...]):
+        self.model_types, self.lora_targets = model_types, lora_targets
+
+
+DISTILBERT = FactsOnly(("distilbert",), ("q_lin", "v_lin"))

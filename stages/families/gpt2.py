@@ -16,6 +16,9 @@ from .side_block import PreNormSideBlock, side_heads
 class GPT2(Family):
     model_types = ("gpt2",)
     causal = True
+    pooling = "last"
+    lora_targets = ("c_attn",)  # query, key and value in one Conv1D: LoRA adapts all three
+    lora_fan_in_fan_out = True
 
     def build_layer(self, config, index):
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block

@@ -43,6 +43,9 @@ def t5_position_bias(table: nn.Embedding, config, length: int) -> torch.Tensor:
 
 class T5Encoder(Family):
     model_types = ("t5",)
+    pooling = "mean"  # no CLS token
+    encoder_class = "T5EncoderModel"  # AutoModel would build the whole encoder-decoder
+    lora_targets = ("q", "v")
 
     def build_layer(self, config, index):
         from transformers.models.t5.modeling_t5 import T5Block

@@ -48,8 +48,14 @@ class Vision(Family):
     """model_types, the layer class, where layer N lives in a checkpoint (the module's own spelling first), and
     (module name part, older checkpoint name part) renames."""
 
-    def __init__(self, model_types, module: str, layer_class: str, containers: tuple[str, ...], renames=()):
+    pooling = "cls"
+
+    def __init__(self, model_types, module: str, layer_class: str, containers: tuple[str, ...], renames=(),
+                 pooling: str = "cls", towers: dict[str, str] | None = None, interpolates_positions: bool = False,
+                 lora_targets: tuple[str, ...] = ("query", "value")):
         self.model_types, self.module, self.layer_class = model_types, module, layer_class
+        self.pooling, self.towers, self.interpolates_positions = pooling, towers or {}, interpolates_positions
+        self.lora_targets = lora_targets
         self.containers, self.renames = containers, renames
 
     def build_layer(self, config, index):
@@ -113,8 +119,9 @@ VIT = Vision(("vit",), "transformers.models.vit.modeling_vit", "ViTLayer", ("lay
 DEIT = Vision(("deit",), "transformers.models.deit.modeling_deit", "DeiTLayer", ("layers.{i}.", "encoder.layer.{i}."),
               _VIT_RENAMES + _VIT_MLP)
 DINOV2 = Vision(("dinov2",), "transformers.models.dinov2.modeling_dinov2", "Dinov2Layer",
-                ("encoder.layer.{i}.", "layers.{i}."), _VIT_RENAMES + (("mlp.down_proj.", "mlp.weights_out."),))
+                ("encoder.layer.{i}.", "layers.{i}."), _VIT_RENAMES + (("mlp.down_proj.", "mlp.weights_out."),),
+                interpolates_positions=True, lora_targets=("q_proj", "v_proj"))
 CLIP = Vision(("clip_vision_model", "clip"), "transformers.models.clip.modeling_clip", "CLIPEncoderLayer",
-              ("encoder.layers.{i}.",))
+              ("encoder.layers.{i}.",), towers={"clip": "CLIPVisionModel"})
 SIGLIP = Vision(("siglip_vision_model", "siglip"), "transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer",
-                ("encoder.layers.{i}.",))
+                ("encoder.layers.{i}.",), pooling="mean", towers={"siglip": "SiglipVisionModel"})  # no CLS token

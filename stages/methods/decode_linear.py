@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from .base import rms_normalize
 
@@ -24,10 +24,10 @@ def _decoded(states: CachedHiddenStates, k: int, normalize: bool) -> torch.Tenso
 
 class _DecodeLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, bias, states, slots, normalize):
+    def forward(ctx, weight, bias, states, slots, normalize, decoded):
         # Under autocast F.linear computes in the autocast dtype, as an nn.Linear would; backward repeats that dtype.
-        outputs = [F.linear(_decoded(states, k, normalize), weight[i], None if bias is None else bias[i])
-                   for i, k in enumerate(slots)]
+        outputs = [F.linear(decoded[k] if k in decoded else _decoded(states, k, normalize), weight[i],
+                            None if bias is None else bias[i]) for i, k in enumerate(slots)]
         out = torch.stack(outputs, 1)  # [B, n, T, h]
         ctx.states, ctx.slots, ctx.normalize, ctx.has_bias = states, slots, normalize, bias is not None
         ctx.weight_dtype = weight.dtype
@@ -46,12 +46,15 @@ class _DecodeLinear(torch.autograd.Function):
         grad_weight = torch.stack(rows)  # [n, h, D]
         if ctx.has_bias:
             grad_bias = grad.sum((0, 2)).to(ctx.weight_dtype).view(n, h)
-        return grad_weight, grad_bias, None, None, None
+        return grad_weight, grad_bias, None, None, None, None
 
 
-def decode_linear(states: CachedHiddenStates, linears, slots=None, normalize: bool = False) -> torch.Tensor:
+def decode_linear(states: CachedHiddenStates, linears, slots=None, normalize: bool = False,
+                  decoded: dict | None = None) -> torch.Tensor:
     """[B, n, T, h]: layer slot slots[l] of `states` decoded (and RMS-normalised when `normalize`) through
     linears[l] (nn.Linear D -> h, one per slot, all of one shape), for every l; slots default to all K.
+    decoded: {slot: that layer already decoded (and normalised) [B, T, D]}, which the caller also uses (a residual
+    term), so the forward pass does not decode it again; backward decodes it again all the same.
 
     Gradients reach the linears' weights and biases only (the cache is data). Saved for backward: nothing beyond
     the batch's own codes. Raises ValueError when len(linears) != len(slots).
@@ -61,4 +64,4 @@ def decode_linear(states: CachedHiddenStates, linears, slots=None, normalize: bo
         raise ValueError(f"{len(linears)} linear layers for {len(slots)} cached layers")
     weight = torch.stack([linear.weight for linear in linears])  # [n, h, D]
     bias = torch.stack([linear.bias for linear in linears]) if linears[0].bias is not None else None
-    return _DecodeLinear.apply(weight, bias, states, slots, normalize)
+    return _DecodeLinear.apply(weight, bias, states, slots, normalize, decoded or {})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from .base import FeatureSpec, MethodConfig, pool, rms_normalize
 from .registry import register_method

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..families.encoder import SideBlock, encoder_side_block  # noqa: F401  (SideBlock: the encoders' block)
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from .base import FeatureSpec, MethodConfig, pool, rms_normalize, side_width
 from .decode_linear import decode_linear

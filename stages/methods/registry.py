@@ -22,6 +22,15 @@ METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(config_class: type[MethodConfig], model_class: type[nn.Module], summary: str) -> None:
+    """Make a side network available by `config_class.method` (to `pipeline fit --method`, `pipeline methods` and
+    `SideNetwork.for_cache`). config_class: a MethodConfig dataclass (options with defaults); model_class: an
+    nn.Module built as model_class(config, spec: FeatureSpec), with `required_layers(config, spec)` (a static method:
+    the hidden_states indices it reads) and forward(hidden_states: CachedHiddenStates [B, K, T, D] or a float tensor,
+    mask [B, T] bool) -> logits [B, num_labels]. Raises ValueError for an empty name or a missing required_layers."""
+    if not config_class.method:
+        raise ValueError(f"{config_class.__name__}.method is empty: name the method (a class attribute)")
+    if not callable(getattr(model_class, "required_layers", None)):
+        raise ValueError(f"{model_class.__name__} needs a static method required_layers(config, spec) -> list[int]")
     METHODS[config_class.method] = MethodEntry(config_class.method, config_class, model_class, summary)
 
 
@@ -79,5 +88,36 @@ def build_model(config: MethodConfig, spec: FeatureSpec) -> nn.Module:
     return get_method(config.method).model_class(config, spec)
 
 
+ENTRY_POINT_GROUP = "cachetune.methods"  # a package's own side networks: NAME = "module" or "module:function"
+_plugins_loaded = False
+
+
 def _load_builtin_methods() -> None:
     from . import linear, lst, sherl, synqt, unipt, utuning  # noqa: F401  (each registers itself on import)
+
+    _load_plugins()
+
+
+def _load_plugins() -> None:
+    """Methods other packages declare under the entry-point group `cachetune.methods`: the module is imported (its
+    register_method calls run) and, for "module:function", the function is called. A plugin that fails to load is
+    an InputError naming it and its package, not a method that silently goes missing."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    from cachetune.cache.errors import InputError
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+        except Exception as error:
+            _plugins_loaded = False
+            package = entry.dist.name if entry.dist else "its package"
+            raise InputError(f"the side-network plugin {entry.name!r} ({entry.value}, from {package}) failed to load "
+                             f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                             f"fix or uninstall {package}") from None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from .base import FeatureSpec, MethodConfig, per_layer_norm, pool, rms_normalize, side_width
 from .decode_linear import decode_linear
@@ -87,13 +87,15 @@ class SHERL(nn.Module):
         _check(config, spec)
         return list(range(spec.num_layers - config.late_layers + 1))
 
-    def merge(self, states: CachedHiddenStates) -> torch.Tensor:
-        """Early route: n cached layers [B, n, T, D] -> merged side features [B, T, h], token by token."""
+    def merge(self, states: CachedHiddenStates, last: torch.Tensor) -> torch.Tensor:
+        """Early route: n cached layers [B, n, T, D] -> merged side features [B, T, h], token by token. last: the
+        last of them decoded [B, T, D], which forward needs too (decoded once)."""
+        decoded = {} if self.rms_norm else {states.num_layers - 1: last}
         if isinstance(self.transforms[0], GatedTransform):
-            layer = lambda l: rms_normalize(states.layer(l)) if self.rms_norm else states.layer(l)  # noqa: E731
+            layer = lambda l: rms_normalize(states.layer(l)) if self.rms_norm else decoded.get(l, states.layer(l))  # noqa: E731
             z = torch.stack([transform(layer(l)) for l, transform in enumerate(self.transforms)], 2)
         else:  # z_l = LN(W_l H_l) for every l, decoded layer by layer (no float32 copy kept for backward)
-            z = per_layer_norm(decode_linear(states, [t[0] for t in self.transforms], normalize=self.rms_norm),
+            z = per_layer_norm(decode_linear(states, [t[0] for t in self.transforms], None, self.rms_norm, decoded),
                                [t[1] for t in self.transforms]).transpose(1, 2)  # [B, T, n, h]
         s, guide = z[:, :, :-1], z[:, :, -1]
         unit = F.normalize(s, dim=-1, eps=1e-6)
@@ -107,7 +109,8 @@ class SHERL(nn.Module):
     def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features: H_0 .. H_{L-k} [B, L-k+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
         states = CachedHiddenStates.wrap(features, mask)
-        restored = self.out(self.merge(states)) + torch.tanh(self.gate / 0.1) * states.layer(-1)
+        last = states.layer(-1)  # H_{L-k}: the gate's input, and the merge's guide
+        restored = self.out(self.merge(states, last)) + torch.tanh(self.gate / 0.1) * last
         return self.head(pool(self.frozen(restored, mask), mask, self.spec.pooling))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 
 def _config(backbone_path: str):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from .base import FeatureSpec, MethodConfig, per_layer_norm, pool, side_width
 from .decode_linear import decode_linear

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
-from .base import FeatureSpec, MethodConfig, per_layer_linear, pool, rms_normalize
+from .base import FeatureSpec, MethodConfig, pool, rms_normalize
 from .decode_linear import decode_linear
 from .registry import register_method
 
@@ -141,28 +141,24 @@ class UTuning(nn.Module):
         """H_l decoded [B, T, D] (RMS-normalised with rms_norm)."""
         return rms_normalize(states.layer(l)) if self.rms_norm else states.layer(l)
 
-    def tuned(self, states: CachedHiddenStates) -> torch.Tensor | None:
-        """The trainable part of Lat_l(H_l) for l = 1 .. L at once ([B, L, T, D]; the residual H_l is added
-        layer by layer in forward): they do not depend on the bypass, so adapter and lora tuners run as batched
-        matmuls over the layers, their first one decoding the cache (decode_linear). None for prefix tuners."""
-        first, layers = self.lateral[0], range(1, states.num_layers)
-        if isinstance(first, AdapterTuner):
-            hidden = F.gelu(decode_linear(states, [t.down for t in self.lateral], layers, self.rms_norm))
-            return per_layer_linear(hidden, [t.up for t in self.lateral])
-        if isinstance(first, LoRATuner):
-            return per_layer_linear(decode_linear(states, [t.a for t in self.lateral], layers, self.rms_norm),
-                                    [t.b for t in self.lateral])
-        return None
+    def lateral_out(self, tuner: nn.Module, states: CachedHiddenStates, slot: int, h: torch.Tensor) -> torch.Tensor:
+        """Lat_l(H_l) = H_l + U(H_l) for H_l = h, decoded [B, T, D]: adapter and lora tuners' first projection is the
+        fused decode-and-project (decode_linear: it keeps the codes, not h, for backward); prefix tuners run as
+        they are."""
+        if isinstance(tuner, AdapterTuner):
+            down = decode_linear(states, [tuner.down], [slot], self.rms_norm, {slot: h})[:, 0]
+            return h + tuner.up(F.gelu(down))
+        if isinstance(tuner, LoRATuner):
+            return h + tuner.b(decode_linear(states, [tuner.a], [slot], self.rms_norm, {slot: h})[:, 0])
+        return tuner(h)
 
     def forward(self, features: CachedHiddenStates | torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features: H_0 .. H_L [B, L+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
         states = CachedHiddenStates.wrap(features, mask)
         x = self.layer(states, 0)  # x_0 = H_0
-        tuned = self.tuned(states)
         for l, (lateral, vertical) in enumerate(zip(self.lateral, self.vertical)):
-            h = self.layer(states, l + 1)  # H_{l+1}, decoded just in time
-            lateral_out = lateral(h) if tuned is None else h + tuned[:, l]  # Lat(H) = H + U(H)
-            x = lateral_out + vertical(x)  # x_l = Lat_l(H_l) + Ver_l(x_{l-1})
+            h = self.layer(states, l + 1)  # H_{l+1}, decoded once, just in time
+            x = self.lateral_out(lateral, states, l + 1, h) + vertical(x)  # x_l = Lat_l(H_l) + Ver_l(x_{l-1})
         return self.head(pool(self.norm(x), mask, self.spec.pooling))
 
 

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from cache.errors import InputError
-from cache.reader import subset_positions
+from cachetune.cache.errors import InputError
+from cachetune.cache.reader import subset_positions
 
 from ..atomic_folder import atomic_folder
 from ..backbones import causal_position_ids, check_pooling, load_backbone
+from ..families import family_facts
 from ..extraction.extract import pixel_values
 from .checkpoint import Checkpoint
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
@@ -87,13 +88,6 @@ class BackboneClassifier(torch.nn.Module):
         return self.head(pool(hidden, mask, self.pooling))
 
 
-# The attention query and value projections of each family, by module name (LoRA's usual q,v choice). GPT-2 keeps
-# query, key and value in one Conv1D (c_attn), so LoRA adapts all three there.
-LORA_TARGETS = {"mpnet": ["q", "v"], "distilbert": ["q_lin", "v_lin"], "t5": ["q", "v"], "gpt2": ["c_attn"],
-                **{kind: ["q_proj", "v_proj"] for kind in ("llama", "mistral", "qwen2", "gemma3_text", "dinov2")}}
-DEFAULT_LORA_TARGETS = ["query", "value"]  # BERT, RoBERTa, XLM-R, ELECTRA, ...
-
-
 def enable_checkpointing(encoder) -> None:
     """transformers' gradient checkpointing (`activation_checkpointing_enable` from transformers 5, its old name
     before), non-reentrant, so gradients reach LoRA's weights although the embedding is frozen."""
@@ -108,9 +102,10 @@ def _wrap_lora(encoder, settings: BaselineSettings):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise InputError("the lora baseline needs PEFT: run `pip install -e \".[baseline]\"`") from None
-    targets = settings.lora_targets or LORA_TARGETS.get(encoder.config.model_type, DEFAULT_LORA_TARGETS)
+    family = family_facts(encoder.config.model_type)  # its attention query and value projections (stages/families/)
+    targets = settings.lora_targets or list(family.lora_targets)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=targets, fan_in_fan_out=encoder.config.model_type == "gpt2")  # Conv1D: [in, out]
+                        target_modules=targets, fan_in_fan_out=family.lora_fan_in_fan_out)
     try:
         return get_peft_model(encoder, config)
     except ValueError as error:

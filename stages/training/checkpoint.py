@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.layout import key_sha256
+from cachetune.cache.layout import key_sha256
 
 
 def _stderr(line: str) -> None:

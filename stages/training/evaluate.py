@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache.hidden_states import CachedHiddenStates
-from cache.reader import CacheReader
+from cachetune.cache.hidden_states import CachedHiddenStates
+from cachetune.cache.reader import CacheReader
 
 from ..metrics import task_metrics
 from ..runtime import CPU, Runtime

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.errors import InputError
-from cache.layout import key_sha256, layer_array_name
-from cache.reader import BUFFER_BYTES, CacheReader, open_store
+from cachetune.cache.errors import InputError
+from cachetune.cache.layout import key_sha256, layer_array_name
+from cachetune.cache.reader import BUFFER_BYTES, CacheReader, open_store
 
 from ..atomic_folder import atomic_folder
 from .checkpoint import Checkpoint
@@ -158,13 +158,12 @@ def gpu_memory_figures(runtime: Runtime, learner, resident: int, alone: bool) ->
         "this network's weights, gradients, optimizer state, largest batch and largest step transient (the device "
         "also held the sweep's other networks; their sum is peak_gpu_invocation_mb), less the --in-memory cache")
     return figures
-def reader_buffer_mb(reader: CacheReader, settings: FitSettings) -> float:
-    """MB of cache rows a training reader holds at most (numpy, outside torch's tracking): the layers packed in
-    memory (--in-memory), or its byte budget (--buffer-mb; a single sample longer than half of it is held whole)."""
+def reader_buffer_mb(reader: CacheReader) -> float:
+    """MB of cache rows a training reader held at most (numpy, outside torch's tracking): the layers packed in
+    memory (--in-memory), or the served rows of the buffer served plus the one read ahead (at most --buffer-mb)."""
     if reader.memory is not None:
         return reader.memory.numel() * reader.memory.element_size() / 2**20
-    longest = int(reader.lengths[reader.samples].max(initial=0)) * reader.token_bytes / 2**20
-    return 2 * max(settings.buffer_mb / 2, longest)
+    return reader.buffer_peak_bytes / 2**20
 
 
 def run_identity(config: MethodConfig, settings: FitSettings, cache_key_sha256: str) -> dict:
@@ -217,7 +216,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           "(after importing torch and zarr; the cache, model and frozen layers load later)",
                           asdict(settings), runtime,
                           gpu_memory_figures(runtime, learners[0], resident_bytes(readers), alone=True),
-                          reader_buffer_mb(readers["train"], settings))
+                          reader_buffer_mb(readers["train"]))
     metrics["data_path"] = data_path(readers["train"])
     metrics["identity_sha256"] = key_sha256(identity)
     # wall seconds of this fit (the cache opened, every epoch, validation, test), and of the extraction that wrote

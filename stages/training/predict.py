@@ -1,14 +1,17 @@
 """Predictions on raw inputs: the frozen backbone and the side network, no cache needed."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
-from cache.errors import InputError
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.errors import InputError
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from ..backbones import causal_position_ids, load_backbone
-from ..extraction.extract import preprocessor_sha256
+from ..extraction.extract import pixel_values, preprocessor_sha256
+from ..images import Images
 from ..runtime import CPU, Runtime
 from .side_model import SideModel
 
@@ -30,11 +33,13 @@ def load_matching_backbone(side: SideModel):
 
 
 @torch.no_grad()
-def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] | None = None,
-                  batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
-    """Logits [N, C]. Features are rounded to the cache's dtype, as the side network saw them in training; the
-    backbone runs at the precision stage one ran it in (the store key's `precision`: fp32 unless extracted in bf16
-    or fp16). InputError when this device cannot run that precision (fp16 on a CPU)."""
+def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | None = None, batch_size: int = 32,
+                   runtime: Runtime | None = None) -> np.ndarray:
+    """Logits [N, C] for N raw inputs: texts (with optional second texts `pairs`) for a text model, image file paths
+    for an image model. One path for both: the backbone runs at the precision stage one ran it in (the store key's
+    `precision`: fp32 unless extracted in bf16 or fp16), at the cache's max length or image size, and its hidden
+    states reach the side network in the cache's encoding (CachedHiddenStates.encode: the rounding it was trained on).
+    InputError when this device cannot run that precision (fp16 on a CPU) or an image cannot be read."""
     runtime = runtime or CPU
     precision = side.info["cache_key"].get("precision", "fp32")
     try:
@@ -42,25 +47,49 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
     except InputError as error:
         raise InputError(f"this model's cache was extracted in {precision}, which {runtime.device} cannot run ({error}); "
                          "predict with --device cuda") from None
-    backbone.tokenizer.padding_side = "right"
-    outputs = []
     side.model.eval().to(runtime.device)
     encoder = backbone.model.to(runtime.device)
-    for first in range(0, len(texts), batch_size):
-        batch = backbone.tokenizer(texts[first:first + batch_size], pairs[first:first + batch_size] if pairs else None,
-                                   truncation=True, max_length=side.info["max_length"], padding=True, return_tensors="pt")
-        if backbone.causal:  # positions over real tokens, as in extraction
-            batch["position_ids"] = causal_position_ids(batch["attention_mask"])
-        batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
+    forward = _image_forward if backbone.modality == "image" else _text_forward
+    outputs = []
+    for first in range(0, len(inputs), batch_size):
+        chunk = slice(first, first + batch_size)
         with stage_one.autocast():
-            hidden = encoder(**batch, output_hidden_states=True).hidden_states
-        mask = batch["attention_mask"].bool()
-        # in the store's encoding: the rounding the side network saw in training, decoded layer by layer
+            hidden, mask = forward(encoder, backbone, inputs[chunk], pairs[chunk] if pairs else None, side, runtime)
         states = CachedHiddenStates.encode(torch.stack([hidden[i] for i in side.layers], 1), mask, side.info["dtype"])
         with runtime.autocast():
-            logits = side.model(states, mask)
-        outputs.append(logits.float())
+            outputs.append(side.model(states, mask).float())
     return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, side.spec.num_labels), np.float32)
+
+
+def _text_forward(encoder, backbone, texts, pairs, side: SideModel, runtime: Runtime):
+    """(hidden_states, mask [B, T]) of texts, tokenized as at extraction (right padding, the cache's max length)."""
+    backbone.tokenizer.padding_side = "right"
+    batch = backbone.tokenizer(list(texts), list(pairs) if pairs else None, truncation=True,
+                               max_length=side.info["max_length"], padding=True, return_tensors="pt")
+    if backbone.causal:  # positions over real tokens, as in extraction
+        batch["position_ids"] = causal_position_ids(batch["attention_mask"])
+    batch = {name: runtime.to_device(tensor) for name, tensor in batch.items()}
+    return encoder(**batch, output_hidden_states=True).hidden_states, batch["attention_mask"].bool()
+
+
+def _image_forward(encoder, backbone, paths, pairs, side: SideModel, runtime: Runtime):
+    """(hidden_states, mask [B, T]) of image files, processed as at extraction; every token is real."""
+    data = SimpleNamespace(images=Images(paths=[str(p) for p in paths]))
+    hidden = encoder(pixel_values=runtime.to_device(pixel_values(backbone, data, range(len(paths)))),
+                     output_hidden_states=True).hidden_states
+    return hidden, torch.ones(hidden[0].shape[:2], dtype=torch.bool, device=hidden[0].device)
+
+
+def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] | None = None,
+                  batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
+    """Logits [N, C] for N texts (predict_logits)."""
+    return predict_logits(side, backbone, texts, pairs, batch_size, runtime)
+
+
+def predict_images(side: SideModel, backbone, paths: list, batch_size: int = 32,
+                   runtime: Runtime | None = None) -> np.ndarray:
+    """Logits [N, C] for N image files (predict_logits)."""
+    return predict_logits(side, backbone, paths, None, batch_size, runtime)
 
 
 def logits_to_records(logits: np.ndarray, task: str, label_names: list[str]) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 from ..methods import FeatureSpec, MethodConfig, build_model, config_from_dict
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 LENGTH_BUCKETS = 4
 

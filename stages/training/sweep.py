@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from cache.layout import key_sha256
-from cache.reader import CacheReader, open_store, subset_positions
+from cachetune.cache.layout import key_sha256
+from cachetune.cache.reader import CacheReader, open_store, subset_positions
 
 from .checkpoint import Checkpoint
 from .evaluate import layer_subsets, predict_split_many
@@ -183,7 +183,7 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
                               "when it began; seconds per epoch are the sweep's, shared by every run of its seed",
                               asdict(member.settings), runtime,
                               gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False),
-                              reader_buffer_mb(readers["train"], member.settings))
+                              reader_buffer_mb(readers["train"]))
         metrics.update(identity_sha256=key_sha256(member.identity), sweep_run=member.run.name,
                        sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]))
         side = SideModel(member.model, member.run.config, spec, model_info(attrs, cache_path))

@@ -17,7 +17,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.errors import InputError
+from cachetune.cache.errors import InputError
 
 from ..methods import MethodConfig, config_from_options, get_method, method_names
 

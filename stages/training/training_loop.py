@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cache.hidden_states import CachedHiddenStates
+from cachetune.cache.hidden_states import CachedHiddenStates
 
 from ..memory import peak_allocated_mb, peak_rss_mb, tensor_mb
 from ..metrics import primary_metric

@@ -1,0 +1,78 @@
+"""Images as stage one and predict read them: lazily, by index, from files or one uint8 array."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cachetune.cache.errors import InputError
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class Images:
+    """A lazy, indexable image collection: file paths, or one uint8 array [N, H, W] or [N, H, W, C].
+
+    `load(i, mode)` decodes image i as a PIL image in `mode` ("RGB", or "L" for one-channel models), so
+    grayscale images reach processors that expect three channels as RGB.
+    """
+
+    def __init__(self, paths: list[str] | None = None, array: np.ndarray | None = None):
+        if (paths is None) == (array is None):
+            raise ValueError("give either paths or an array")
+        self.paths = [str(p) for p in paths] if paths is not None else None
+        self.array = np.ascontiguousarray(array, dtype=np.uint8) if array is not None else None
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else len(self.array)
+
+    def load(self, index: int, mode: str = "RGB"):
+        from PIL import Image
+
+        if self.array is not None:
+            return Image.fromarray(self.array[index]).convert(mode)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert(mode)
+        except Exception as error:  # missing, truncated, not an image
+            raise InputError(f"cannot read image {path}: {first_line(error)}; replace or remove the file") from None
+
+    def update_digest(self, digest) -> None:
+        """Pixel bytes (array) or file bytes (paths), in order: the same images give the same fingerprint."""
+        if self.array is not None:
+            digest.update(json.dumps(["array", list(self.array.shape)]).encode())
+            digest.update(self.array.tobytes())
+            return
+        for path in self.paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as error:
+                raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what a folder is searched for
+
+
+def image_paths(images: list[str]) -> list[Path]:
+    """The images to predict: each file, and every image file under each folder (sorted). Raises InputError for a
+    missing path or a folder without images."""
+    paths: list[Path] = []
+    for name in images:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise InputError(f"--image {name}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+            paths += found
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise InputError(f"--image {name}: no such file or folder")
+    return paths
