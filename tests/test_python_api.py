@@ -124,7 +124,8 @@ def test_the_wheel_holds_one_package_and_both_installs_import(tmp_path):
     assert shown.stdout.count(str(target)) == 2 and "'lst'" in shown.stdout
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # without pip: the venv's own old setuptools would shadow the one that builds editable wheels
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     copy = tmp_path / "source"
     copy.mkdir()
     for path in ("pyproject.toml", "README.md", "cachetune", "cache", "stages", "pipeline"):
