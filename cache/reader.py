@@ -80,7 +80,7 @@ def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
     return scales
 
 
-BUFFER_BYTES = 48 << 20  # the default read-ahead budget: served rows held, the buffer served and the one read ahead
+BUFFER_BYTES = 48 << 20  # the default read-ahead budget's cap: served rows held, the buffer served and the one ahead
 
 
 class CacheReader:
@@ -153,6 +153,13 @@ class CacheReader:
         codes = len(self.arrays) * self.arrays[0].shape[1] * self.arrays[0].dtype.itemsize
         return codes + sum(array.shape[1] * array.dtype.itemsize for array in self.scale_arrays)
 
+    @property
+    def default_buffer_bytes(self) -> int:
+        """The default budget: what the reader held before it was bounded in bytes (two buffers of two whole blocks
+        of the selected layers), at most BUFFER_BYTES (48 MB, the smallest budget that read as fast: BENCHMARKS.md).
+        A reader of few layers keeps that little; one of many layers is capped."""
+        return min(BUFFER_BYTES, 4 * self.block_tokens * self.token_bytes)
+
     def _pieces(self, buffer_bytes: int) -> list[list[np.ndarray]]:
         """Per block, its served samples (in token order) cut into pieces of at most buffer_bytes / 2 of rows
         (at least one sample each)."""
@@ -213,11 +220,13 @@ class CacheReader:
         batches = [samples[first:first + batch_size] for first in range(0, len(samples), batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))] if by_length and shuffle else batches
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_bytes: int = BUFFER_BYTES,
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, buffer_bytes: int | None = None,
                 pin_memory: bool = False, by_length: bool = False):
-        """Batches of `batch_size`; the next buffer (at most buffer_bytes / 2 of served rows) is read on a
-        background thread while the current one is served. pin_memory: collate into page-locked memory, for
-        non-blocking GPU copies. by_length: length-bucketed batches within each buffer (see `_batch_samples`)."""
+        """Batches of `batch_size`; the next buffer (at most buffer_bytes / 2 of served rows; None: the default
+        budget) is read on a background thread while the current one is served. pin_memory: collate into
+        page-locked memory, for non-blocking GPU copies. by_length: length-bucketed batches within each buffer (see
+        `_batch_samples`)."""
+        buffer_bytes = buffer_bytes or self.default_buffer_bytes
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.block_samples)) if shuffle else np.arange(len(self.block_samples))
         pieces = self._pieces(buffer_bytes)

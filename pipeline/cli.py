@@ -165,9 +165,10 @@ def training_options(command):
         click.option("--batch-size", type=int, default=32, show_default=True, help="Training samples per optimizer step."),
         click.option("--warmup-ratio", type=float, default=0.1, show_default=True,
                      help="Share of steps with linear warm-up; then linear decay to 0."),
-        click.option("--buffer-mb", type=float, default=48, show_default=True,
+        click.option("--buffer-mb", type=float, default=None,
                      help="MB of cache rows the reader holds: the shuffle buffer served and the one read ahead, half "
-                          "each (memory vs randomness: samples are shuffled within a buffer)."),
+                          "each (memory vs randomness: samples are shuffled within a buffer) [default: two buffers of "
+                          "two blocks of the layers read, at most 48]."),
         click.option("--in-memory/--streaming", default=None,
                      help="Load the needed layers once onto the training device (RAM, or the GPU's memory) and gather "
                           "batches there, or stream them from the store [default: in memory on a GPU when they fit in "
@@ -196,8 +197,8 @@ def _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length
 
     if epochs < 1 or batch_size < 1:
         raise InputError("--epochs and --batch-size must be at least 1")
-    if not buffer_mb > 0:
-        raise InputError(f"--buffer-mb {buffer_mb}: give a positive number of MB (default 48)")
+    if buffer_mb is not None and not buffer_mb > 0:
+        raise InputError(f"--buffer-mb {buffer_mb}: give a positive number of MB, or leave it out for the default")
     runtime = resolve_runtime(device, precision)  # bad --device/--precision fail here, before the cache is opened
     if compile_ and not runtime.is_cuda and not shutil.which(os.environ.get("CXX", "g++")):
         raise InputError("--compile on the CPU needs a C++ compiler (g++ or $CXX) for torch.compile; install one or "

@@ -39,3 +39,16 @@ def test_small_budgets_serve_the_same_rows_and_hold_only_served_ones(tiny_bert, 
     first = subset.block_samples[0]
     assert (np.diff(subset.token_start[first]) > 0).all()  # a block's samples in token order: pieces are contiguous
     np.testing.assert_array_equal(list(offsets.values()), np.concatenate([[0], np.cumsum(subset.lengths[first])[:-1]]))
+
+
+def test_the_default_budget_is_what_the_block_reader_held_capped(tiny_bert, tiny_table, tmp_path):
+    """Default: two buffers of two whole blocks of the layers read (the block reader's), at most 48 MB; a pass holds
+    no more than that, give or take one sample."""
+    from cachetune.cache.reader import BUFFER_BYTES
+
+    run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", layers="0,2", dtype="fp8")
+    reader = CacheReader(str(tmp_path / "f.zarr"), "train", layers=[2])
+    assert reader.default_buffer_bytes == min(BUFFER_BYTES, 4 * reader.block_tokens * reader.token_bytes)
+    served(reader)
+    longest = int(reader.lengths.max()) * reader.token_bytes
+    assert 0 < reader.buffer_peak_bytes <= reader.default_buffer_bytes + 2 * longest

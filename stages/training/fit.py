@@ -12,7 +12,7 @@ import torch
 
 from cachetune.cache.errors import InputError
 from cachetune.cache.layout import key_sha256, layer_array_name
-from cachetune.cache.reader import BUFFER_BYTES, CacheReader, open_store
+from cachetune.cache.reader import CacheReader, open_store
 
 from ..atomic_folder import atomic_folder
 from .checkpoint import Checkpoint
@@ -34,7 +34,8 @@ class FitSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     seed: int = 0
-    buffer_mb: float = BUFFER_BYTES / 2**20  # served cache rows the reader holds (buffer + read-ahead): more = more random
+    buffer_mb: float | None = None  # served cache rows the reader holds (buffer + read-ahead): more = more random;
+    # None: CacheReader.default_buffer_bytes
     in_memory: bool | None = None  # pack the needed layers on the device once; None: on a GPU when they fit (resident_fits)
     max_train_samples: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -98,7 +99,8 @@ def open_readers(cache_path: str, root, layers: list[int], settings: FitSettings
 def train_batches(reader: CacheReader, settings: FitSettings, epoch: int, runtime: Runtime):
     """One epoch's training batches, in the order the seed and epoch fix: `fit` and `sweep` both read them here."""
     return reader.batches(settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                          buffer_bytes=int(settings.buffer_mb * 2**20), pin_memory=runtime.pin_memory,
+                          buffer_bytes=int(settings.buffer_mb * 2**20) if settings.buffer_mb else None,
+                          pin_memory=runtime.pin_memory,
                           by_length=settings.length_buckets)
 
 
