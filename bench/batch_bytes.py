@@ -7,8 +7,9 @@ store, and one training step (forward, backward, AdamW) is measured by torch's o
   first projections fused with the decoding);
 - `float32`: the same batch widened to float32 before the step (every layer at once), the input stage two gave its
   methods before (the decoding's own temporaries, which came before the step, are not counted).
-A least-squares line through (cached values in the batch, MB) gives the marginal bytes per cached value (B x K x T x D
-values of K cached layers of width D); what does not grow with the batch (weights, optimizer state) is the intercept.
+Reported per cached value (B x K x T x D values of K cached layers of width D): what the batch itself holds (codes
+and scales, against the peak of widening it to float32), and the slope of a least-squares line through (cached
+values, step MB) over the batch sizes: the whole step's marginal cost, the network's own activations included.
 
     python bench/batch_bytes.py --caches artifacts/features.zarr --methods linear,lst,unipt,sherl,utuning,synqt
 """
@@ -33,12 +34,18 @@ from cachetune.stages.training.training_loop import batch_tensors, loss_of  # no
 
 
 def batches_of(reader: CacheReader, sizes: list[int]) -> list:
-    """For each batch size, the longest real batch (length-bucketed) of that size from one pass."""
+    """For each batch size, the longest full real batch (length-bucketed) of that size from one pass."""
     chosen = []
     for size in sizes:
-        longest = max(reader.batches(size, shuffle=True, seed=0, by_length=True), key=lambda b: b.mask.shape[1])
-        chosen.append(longest)
+        full = [batch for batch in reader.batches(size, shuffle=True, seed=0, by_length=True) if len(batch.labels) == size]
+        chosen.append(max(full, key=lambda batch: batch.mask.shape[1]))
     return chosen
+
+
+def batch_mb(states) -> tuple[float, float]:
+    """(MB the batch holds as codes, MB its float32 widening takes at its peak: the dense copy and the decoding's
+    temporaries, by torch's allocation tracking)."""
+    return tensor_mb(batch_tensors((states, states.mask))), peak_allocated_mb(states.dense)
 
 
 def step_mb(model, inputs, labels, task: str) -> float:
@@ -71,9 +78,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    print("| cache | encoding | method | batches (B x T) | bytes per cached value: codes | float32 | float32 / codes "
-          "| step MB at the largest batch: codes | float32 |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| cache | encoding | method | batches (B x T) | batch bytes per cached value: codes | float32 (peak of "
+          "widening) | step bytes per cached value: codes | float32 | step MB at the largest batch: codes | float32 |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for cache in args.caches.split(","):
         root = open_store(cache)
         spec = spec_from_store(root)
@@ -91,9 +98,12 @@ def main():
                 ours.append((values, step_mb(model, (states, states.mask), batch.labels, task)))
                 dense.append((values, step_mb(model, (states.dense(), states.mask), batch.labels, task)))
             (a, _), (b, _) = slope(ours), slope(dense)
+            codes_mb, widened_mb = batch_mb(chosen[-1].hidden_states())
+            values = ours[-1][0] / 2**20
             shapes = ", ".join(f"{batch.mask.shape[0]}x{batch.mask.shape[1]}" for batch in chosen)
-            print(f"| {Path(cache).parent.name}/{Path(cache).name} | {encoding} | {method} | {shapes} | {a:.2f} | "
-                  f"{b:.2f} | {b / a:.1f} | {ours[-1][1]:.0f} | {dense[-1][1]:.0f} |", flush=True)
+            print(f"| {Path(cache).parent.name}/{Path(cache).name} | {encoding} | {method} | {shapes} | "
+                  f"{codes_mb / values:.2f} | {widened_mb / values:.2f} | {a:.2f} | {b:.2f} | {ours[-1][1]:.0f} | "
+                  f"{dense[-1][1]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
