@@ -35,8 +35,12 @@ def reset_peak() -> bool:
 
 
 def peak_rss_mb() -> float:
+    """The high-water mark, and never below the current RSS: the kernel folds per-thread RSS counters into VmHWM
+    lazily, so just after `reset_peak` VmHWM can read a little under VmRSS."""
     peak = _status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(peak, current_rss_mb())
 
 
 def limit_allocator_slack() -> bool:

@@ -31,7 +31,9 @@ def tiny_cache(tiny_bert, tmp_path_factory):
 
 def train(cache, method, out, epochs=4, seed=0, lr=3e-3, **options):
     config = config_from_options(method, {**METHOD_OPTIONS[method], **options})
-    settings = FitSettings(epochs=epochs, batch_size=16, lr=lr, seed=seed, warmup_ratio=0.0)
+    # buffer_mb: the whole tiny split in one shuffle buffer (its 128-token blocks would make buffers of two blocks,
+    # ~30 samples, whose batches barely change between epochs: lst then stalls on every seed)
+    settings = FitSettings(epochs=epochs, batch_size=16, lr=lr, seed=seed, warmup_ratio=0.0, buffer_mb=48)
     return fit(str(cache), config, settings, out, show_progress=False)
 
 

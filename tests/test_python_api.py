@@ -69,19 +69,22 @@ def test_dataset_with_workers_serves_what_the_reader_serves(tiny_bert, tiny_tabl
     from torch.utils.data import DataLoader
 
     run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr", layers="0,2", dtype="fp8")
+    from cachetune.cache.reader import CacheReader
+
     cache = cachetune.Cache(tmp_path / "f.zarr")
     data = cache.dataset("train", layers=[2])
-    expected = {}
-    for states, labels in cache.batches("train", layers=[2], batch_size=7):
-        dense = states.dense()
-        for row in range(len(labels)):
-            expected[len(expected)] = (dense[row, :, :int(states.mask[row].sum())], int(labels[row]))
+    reader = CacheReader(str(tmp_path / "f.zarr"), "train", [2])
+    expected = {}  # sample -> (decoded rows, label), as the streaming reader serves them
+    for batch in reader.batches(7):
+        dense = batch.hidden_states().dense()
+        for row, sample in enumerate(batch.index):
+            expected[int(sample)] = (dense[row, :, :int(batch.mask[row].sum())], int(batch.labels[row]))
     seen = 0
     for states, labels in DataLoader(data, batch_size=5, collate_fn=data.collate, num_workers=2):
         assert isinstance(states, cachetune.CachedHiddenStates) and states.codes.dtype == torch.uint8
         dense = states.dense()
         for row in range(len(labels)):
-            values, label = expected[seen]
+            values, label = expected[int(reader.samples[seen])]  # the dataset's i-th item is the split's i-th sample
             assert label == int(labels[row])
             torch.testing.assert_close(dense[row, :, :int(states.mask[row].sum())], values, rtol=0, atol=0)
             seen += 1
