@@ -128,7 +128,8 @@ def main():
     for name, m in rows.items():
         where = f"{m.get('device_name', 'cpu')}, {m.get('precision', 'fp32')}"
         trained = not m.get("measured_step_only")
-        accuracy = f"{100 * m['test']['accuracy']:.2f}%" if trained else "(LoRA's)"
+        accuracy = f"{100 * m['test']['accuracy']:.2f}%" if trained else (
+            "(LoRA's)" if m.get("gradient_checkpointing") else "(one step, untrained)")
         lines.append(" | ".join([
             f"| {name}", accuracy, f"{m['trainable_parameters']:,}", f"{training_mb(m):.0f}",
             ratio(m, lora, training_mb), ratio(m, checkpointed, training_mb), f"{rss_of(m):.0f}", ratio(m, lora, rss_of),
