@@ -51,6 +51,11 @@ def limit_allocator_slack() -> bool:
     mmapped and unmapped per step, and each step paid for fresh zeroed pages. Measured on MiniLM's cache, 1,600
     samples, two torch threads (SHERL): 1 MB: 70 samples/s, peak 343 MB above start; glibc's defaults: 127
     samples/s, 481 MB; 64 MB: 142 samples/s, 521 MB. Half the speed was not worth a third of the CPU memory figure.
+
+    Revisited once batches stayed 8-bit (2026-12-07, `python bench/allocator.py --method sherl --threshold-mb N`, the
+    main job's store, 1,600 samples, quiet): 64 MB 206-210 samples/s, 334-346 MB; 16 MB 212, 322 MB; 8 MB 187-196,
+    296-306 MB; 4 MB 160, 278 MB; glibc's defaults 214, 348 MB; lst at 8 MB gained nothing (304 against 297 MB). No
+    threshold saves more than a tenth of the RSS without costing speed, so 64 MB stays.
     """
     import ctypes
     import ctypes.util
