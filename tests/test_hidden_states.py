@@ -8,8 +8,14 @@ from torch import nn
 
 from cachetune.cache.encoding import Decoder, Encoding
 from cachetune.cache.hidden_states import CachedHiddenStates
-from cachetune.stages.methods.base import per_layer_linear, rms_normalize
+from cachetune.stages.methods.base import rms_normalize
 from cachetune.stages.methods.decode_linear import decode_linear
+
+
+def per_layer_linear(x: torch.Tensor, linears) -> torch.Tensor:
+    """The float32 reference the methods used before: [B, n, T, D] through linears[l] per slice, one einsum."""
+    out = torch.einsum("bntd,nhd->bnth", x, torch.stack([linear.weight for linear in linears]))
+    return out + torch.stack([linear.bias for linear in linears])[:, None, :]
 
 
 def encoded_batch(dtype: str, seed: int = 0) -> CachedHiddenStates:

@@ -100,16 +100,6 @@ def rms_normalize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.nn.functional.rms_norm(features, features.shape[-1:], eps=eps)
 
 
-def per_layer_linear(x: torch.Tensor, linears) -> torch.Tensor:
-    """[B, n, T, D] -> [B, n, T, h]: slice l through linears[l], as one batched matmul instead of n small ones (on
-    a GPU, n tiny kernels cost more than the arithmetic). The weights stay one nn.Linear per layer, so saved models
-    keep their parameter names."""
-    out = torch.einsum("bntd,nhd->bnth", x, torch.stack([linear.weight for linear in linears]))
-    if linears[0].bias is not None:
-        out = out + torch.stack([linear.bias for linear in linears])[:, None, :]
-    return out
-
-
 def per_layer_norm(x: torch.Tensor, norms) -> torch.Tensor:
     """[B, n, T, h]: slice l through LayerNorm norms[l] (all of one eps), in one call."""
     normalised = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=norms[0].eps)
