@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .dataset import CachedSplit
+from .errors import InputError
 from .info import describe_store
 from .reader import CacheReader, open_store
 
@@ -44,6 +45,8 @@ class Cache:
                 shuffle: bool = False, seed: int = 0, limit: int | None = None, by_length: bool = False):
         """Batches streamed block by block (the fast path `pipeline fit` trains on): yields (CachedHiddenStates
         [B, K, T, W], labels [B]); memory stays within the reader's byte budget."""
+        if batch_size < 1:
+            raise InputError(f"batch_size {batch_size}: give at least 1")
         reader = CacheReader(self.path, split, layers, limit=limit)
         for batch in reader.batches(batch_size, shuffle=shuffle, seed=seed, by_length=by_length):
             yield batch.hidden_states(), batch.labels

@@ -116,9 +116,14 @@ def extract(backbone: str = "minilm", data: str = "movies", out: str = "artifact
     `log` (default: standard error). Rerunning with the same settings does nothing; after a crash it resumes.
     Returns the store as a `Cache`. Raises InputError or StorageError (both cachetune.CachetuneError).
     """
+    import inspect
     import sys
 
     from cachetune.cache.store import Cache
 
+    known = set(inspect.signature(run_extract).parameters) - {"backbone", "data", "out", "log"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"extract has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
     run_extract(backbone, data, out, log=log or (lambda line: print(line, file=sys.stderr)), **options)
     return Cache(out)

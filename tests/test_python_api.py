@@ -105,8 +105,19 @@ def test_side_network_round_trips_and_refuses_what_it_cannot_read(tiny_bert, tin
     torch.testing.assert_close(again(states), net(states))
     records = again.predict(texts=["a fine film", "dull"])
     assert [sorted(r["probabilities"]) for r in records] == [sorted(again.label_names)] * 2
+    assert again.predict(texts="a fine film") == records[:1]  # one string is one text, not one text per character
     with pytest.raises(cachetune.InputError, match="texts"):
         again.predict(images=["x.png"])
+    with pytest.raises(cachetune.InputError, match="give texts"):
+        again.predict()
+    with pytest.raises(cachetune.InputError, match="unknown method 'nosuch'"):
+        cachetune.SideNetwork.for_cache(cache, "nosuch")
+    with pytest.raises(cachetune.InputError, match="no option 'nosuch'"):
+        cachetune.SideNetwork.for_cache(cache, "linear", nosuch=1)
+    with pytest.raises(cachetune.InputError, match="batch_size 0"):
+        next(cache.batches("test", batch_size=0))
+    with pytest.raises(cachetune.InputError, match="extract has no option nosuch"):
+        cachetune.extract(str(tiny_bert), str(tiny_table), str(tmp_path / "g.zarr"), nosuch=1)
 
 
 def test_the_wheel_holds_one_package_and_both_installs_import(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,7 +91,10 @@ class BackboneClassifier(torch.nn.Module):
 
 def enable_checkpointing(encoder) -> None:
     """transformers' gradient checkpointing (`activation_checkpointing_enable` from transformers 5, its old name
-    before), non-reentrant, so gradients reach LoRA's weights although the embedding is frozen."""
+    before), non-reentrant, so gradients reach LoRA's weights although the embedding is frozen. The key/value cache
+    is off (nothing is generated here; transformers would switch it off itself, with a log line)."""
+    if getattr(encoder.config, "use_cache", False):
+        encoder.config.use_cache = False
     if hasattr(encoder, "activation_checkpointing_enable"):
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -107,7 +111,9 @@ def _wrap_lora(encoder, settings: BaselineSettings):
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=targets, fan_in_fan_out=family.lora_fan_in_fan_out)
     try:
-        return get_peft_model(encoder, config)
+        with warnings.catch_warnings():  # PEFT asks transformers 5 the deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(encoder, config)
     except ValueError as error:
         raise InputError(f"LoRA targets {targets}: {str(error).splitlines()[0]}; "
                          "name modules of this backbone, e.g. --lora-targets query,value") from None

@@ -26,6 +26,7 @@ class SideNetwork(torch.nn.Module):
     labels, pooling, backbone folder) and the cache's facts (`info`: task, label names, the cache's key)."""
 
     def __init__(self, model: torch.nn.Module, config: MethodConfig, spec: FeatureSpec, info: dict):
+        """Wraps a built method module; make one with `for_cache` or `from_pretrained`."""
         super().__init__()
         self.model, self.config, self.spec, self.info = model, config, spec, info
         self._backbone = None
@@ -33,11 +34,14 @@ class SideNetwork(torch.nn.Module):
     @classmethod
     def for_cache(cls, cache: Cache | str, method: str = "sherl", **options) -> "SideNetwork":
         """A new network of `method` (see `method_names()`) for the cache, with method options as keyword arguments
-        (`r=4`). Raises InputError when the cache lacks the layers the method reads or the method cannot run on its
-        backbone, ValueError for an unknown option."""
+        (`r=4`). Raises InputError for an unknown method or option, or when the cache lacks the layers the method
+        reads or the method cannot run on its backbone."""
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         spec = spec_from_store(cache.root)
-        config = config_from_options(method, options)
+        try:
+            config = config_from_options(method, options)
+        except (KeyError, ValueError) as error:  # an unknown method or option: the message lists the valid ones
+            raise InputError(str(error.args[0]) if error.args else str(error)) from None
         required_layers(config, spec, cache.path)
         return cls(build_model(config, spec), config, spec, model_info(cache.attrs, cache.path))
 
@@ -48,7 +52,8 @@ class SideNetwork(torch.nn.Module):
 
     @property
     def label_names(self) -> list[str]:
-        return list(self.info["label_names"])
+        """The class names, in the order of the logits' columns (empty for regression)."""
+        return list(self.info["label_names"] or [])
 
     def forward(self, hidden_states: CachedHiddenStates | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: a cache batch ([B, K, T, W] codes, K = len(self.layers)), or float values [B, K, T, D];
@@ -71,14 +76,16 @@ class SideNetwork(torch.nn.Module):
         return cls(side.model, side.config, side.spec, side.info)
 
     @torch.no_grad()
-    def predict(self, texts: list[str] | None = None, images: list[str | Path] | None = None,
-                pairs: list[str] | None = None, batch_size: int = 32) -> list[dict]:
+    def predict(self, texts: list[str] | str | None = None, images: list[str | Path] | str | Path | None = None,
+                pairs: list[str] | str | None = None, batch_size: int = 32) -> list[dict]:
         """Labels and probabilities ({"label", "probabilities"}; {"prediction"} for regression) for raw texts (with
         optional second texts `pairs`) or image files, through the frozen backbone the cache was extracted with
         (loaded once, and checked to be that backbone) and this network: the same path `pipeline predict` takes.
-        Runs on the device the network is on. Raises InputError for the wrong kind of input or backbone."""
+        A single string or path is one input. Runs on the device the network is on. Raises InputError for no input,
+        the wrong kind of input or backbone."""
         if (texts is None) == (images is None):
-            raise ValueError("give texts or images")
+            raise InputError("give texts=[...] or images=[...], one of the two")
+        texts, images, pairs = ([x] if isinstance(x, (str, Path)) else x for x in (texts, images, pairs))
         modality = self.info["cache_key"].get("modality", "text")
         if (images is not None) != (modality == "image"):
             raise InputError(f"this side network was trained on {modality} features: give "
