@@ -92,7 +92,8 @@ class SHERL(nn.Module):
         last of them decoded [B, T, D], which forward needs too (decoded once)."""
         decoded = {} if self.rms_norm else {states.num_layers - 1: last}
         if isinstance(self.transforms[0], GatedTransform):
-            layer = lambda l: rms_normalize(states.layer(l)) if self.rms_norm else decoded.get(l, states.layer(l))  # noqa: E731
+            layer = lambda l: decoded[l] if l in decoded else (  # noqa: E731
+                rms_normalize(states.layer(l)) if self.rms_norm else states.layer(l))
             z = torch.stack([transform(layer(l)) for l, transform in enumerate(self.transforms)], 2)
         else:  # z_l = LN(W_l H_l) for every l, decoded layer by layer (no float32 copy kept for backward)
             z = per_layer_norm(decode_linear(states, [t[0] for t in self.transforms], None, self.rms_norm, decoded),
