@@ -37,7 +37,7 @@ class _DecodeLinear(torch.autograd.Function):
     def backward(ctx, grad):
         states, slots = ctx.states, ctx.slots
         n, h = grad.shape[1], grad.shape[-1]
-        grad_weight = grad_bias = None
+        grad_bias = None
         rows = []
         for i, k in enumerate(slots):
             x = _decoded(states, k, ctx.normalize).to(grad.dtype)  # [B, T, D]
