@@ -38,7 +38,7 @@ from ..progress import progress_bar
 from ..runtime import Runtime
 from .side_model import SideModel, trainable_state
 from .sweep_grid import SweepRun
-from .training_loop import Largest, Learner, Schedule, run_metrics
+from .training_loop import Learner, Schedule, run_metrics, train_together
 
 SWEEP_JSON, SWEEP_CSV, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
 
@@ -137,46 +137,27 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
                        task, runtime, out_dir, bar) for run in group]
     first = min(member.learner.epochs_done for member in members)
     bar.update(first * train_size)  # epochs every run of the group finished before a resume
-    largest = Largest()
-    for epoch in range(first, settings.epochs):
-        active = [member for member in members if member.learner.epochs_done == epoch]  # a resumed run may be ahead
-        if not active:
-            bar.update(train_size)
-            continue
-        began = time.perf_counter()
-        for member in active:
-            member.learner.start_epoch()
-        for (features, mask), labels, rows in device_batches(readers["train"], settings, epoch, runtime,
-                                                             attrs["max_length"]):
-            for member, inputs in zip(active, layer_subsets(features, [m.subset for m in active])):
-                with member.stream.active():
-                    member.learner.step((inputs, mask), labels, rows)
-            largest.offer(((features, mask), labels, rows), runtime)
-            bar.update(rows)
-        seconds = time.perf_counter() - began
-        validations = _evaluate(active, readers["validation"], task, spec.num_labels, runtime, settings.batch_size)
-        for member, validation in zip(active, validations):
-            with member.stream.active():  # the checkpoint stores the run's own random state
-                member.learner.finish_epoch(validation, seconds)
-        best = _best(runs, results, members[0].learner.metric, members)
-        bar.set_postfix(best=f"{best[0]} {best[1]:.4f}", refresh=False)
-        if not bar.disable:
-            bar.write(f"seed {settings.seed} epoch {epoch + 1}/{settings.epochs}: best so far {best[0]}, validation "
-                      f"{members[0].learner.metric} {best[1]:.4f}")
-    if largest.batch is None and not runtime.is_cuda:  # every run resumed after its last epoch: the first batch
-        largest.offer(next(iter(device_batches(readers["train"], settings, 0, runtime, attrs["max_length"])), None), runtime)
-    step_memory = {}
-    for member in members:  # on the CPU, fit's measure: one step of each network on the largest batch
-        if largest.batch is not None:
-            (features, mask), labels, rows = largest.batch
-            with member.stream.active():
-                step_memory[member.run.name] = member.learner.step_memory(
-                    (layer_subsets(features, [member.subset])[0], mask), labels, rows)
+
+    def batches(epoch):
+        return device_batches(readers["train"], settings, epoch, runtime, attrs["max_length"])
+
+    def inputs_for(index, inputs):
+        features, mask = inputs
+        return layer_subsets(features, [members[index].subset])[0], mask
+
+    def validate(active):
+        return _evaluate([members[i] for i in active], readers["validation"], task, spec.num_labels, runtime,
+                         settings.batch_size)
+
+    step_memory = train_together([member.learner for member in members], batches, settings.epochs, validate,
+                                 SweepBar(bar, train_size, settings.seed, settings.epochs, runs, results, members),
+                                 inputs_for, lambda index: members[index].stream.active())
+    for member in members:
         member.model.load_state_dict(member.learner.best_state, strict=False)
     tests = (_evaluate(members, readers["test"], task, spec.num_labels, runtime, settings.batch_size)
              if "test" in readers else [{}] * len(members))
-    for member, test in zip(members, tests):
-        run = member.learner.result(step_memory.get(member.run.name))
+    for member, test, memory in zip(members, tests, step_memory):
+        run = member.learner.result(memory)
         trainable = member.learner.trainable
         metrics = run_metrics(member.run.config.method, run, test, trainable, train_size, task, rss_at_start,
                               "peak RSS of the whole sweep so far (Linux VmHWM, reset when it began) minus the RSS "
@@ -190,6 +171,31 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
         write_model_folder(run_folder(out_dir, member.run), side, run.best_state, metrics)
         member.learner.checkpoint.remove()
         yield member.run, metrics
+
+
+class SweepBar:
+    """The sweep's progress (see `train_together`): one bar over every seed's epochs, the best run so far beside it,
+    and a line per epoch."""
+
+    def __init__(self, bar, train_size: int, seed: int, epochs: int, runs, results, members):
+        self.bar, self.train_size, self.seed, self.epochs = bar, train_size, seed, epochs
+        self.runs, self.results, self.members = runs, results, members
+
+    def begin(self, epoch: int) -> None:
+        pass
+
+    def advance(self, rows: int, learners) -> None:
+        self.bar.update(rows)
+
+    def skip(self, epoch: int) -> None:
+        self.bar.update(self.train_size)
+
+    def end(self, epoch: int, rows: list[dict], learners) -> None:
+        best = _best(self.runs, self.results, self.members[0].learner.metric, self.members)
+        self.bar.set_postfix(best=f"{best[0]} {best[1]:.4f}", refresh=False)
+        if not self.bar.disable:
+            self.bar.write(f"seed {self.seed} epoch {epoch + 1}/{self.epochs}: best so far {best[0]}, validation "
+                           f"{self.members[0].learner.metric} {best[1]:.4f}")
 
 
 def _member(run, settings, identity, layers, union, spec, train_size, task, runtime, out_dir, bar) -> Member:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -70,7 +71,7 @@ def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) 
 class Learner:
     """One network's optimisation, a step at a time: AdamW over `parameter_groups`, warm-up then linear decay,
     gradient clipping, the running training loss, and per epoch the history and the best epoch's weights.
-    `train_epochs` drives one learner; a sweep (stages/training/sweep.py) drives many on the same batches.
+    `train_together` drives them: one for `fit` and `baseline`, many on the same batches for a sweep.
 
     forward(inputs) gives logits, run under the runtime's autocast; snapshot() copies the weights to keep.
     checkpoint (stages.training.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch.
@@ -210,43 +211,101 @@ def batch_elements(inputs) -> int:
     return sum(t.numel() for t in batch_tensors(inputs))
 
 
+class EpochBars:
+    """The progress of one network's training (`fit`, `baseline`): a bar per epoch with the running loss, then a line
+    with the epoch's training loss and validation metric."""
+
+    def __init__(self, name: str, epochs: int, train_size: int, show: bool = True):
+        self.name, self.epochs, self.train_size, self.show = name, epochs, train_size, show
+
+    def begin(self, epoch: int) -> None:
+        self.bar = progress_bar(total=self.train_size, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
+                                unit="sample", disable=not self.show)
+        self.shown = time.perf_counter()
+
+    def advance(self, rows: int, learners: list[Learner]) -> None:
+        self.bar.update(rows)
+        if not self.bar.disable and time.perf_counter() - self.shown >= LOSS_SHOWN_EVERY_S:  # .item() waits for the GPU
+            self.bar.set_postfix(loss=f"{learners[0].running_loss():.4f}", refresh=False)
+            self.shown = time.perf_counter()
+
+    def skip(self, epoch: int) -> None:
+        """An epoch no learner trains (every one resumed past it)."""
+
+    def end(self, epoch: int, rows: list[dict], learners: list[Learner]) -> None:
+        self.bar.close()
+        if self.show:
+            metric = learners[0].metric
+            tqdm.write(f"epoch {epoch + 1}: train loss {rows[0]['train_loss']:.4f}, validation {metric} "
+                       f"{rows[0][f'validation_{metric}']:.4f}")
+
+
+def train_together(learners: list[Learner], batches: Callable[[int], Iterable[tuple]], epochs: int,
+                   validate: Callable[[list[int]], list[dict]], progress,
+                   inputs_for: Callable[[int, object], object] = lambda index, inputs: inputs,
+                   around: Callable[[int], object] = lambda index: nullcontext()) -> list[dict | None]:
+    """The one epoch loop of cachetune: `fit` and `baseline` run it with one learner, `sweep` with one per run of a
+    seed, all on the same batches.
+
+    batches(epoch) yields (inputs, labels) or (inputs, labels, real rows) on the learners' device; each learner that
+    has not yet finished that epoch (a resumed one may be ahead) takes a step on inputs_for(i, inputs) inside
+    around(i) (a sweep: its layers, its own random stream). validate(indices) gives those learners' validation
+    metrics after each epoch; progress: an `EpochBars`-like object (begin, advance, skip, end).
+    Returns each learner's `Learner.step_memory` on the run's largest batch (CPU runs; None on a GPU): one more step
+    after the last epoch, when the learning rate is zero (the caller restores the best weights). A run resumed after
+    its last epoch is measured on the first batch."""
+    runtime, largest = learners[0].runtime, Largest()
+    for epoch in range(min(learner.epochs_done for learner in learners), epochs):
+        active = [i for i, learner in enumerate(learners) if learner.epochs_done == epoch]
+        if not active:
+            progress.skip(epoch)
+            continue
+        started = time.perf_counter()
+        progress.begin(epoch)
+        for i in active:
+            learners[i].start_epoch()
+        for inputs, labels, *rows in batches(epoch):
+            for i in active:
+                with around(i):
+                    learners[i].step(inputs_for(i, inputs), labels, *rows)
+            largest.offer((inputs, labels, *rows), runtime)
+            progress.advance(rows[0] if rows else len(labels), [learners[i] for i in active])
+        seconds = time.perf_counter() - started
+        validations = validate(active)
+        finished = []
+        for i, validation in zip(active, validations):
+            with around(i):  # a checkpoint stores the run's own random state
+                finished.append(learners[i].finish_epoch(validation, seconds))
+        progress.end(epoch, finished, [learners[i] for i in active])
+    if runtime.device.type != "cpu":
+        return [None] * len(learners)
+    if largest.batch is None:
+        largest.offer(next(iter(batches(0)), None), runtime)
+    if largest.batch is None:
+        return [None] * len(learners)
+    inputs, labels, *rows = largest.batch
+    measured = []
+    for i, learner in enumerate(learners):
+        with around(i):
+            measured.append(learner.step_memory(inputs_for(i, inputs), labels, *rows))
+    return measured
+
+
 def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  batches: Callable[[int], Iterable[tuple]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
                  show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None,
                  cuda_graphs: bool = False, learner_out: list | None = None) -> TrainingRun:
-    """batches(epoch) yields (inputs, labels) or (inputs, labels, real rows) already on the runtime's device; see
-    `Learner` for the rest. learner_out: the learner is appended to it (for its GPU memory figures).
-    On the CPU, after the last epoch, one more step on the run's largest batch measures its memory
-    (`Learner.step_memory`; the learning rate is zero by then, and the caller restores the best weights)."""
+    """One network trained by `train_together`: batches(epoch) yields (inputs, labels) or (inputs, labels, real rows)
+    already on the runtime's device; see `Learner` for the rest. learner_out: the learner is appended to it (for its
+    GPU memory figures)."""
     learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint,
                       cuda_graphs)
     if learner_out is not None:
         learner_out.append(learner)
-    largest = Largest()
-    for epoch in range(learner.epochs_done, schedule.epochs):
-        started = shown = time.perf_counter()
-        learner.start_epoch()
-        bar = progress_bar(total=train_size, desc=f"{name} epoch {epoch + 1}/{schedule.epochs}", unit="sample",
-                           disable=not show_progress)
-        for inputs, labels, *rows in batches(epoch):
-            learner.step(inputs, labels, *rows)
-            largest.offer((inputs, labels, *rows), learner.runtime)
-            bar.update(rows[0] if rows else len(labels))
-            if not bar.disable and time.perf_counter() - shown >= LOSS_SHOWN_EVERY_S:  # .item(): waits for the GPU
-                bar.set_postfix(loss=f"{learner.running_loss():.4f}", refresh=False)
-                shown = time.perf_counter()
-        bar.close()
-        seconds = time.perf_counter() - started
-        row = learner.finish_epoch(validate(), seconds)
-        if show_progress:
-            tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, validation {learner.metric} "
-                       f"{row[f'validation_{learner.metric}']:.4f}")
-    if learner.runtime.device.type != "cpu":
-        return learner.result()
-    if largest.batch is None:  # resumed after the last epoch: measure on the first batch
-        largest.offer(next(iter(batches(0)), None), learner.runtime)
-    return learner.result(learner.step_memory(*largest.batch) if largest.batch is not None else None)
+    [step_memory] = train_together([learner], batches, schedule.epochs, lambda active: [validate()],
+                                   EpochBars(name, schedule.epochs, train_size, show_progress))
+    return learner.result(step_memory)
 
 
 TRAINING_MEMORY_MEASURED_AS = (
