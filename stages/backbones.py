@@ -102,7 +102,7 @@ def resolve_backbone(name: str) -> Path:
         return gguf_folder(path)
     if path.exists():
         if not (path / "config.json").exists():
-            raise InputError(f"{name}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained")
+            raise InputError(_not_a_model_folder(path))
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -111,6 +111,15 @@ def resolve_backbone(name: str) -> Path:
     except Exception:
         raise InputError(f"backbone {name!r} is neither a built-in ({', '.join(BUILTIN_BACKBONES)}), a local folder, "
                          "nor a hub id in the local cache; download it on a connected machine or pass a folder") from None
+
+
+def _not_a_model_folder(path: Path) -> str:
+    """Why `path` is no model folder, and the fix: the .gguf file it holds, if any, else save_pretrained."""
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs:
+        held = ggufs[0].name if len(ggufs) == 1 else f"{len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)})"
+        return f"{path} holds no config.json but has {held}: pass --backbone {ggufs[0]}"
+    return f"{path}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained"
 
 
 def files_sha256(files: list[Path]) -> str:
