@@ -102,7 +102,7 @@ def resolve_backbone(name: str) -> Path:
         return gguf_folder(path)
     if path.exists():
         if not (path / "config.json").exists():
-            raise InputError(f"{name}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained")
+            raise InputError(_not_a_model_folder(path))
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -111,6 +111,15 @@ def resolve_backbone(name: str) -> Path:
     except Exception:
         raise InputError(f"backbone {name!r} is neither a built-in ({', '.join(BUILTIN_BACKBONES)}), a local folder, "
                          "nor a hub id in the local cache; download it on a connected machine or pass a folder") from None
+
+
+def _not_a_model_folder(path: Path) -> str:
+    """Why `path` is no model folder, and the fix: the .gguf file it holds, if any, else save_pretrained."""
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs:
+        held = ggufs[0].name if len(ggufs) == 1 else f"{len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)})"
+        return f"{path} holds no config.json but has {held}: pass --backbone {ggufs[0]}"
+    return f"{path}: not a model folder (no config.json); point --backbone at a folder saved with save_pretrained"
 
 
 def files_sha256(files: list[Path]) -> str:
@@ -247,9 +256,14 @@ def load_backbone(name: str, trust_remote_code: bool = False, image_size: int | 
 
 
 def _load(folder: Path, trust_remote_code: bool):
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """(model, tokenizer, image processor, modality, config) from `folder`. The model is always float32, whatever
+    dtype the checkpoint was saved in: --precision autocasts the forward pass, and the store's key says fp32 unless
+    it asks otherwise. InputError, one line, for a folder transformers cannot load or weights that do not fit it."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as transformers_logging
+
+    from .checkpoint_fit import check_checkpoint_fits
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -257,17 +271,11 @@ def _load(folder: Path, trust_remote_code: bool):
         raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check its config.json") from None
     check_family(config)
     try:
-        family = family_facts(config.model_type)
-        if family.encoder_class:  # AutoModel would build the whole encoder-decoder
-            model = getattr(transformers, family.encoder_class).from_pretrained(folder)
-        elif config.model_type in family.towers:  # a full CLIP/SigLIP checkpoint: build the vision tower only
-            with _quiet(transformers_logging):  # its load report lists every text-tower key as unexpected
-                model = getattr(transformers, family.towers[config.model_type]).from_pretrained(folder)
-        elif is_causal(config):
-            with _quiet(transformers_logging):  # the base model: its load report lists an untied lm_head as unexpected
-                model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model_class, options = _model_class(config, trust_remote_code)
+        # transformers' load report is silenced: check_checkpoint_fits says in one line what in it matters.
+        with _quiet(transformers_logging):
+            model, loading = model_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **options)
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
             from transformers import AutoImageProcessor  # imported only for images: it takes seconds
 
@@ -279,7 +287,21 @@ def _load(folder: Path, trust_remote_code: bool):
     except Exception as error:
         raise InputError(f"cannot load the backbone from {folder}: {_first_line(error)}; check the folder holds a "
                          "complete Hugging Face model (config, weights, tokenizer or image processor)") from None
+    check_checkpoint_fits(model, loading, folder)
     return model, tokenizer, processor, modality, config
+
+
+def _model_class(config, trust_remote_code: bool):
+    """(the transformers class that builds the backbone headless, its extra from_pretrained options)."""
+    import transformers
+    from transformers import AutoModel
+
+    family = family_facts(config.model_type)
+    if family.encoder_class:  # AutoModel would build the whole encoder-decoder
+        return getattr(transformers, family.encoder_class), {}
+    if config.model_type in family.towers:  # a full CLIP/SigLIP checkpoint: build the vision tower only
+        return getattr(transformers, family.towers[config.model_type]), {}
+    return AutoModel, {"trust_remote_code": trust_remote_code}  # a causal LM's base model, without its LM head
 
 
 @contextmanager

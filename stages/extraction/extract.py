@@ -83,12 +83,20 @@ def validate_settings(settings: ExtractSettings) -> None:
     settings.runtime()  # a bad --device (tpu9, cuda without a GPU, cuda:7 on a 2-GPU machine) is one line here
     if settings.sort_tokens < 1:
         raise InputError("--sort-tokens must be at least 1")
-    if settings.block_tokens % settings.chunk_tokens or settings.block_tokens < settings.max_length:
-        raise InputError("block tokens must be a multiple of chunk tokens and at least --max-length")
+    if settings.chunk_tokens < 1 or settings.block_tokens < 1:
+        raise InputError("--block-tokens and --chunk-tokens must be at least 1")
+    if settings.block_tokens % settings.chunk_tokens:
+        raise InputError(f"--block-tokens {settings.block_tokens} is not a multiple of --chunk-tokens "
+                         f"{settings.chunk_tokens}; use --block-tokens {round_up(settings.block_tokens, settings.chunk_tokens)}")
     try:
         codec_pipeline(settings.codec, settings.lossy)  # --lossy: removed, the error names the replacement
     except ValueError as error:
         raise InputError(str(error)) from None
+
+
+def round_up(count: int, step: int) -> int:
+    """The smallest multiple of `step` that is at least `count`."""
+    return -(-count // step) * step
 
 
 def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractSettings, max_length: int | None = None) -> dict:
@@ -202,6 +210,10 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
     started = time.perf_counter()
     validate_settings(settings)
     check_modality(backbone, dataset)
+    if backbone.modality == "text":
+        from .preflight import check_block_tokens
+
+        check_block_tokens(backbone, settings)
     if settings.pooling is not None:
         check_pooling(backbone, settings.pooling, log)
     layers = parse_layers(settings.layers, backbone.num_layers, backbone.hidden_size)

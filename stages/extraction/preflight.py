@@ -3,6 +3,8 @@
 What the model code would otherwise raise deep in a forward pass (a traceback, exit 1), or not raise at all
 (a complete store of meaningless features, exit 0):
 
+- blocks: a --max-length beyond --block-tokens (the fix: a --block-tokens that holds it, or a shorter --max-length
+  when it is beyond the backbone's own limit too);
 - positions: a text longer than the model's position table (`--max-length 700` on a 512-position BERT:
   "The size of tensor a (702) must match the size of tensor b (512)");
 - token types: a tokenizer that gives the second text of a pair token type 1, on a model with one token type
@@ -33,6 +35,7 @@ def preflight(backbone, dataset, settings, log=None) -> None:
     check_modality(backbone, dataset)  # image data on a text backbone (or back) is named as such first
     if backbone.modality != "text":
         return
+    check_block_tokens(backbone, settings)
     check_vocabulary(backbone)
     rows = sample_rows(len(dataset), SAMPLE_ROWS)
     texts = [dataset.texts[i] for i in rows]
@@ -108,6 +111,37 @@ def check_unknown_share(backbone, encoded) -> None:
     raise InputError(f"the tokenizer of {backbone.path} turns {hits / total:.0%} of the tokens of {SAMPLE_ROWS} sampled "
                      f"rows into {token}: it does not fit this model or this data; give the folder the tokenizer "
                      "files saved with its model, or pick a backbone made for this language")
+
+
+def check_block_tokens(backbone, settings) -> None:
+    """A text of --max-length tokens must fit one block (--block-tokens). Refuses a --max-length beyond that with the
+    fix: a shorter --max-length when it is also beyond the backbone's own limit (`token_limit`), else a
+    --block-tokens that holds it."""
+    from .extract import round_up
+
+    length, block, chunk = settings.max_length, settings.block_tokens, settings.chunk_tokens
+    if length <= block:
+        return
+    limit = token_limit(backbone)
+    if limit is not None and length > limit[0]:
+        tokens, source = limit
+        blocks = "" if tokens <= block else f" and --block-tokens {round_up(tokens, chunk)}"
+        raise InputError(f"--max-length {length} is more than the backbone at {backbone.path} takes ({source}: "
+                         f"{tokens} tokens) and than --block-tokens {block}; use --max-length {tokens} or less{blocks}")
+    raise InputError(f"--max-length {length} does not fit a block of --block-tokens {block} tokens; pass "
+                     f"--block-tokens {round_up(length, chunk)} (a multiple of --chunk-tokens {chunk}) or a shorter --max-length")
+
+
+def token_limit(backbone) -> tuple[int, str] | None:
+    """(the fewest tokens the backbone takes per text, what says so): its learned position table, its tokenizer's
+    model_max_length, or config.json's max_position_embeddings (rotary models); None when none is set."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    limits = [(position_limit(backbone.model), "its position table"),
+              (getattr(backbone.tokenizer, "model_max_length", None), "its tokenizer's model_max_length"),
+              (getattr(backbone.model.config, "max_position_embeddings", None), "config.json's max_position_embeddings")]
+    limits = [(int(tokens), source) for tokens, source in limits if tokens and tokens < VERY_LARGE_INTEGER]
+    return min(limits, key=lambda limit: limit[0]) if limits else None
 
 
 def position_limit(model) -> int | None:
