@@ -18,6 +18,7 @@ import numpy as np
 
 from cachetune.cache.errors import InputError
 
+from cachetune.stages.image_decode import open_image
 from cachetune.stages.images import IMAGE_SUFFIXES, Images
 
 from .tables import READABLE_SUFFIXES, read_table
@@ -242,16 +243,15 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _check_image(path: Path, where: str) -> None:
-    """Fails early on a missing file or one PIL cannot identify (reads the header only)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Fails early on a missing file, one PIL cannot identify, or one too large to decode safely (reads the header
+    only, as stages/image_decode.py opens it)."""
     if not path.is_file():
         raise InputError(f"{where}: image {path} not found")
     try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as error:
-        raise InputError(f"{where}: cannot read image {path}: {_first_line(error)}") from None
+        image, _ = open_image(path)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+    image.close()
 
 
 def _subfolders(folder: Path) -> list[Path]:

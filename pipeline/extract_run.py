@@ -63,6 +63,9 @@ def run_extract(backbone: str, data: str, out: str, log=print, text_column: str 
                 raise
     except OSError as error:
         raise StorageError(store_error(error, model, dataset, settings)) from None
+    if state == "written" and dataset.images is not None:  # how many image files needed which decode correction
+        for note in dataset.images.notes(dataset.name):
+            log(note)
     return state
 
 

@@ -89,7 +89,7 @@ def _predict_images(side, model_dir, texts, images, data, image_column, out, run
             raise InputError(f"{data}: no column {column!r} of image paths; columns are: "
                              f"{', '.join(map(str, table.columns))}; name it with --image-column")
         paths += [Path(data).parent / str(p) for p in table.columns[column]]
-    logits = predict_images(side, load_matching_backbone(side), paths, runtime=runtime)
+    logits = predict_images(side, load_matching_backbone(side), paths, runtime=runtime, log=log)
     _write_records([{"image": str(p), **r} for p, r in zip(paths, logits_to_records(logits, side.info["task"],
                                                                                       side.info["label_names"]))], out)
 

@@ -8,17 +8,16 @@ import numpy as np
 
 from cachetune.cache.errors import InputError
 
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from .image_decode import correction_notes, decode_image
 
 
 class Images:
     """A lazy, indexable image collection: file paths, or one uint8 array [N, H, W] or [N, H, W, C].
 
     `load(i, mode)` decodes image i as a PIL image in `mode` ("RGB", or "L" for one-channel models), so
-    grayscale images reach processors that expect three channels as RGB.
+    grayscale images reach processors that expect three channels as RGB. Files decode as a viewer shows them
+    (stages/image_decode.py: upright, 8 bits, transparency on white); `corrected` records which images needed
+    which correction, and `notes` says so in one line per correction.
     """
 
     def __init__(self, paths: list[str] | None = None, array: np.ndarray | None = None):
@@ -26,6 +25,7 @@ class Images:
             raise ValueError("give either paths or an array")
         self.paths = [str(p) for p in paths] if paths is not None else None
         self.array = np.ascontiguousarray(array, dtype=np.uint8) if array is not None else None
+        self.corrected: dict[str, set[int]] = {}  # correction (image_decode) -> indices of the images it changed
 
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else len(self.array)
@@ -35,12 +35,18 @@ class Images:
 
         if self.array is not None:
             return Image.fromarray(self.array[index]).convert(mode)
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert(mode)
-        except Exception as error:  # missing, truncated, not an image
-            raise InputError(f"cannot read image {path}: {first_line(error)}; replace or remove the file") from None
+        image, corrections = decode_image(self.paths[index], mode)
+        self.record({kind: [index] for kind in corrections})
+        return image
+
+    def record(self, corrected: dict[str, list[int]]) -> None:
+        """Adds images (by index) to those each correction changed; an image decoded twice counts once."""
+        for kind, indices in corrected.items():
+            self.corrected.setdefault(kind, set()).update(indices)
+
+    def notes(self, where: str) -> list[str]:
+        """One 'note: WHERE: ...' line per correction the images decoded so far needed (image_decode)."""
+        return correction_notes({kind: len(indices) for kind, indices in self.corrected.items()}, where)
 
     def update_digest(self, digest) -> None:
         """Pixel bytes (array) or file bytes (paths), in order: the same images give the same fingerprint."""

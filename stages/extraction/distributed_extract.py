@@ -94,6 +94,11 @@ class RowImages:
     def load(self, row: int, mode: str = "RGB"):
         return self.images.load(self.index[int(row)], mode)
 
+    def corrected_rows(self) -> dict[str, list[int]]:
+        """Correction (image_decode) -> the dataset rows of the images here it changed."""
+        rows = list(self.index)
+        return {kind: [rows[i] for i in indices] for kind, indices in self.images.corrected.items()}
+
 
 # ---------------------------------------------------------------- on a worker
 
@@ -175,7 +180,8 @@ def run_block_task(task: BlockTask) -> dict:
                 task.before_write(task.split, block)
             writer.write_block(block, buffer)
             written.append(block)
-    return {"blocks": list(task.blocks), "written": written, "samples": int(sum(len(s) for s in task.samples))}
+    return {"blocks": list(task.blocks), "written": written, "samples": int(sum(len(s) for s in task.samples)),
+            "corrected": task.images.corrected_rows() if task.images is not None else {}}
 
 
 # ---------------------------------------------------------------- in the main process
@@ -256,6 +262,8 @@ class DaskSplitRunner:
         try:
             for future in as_completed(futures):
                 result = _result(future)
+                if result["corrected"]:  # counted here, so that extract's notes cover the workers' images
+                    work.dataset.images.record(result["corrected"])
                 blocks_done += len(result["blocks"])
                 progress.set_postfix_str(f"blocks {blocks_done}/{total_blocks}", refresh=False)
                 progress.update(result["samples"])

@@ -34,11 +34,12 @@ def load_matching_backbone(side: SideModel):
 
 @torch.no_grad()
 def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | None = None, batch_size: int = 32,
-                   runtime: Runtime | None = None) -> np.ndarray:
+                   runtime: Runtime | None = None, log=None) -> np.ndarray:
     """Logits [N, C] for N raw inputs: texts (with optional second texts `pairs`) for a text model, image file paths
     for an image model. One path for both: the backbone runs at the precision stage one ran it in (the store key's
     `precision`: fp32 unless extracted in bf16 or fp16), at the cache's max length or image size, and its hidden
     states reach the side network in the cache's encoding (CachedHiddenStates.encode: the rounding it was trained on).
+    Image files decode as at extraction (Images.load); `log` gets one note per decode correction they needed.
     InputError when this device cannot run that precision (fp16 on a CPU) or an image cannot be read."""
     runtime = runtime or CPU
     precision = side.info["cache_key"].get("precision", "fp32")
@@ -49,15 +50,22 @@ def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | N
                          "predict with --device cuda") from None
     side.model.eval().to(runtime.device)
     encoder = backbone.model.to(runtime.device)
-    forward = _image_forward if backbone.modality == "image" else _text_forward
+    images = Images(paths=[str(p) for p in inputs]) if backbone.modality == "image" else None
     outputs = []
     for first in range(0, len(inputs), batch_size):
         chunk = slice(first, first + batch_size)
         with stage_one.autocast():
-            hidden, mask = forward(encoder, backbone, inputs[chunk], pairs[chunk] if pairs else None, side, runtime)
+            if images is not None:
+                hidden, mask = _image_forward(encoder, backbone, images, range(len(inputs))[chunk], runtime)
+            else:
+                hidden, mask = _text_forward(encoder, backbone, inputs[chunk], pairs[chunk] if pairs else None, side,
+                                             runtime)
         states = CachedHiddenStates.encode(torch.stack([hidden[i] for i in side.layers], 1), mask, side.info["dtype"])
         with runtime.autocast():
             outputs.append(side.model(states, mask).float())
+    if images is not None and log is not None:
+        for note in images.notes("predict"):
+            log(note)
     return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, side.spec.num_labels), np.float32)
 
 
@@ -72,10 +80,9 @@ def _text_forward(encoder, backbone, texts, pairs, side: SideModel, runtime: Run
     return encoder(**batch, output_hidden_states=True).hidden_states, batch["attention_mask"].bool()
 
 
-def _image_forward(encoder, backbone, paths, pairs, side: SideModel, runtime: Runtime):
-    """(hidden_states, mask [B, T]) of image files, processed as at extraction; every token is real."""
-    data = SimpleNamespace(images=Images(paths=[str(p) for p in paths]))
-    hidden = encoder(pixel_values=runtime.to_device(pixel_values(backbone, data, range(len(paths)))),
+def _image_forward(encoder, backbone, images: Images, rows, runtime: Runtime):
+    """(hidden_states, mask [B, T]) of images `rows`, processed as at extraction; every token is real."""
+    hidden = encoder(pixel_values=runtime.to_device(pixel_values(backbone, SimpleNamespace(images=images), rows)),
                      output_hidden_states=True).hidden_states
     return hidden, torch.ones(hidden[0].shape[:2], dtype=torch.bool, device=hidden[0].device)
 
@@ -87,9 +94,9 @@ def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] 
 
 
 def predict_images(side: SideModel, backbone, paths: list, batch_size: int = 32,
-                   runtime: Runtime | None = None) -> np.ndarray:
-    """Logits [N, C] for N image files (predict_logits)."""
-    return predict_logits(side, backbone, paths, None, batch_size, runtime)
+                   runtime: Runtime | None = None, log=None) -> np.ndarray:
+    """Logits [N, C] for N image files (predict_logits; `log` gets its decode notes)."""
+    return predict_logits(side, backbone, paths, None, batch_size, runtime, log)
 
 
 def logits_to_records(logits: np.ndarray, task: str, label_names: list[str]) -> list[dict]:

@@ -6,6 +6,7 @@ and used on raw texts or images (`predict`, through the frozen backbone: stages/
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -81,8 +82,9 @@ class SideNetwork(torch.nn.Module):
         """Labels and probabilities ({"label", "probabilities"}; {"prediction"} for regression) for raw texts (with
         optional second texts `pairs`) or image files, through the frozen backbone the cache was extracted with
         (loaded once, and checked to be that backbone) and this network: the same path `pipeline predict` takes.
-        A single string or path is one input. Runs on the device the network is on. Raises InputError for no input,
-        the wrong kind of input or backbone."""
+        A single string or path is one input. Runs on the device the network is on; image decode notes (EXIF
+        orientation, 16-bit, transparency: stages/image_decode.py) go to standard error. Raises InputError for no
+        input, the wrong kind of input or backbone."""
         if (texts is None) == (images is None):
             raise InputError("give texts=[...] or images=[...], one of the two")
         texts, images, pairs = ([x] if isinstance(x, (str, Path)) else x for x in (texts, images, pairs))
@@ -96,7 +98,8 @@ class SideNetwork(torch.nn.Module):
         runtime = Runtime.resolve(str(next(self.model.parameters()).device), "fp32")
         training = self.model.training
         if images is not None:
-            logits = predict_images(side, self._backbone, list(images), batch_size, runtime)
+            logits = predict_images(side, self._backbone, list(images), batch_size, runtime,
+                                    log=lambda line: print(line, file=sys.stderr))  # decode notes, as the CLI
         else:
             logits = predict_texts(side, self._backbone, list(texts), pairs, batch_size, runtime)
         self.model.train(training)  # predict runs in eval mode; a network being trained goes on training
