@@ -1,0 +1,102 @@
+"""`pipeline info` tells the truth about a store: the encoding's error when values pass float16's range, statistics
+of the decoded values (not an 8-bit store's codes), and whether the store holds a sample of the data."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cachetune.cache.compact import compact
+from cachetune.cache.info import FLOAT16_MAX, describe_store, layer_stats
+from cachetune.pipeline.data import load_dataset
+from tests.conftest import write_tiny_bert
+from tests.test_extract import SMALL, cli, direct_hidden_states, run_extract
+
+
+@pytest.fixture(scope="module")
+def loud_bert(tmp_path_factory):
+    """A tiny random BERT whose LayerNorms scale by 1e5: its hidden states pass float16's 65504, as a real Gemma 3
+    residual stream (~1e5) does."""
+    from transformers import BertModel
+
+    folder = write_tiny_bert(tmp_path_factory.mktemp("loud-bert"))
+    model = BertModel.from_pretrained(folder)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.mul_(1e5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def info_without_runtime_warnings(*args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = cli("info", *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("route", ["extract fp8", "extract int8", "compact fp8 from float32"])
+def test_the_encoding_error_of_values_beyond_float16_is_measured_not_nan(route, loud_bert, tiny_table, tmp_path):
+    store = tmp_path / "store.zarr"
+    if route.startswith("compact"):
+        run_extract(loud_bert, tiny_table, tmp_path / "f32.zarr", dtype="float32")
+        assert np.abs(zarr.open_group(str(tmp_path / "f32.zarr"))["train"]["layer_02"][:]).max() > FLOAT16_MAX
+        compact(str(tmp_path / "f32.zarr"), str(store), dtype="fp8", log=lambda *_: None)
+    else:
+        run_extract(loud_bert, tiny_table, store, dtype=route.split()[1])
+    facts = describe_store(str(store))
+    assert 0 < facts["relative_error"] < (0.02 if "int8" in route else 0.05)
+    assert facts["relative_error_note"] is None
+    output = info_without_runtime_warnings(store)
+    assert "nan" not in output and f"relative error {facts['relative_error']:.4f}" in output
+
+
+def test_a_store_whose_recorded_error_overflowed_says_so_instead_of_nan(tiny_bert, tiny_table, tmp_path):
+    """Stores written before the fix hold inf in `encode_error` (their float16 reference overflowed)."""
+    run_extract(tiny_bert, tiny_table, tmp_path / "fp8.zarr", dtype="fp8")
+    zarr.open_group(str(tmp_path / "fp8.zarr"))["train"]["encode_error"][0] = [np.inf, np.inf]
+    output = info_without_runtime_warnings(tmp_path / "fp8.zarr")
+    assert "nan" not in output and "relative error not measured: values beyond float16's range" in output
+    facts = json.loads(info_without_runtime_warnings("--json", tmp_path / "fp8.zarr"))
+    assert facts["relative_error"] is None and "extract or compact it again" in facts["relative_error_note"]
+
+
+def direct_stats(model_folder, table) -> list[dict]:
+    """Per hidden state, mean, std, max |x| of a float32 forward over every real token of the table."""
+    hidden, mask = direct_hidden_states(model_folder, load_dataset(str(table)).texts, SMALL["max_length"])
+    stats = []
+    for layer in range(hidden.shape[1]):
+        values = hidden[:, layer][mask].double()
+        stats.append({"tokens": int(mask.sum()), "mean": float(values.mean()), "std": float(values.std(correction=0)),
+                      "max_abs": float(values.abs().max())})
+    return stats
+
+
+def test_stats_are_of_the_decoded_values_on_every_encoding(tiny_bert, tiny_table, tmp_path):
+    expected = direct_stats(tiny_bert, tiny_table)
+    for dtype, tolerance in (("float16", 1e-3), ("int8", 5e-3), ("fp8", 0.015)):
+        run_extract(tiny_bert, tiny_table, tmp_path / f"{dtype}.zarr", dtype=dtype)
+        rows = layer_stats(str(tmp_path / f"{dtype}.zarr"))
+        assert [row["layer"] for row in rows] == list(range(len(expected)))
+        for row, direct in zip(rows, expected):
+            assert row["tokens"] == direct["tokens"]
+            assert abs(row["mean"] - direct["mean"]) < tolerance * direct["std"], (dtype, row, direct)
+            assert row["std"] == pytest.approx(direct["std"], rel=tolerance), (dtype, row, direct)
+            assert row["max_abs"] == pytest.approx(direct["max_abs"], rel=tolerance), (dtype, row, direct)
+            assert row["fp16_overflow_fraction"] == 0
+    output = info_without_runtime_warnings("--stats", tmp_path / "fp8.zarr")
+    assert f"{rows[-1]['max_abs']:.4g}" in output.splitlines()[-1]  # rows: the fp8 store's
+
+
+def test_stats_of_a_loud_fp8_store_count_the_values_beyond_float16(loud_bert, tiny_table, tmp_path):
+    run_extract(loud_bert, tiny_table, tmp_path / "fp8.zarr", dtype="fp8")
+    expected = direct_stats(loud_bert, tiny_table)
+    for row, direct in zip(layer_stats(str(tmp_path / "fp8.zarr")), expected):
+        assert row["max_abs"] == pytest.approx(direct["max_abs"], rel=0.01) and row["max_abs"] > FLOAT16_MAX
+        assert 0.1 < row["fp16_overflow_fraction"] < 0.9
