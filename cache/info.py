@@ -64,6 +64,7 @@ def describe_store(path: str) -> dict:
         "codecs": [codec_name(c) for c in (first.filters + first.compressors)] if first is not None else [],
         "key_sha256": attrs.get("key_sha256"), "encoding": attrs.get("encoding"),
         "derived_from": attrs.get("derived_from"), "split_seed": attrs.get("key", {}).get("split_seed"),
+        "sample": attrs.get("key", {}).get("sample"),  # extract --max-samples: {"rows", "of", "seed"}
         "bytes_per_token_layer": on_disk / (tokens * len(layers)) if tokens and layers else None,
         # ||x_hat - x||_F / ||x||_F over sampled real tokens of every done block, x the values before encoding
         "relative_error": float(np.sqrt(error[0] / error[1])) if np.isfinite(error).all() and error[1] else None,

@@ -39,6 +39,10 @@ def info(path, as_json, stats):
                    f"{facts['bytes_per_sample'] / 1e3:.0f} kB per image on disk")
     click.echo("splits     " + ("as the data gave them" if facts["split_seed"] is None else
                                 f"seeded and stratified where the data gave none (--split-seed {facts['split_seed']})"))
+    if facts["sample"]:
+        sample = facts["sample"]
+        click.echo(f"sample     {sample['rows']:,} of the data's {sample['of']:,} rows (extract --max-samples, seed "
+                   f"{sample['seed']}); not the whole data")
     for name, split in facts["splits"].items():
         click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
     ratio = facts["ratio_to_padded_fp32"]

@@ -12,9 +12,9 @@ import zarr
 
 from cachetune.cache.compact import compact
 from cachetune.cache.info import FLOAT16_MAX, describe_store, layer_stats
-from cachetune.pipeline.data import load_dataset
-from tests.conftest import write_tiny_bert
-from tests.test_extract import SMALL, cli, direct_hidden_states, run_extract
+from cachetune.pipeline.data import SPLITS, load_dataset
+from tests.conftest import sentiment_rows, write_table, write_tiny_bert
+from tests.test_extract import SMALL, assert_one_line_error, cli, direct_hidden_states, run_extract
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,75 @@ def test_stats_of_a_loud_fp8_store_count_the_values_beyond_float16(loud_bert, ti
     for row, direct in zip(layer_stats(str(tmp_path / "fp8.zarr")), expected):
         assert row["max_abs"] == pytest.approx(direct["max_abs"], rel=0.01) and row["max_abs"] > FLOAT16_MAX
         assert 0.1 < row["fp16_overflow_fraction"] < 0.9
+
+
+SAMPLE_ARGS = ["--block-tokens", 128, "--chunk-tokens", 32, "--batch-size", 8, "--max-length", 24, "--sort-tokens", 256,
+               "--dtype", "float16"]
+
+
+@pytest.fixture()
+def split_table(tmp_path):
+    """1,000 rows, two classes, given splits 700 / 200 / 100."""
+    rows = sentiment_rows(1000)
+    splits = ["train"] * 700 + ["validation"] * 200 + ["test"] * 100
+    return write_table(tmp_path / "big.csv", [(text, label, split) for (text, label), split in zip(rows, splits)],
+                       columns=("text", "label", "split"))
+
+
+def extract_sample(model, table, out, *extra):
+    return cli("extract", "--backbone", model, "--data", table, "--out", out, *SAMPLE_ARGS, *extra)
+
+
+def test_extract_max_samples_keeps_split_and_label_shares_and_marks_the_store(tiny_bert, split_table, tmp_path):
+    store = tmp_path / "sample.zarr"
+    result = extract_sample(tiny_bert, split_table, store, "--max-samples", 100)
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if "took" in line] == [
+        "note: big: took 100 of 1,000 rows, seed 0 (--max-samples, --split-seed; stratified by split and label)"]
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["key"]["sample"] == {"rows": 100, "of": 1000, "seed": 0}
+    whole = load_dataset(str(split_table))
+    for split in SPLITS:
+        rows = root[split]["row"][:]  # rows of the whole table, so a sample's samples can be traced to it
+        assert len(set(rows.tolist())) == len(rows) and (whole.split[rows] == SPLITS.index(split)).all()
+        np.testing.assert_array_equal(root[split]["label"][:], whole.labels[rows])
+    counts = {split: np.bincount(root[split]["label"][:], minlength=2).tolist() for split in SPLITS}
+    assert counts == {"train": [35, 35], "validation": [10, 10], "test": [5, 5]}
+    info = cli("info", store)
+    assert "sample     100 of the data's 1,000 rows (extract --max-samples, seed 0); not the whole data" in info.output
+    assert json.loads(cli("info", "--json", store).output)["sample"] == {"rows": 100, "of": 1000, "seed": 0}
+    # the same command finds its store; the whole data, or another seed, is another store
+    assert "is up to date" in extract_sample(tiny_bert, split_table, store, "--max-samples", 100).output
+    refused = extract_sample(tiny_bert, split_table, store)
+    assert refused.exit_code == 2 and "differs in: data_fingerprint, sample" in refused.output
+    other = extract_sample(tiny_bert, split_table, tmp_path / "seed1.zarr", "--max-samples", 100, "--split-seed", 1)
+    assert other.exit_code == 0, other.output
+    assert "took 100 of 1,000 rows, seed 1" in other.output
+    rows = {seed: set(zarr.open_group(str(path), mode="r")["train"]["row"][:].tolist())
+            for seed, path in ((0, store), (1, tmp_path / "seed1.zarr"))}
+    assert rows[0] != rows[1]
+
+
+def test_extract_max_samples_refusals_and_the_whole_data(tiny_bert, split_table, tmp_path):
+    assert_one_line_error(extract_sample(tiny_bert, split_table, tmp_path / "a.zarr", "--max-samples", 0),
+                          "--max-samples 0: give at least 1")
+    assert_one_line_error(extract_sample(tiny_bert, split_table, tmp_path / "b.zarr", "--max-samples", 3),
+                          "raise --max-samples")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    result = extract_sample(tiny_bert, split_table, tmp_path / "all.zarr", "--max-samples", 5000)
+    assert result.exit_code == 0, result.output
+    assert "--max-samples 5,000 is not fewer than its 1,000 rows; extracting them all" in result.output
+    assert "sample" not in zarr.open_group(str(tmp_path / "all.zarr"), mode="r").attrs["key"]
+    assert "is up to date" in extract_sample(tiny_bert, split_table, tmp_path / "all.zarr").output
+
+
+def test_the_python_api_takes_max_samples(tiny_bert, split_table, tmp_path):
+    import cachetune
+
+    options = {name.lstrip("-").replace("-", "_"): value for name, value in zip(SAMPLE_ARGS[::2], SAMPLE_ARGS[1::2])}
+    lines = []
+    cache = cachetune.extract(str(tiny_bert), str(split_table), str(tmp_path / "s.zarr"), log=lines.append,
+                              max_samples=50, **options)
+    assert "note: big: took 50 of 1,000 rows, seed 0 (--max-samples, --split-seed; stratified by split and label)" in lines
+    assert cache.info()["sample"] == {"rows": 50, "of": 1000, "seed": 0}
+    assert [len(cache.dataset(split)) for split in SPLITS] == [35, 10, 5]
