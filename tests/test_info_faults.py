@@ -162,6 +162,18 @@ def test_extract_max_samples_refusals_and_the_whole_data(tiny_bert, split_table,
     assert "is up to date" in extract_sample(tiny_bert, split_table, tmp_path / "all.zarr").output
 
 
+def test_a_sample_that_drops_a_class_is_refused_from_train_and_said_from_validation(tiny_bert, tmp_path):
+    rows = [(text, label, "train") for text, label in sentiment_rows(700)] + [("fine film", "meh", "train")] * 20
+    rows += [(text, label, "validation") for text, label in sentiment_rows(200, seed=1)] + [("fine plot", "meh", "validation")] * 2
+    table = write_table(tmp_path / "rare.csv", rows, columns=("text", "label", "split"))
+    assert_one_line_error(extract_sample(tiny_bert, table, tmp_path / "a.zarr", "--max-samples", 20),
+                          "--max-samples 20: the sample of rare has no training row of class 'meh'; raise --max-samples")
+    result = extract_sample(tiny_bert, table, tmp_path / "b.zarr", "--max-samples", 100)
+    assert result.exit_code == 0, result.output
+    assert ("warning: rare: the --max-samples 100 sample has no validation row of class 'meh'; validation metrics never "
+            "score it; raise --max-samples") in result.output
+
+
 def test_the_python_api_takes_max_samples(tiny_bert, split_table, tmp_path):
     import cachetune
 
