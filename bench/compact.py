@@ -89,7 +89,7 @@ def main():
         seconds = run([sys.executable, "-m", "cachetune.pipeline.cli", "compact", args.cache, *options, "--out", path]) if options else 0.0
         facts = describe_store(path)
         summary = sweep(path, work / f"sweep-{slug(name)}", args)
-        result = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error_vs_float16"],
+        result = {"bytes": facts["bytes_per_token_layer"], "error": facts["relative_error"],
                   "compact_seconds": seconds, "sweep_seconds": summary["wall_seconds"],
                   "peak_mb": summary["peak_memory_mb"], "accuracy": accuracy_by_method(summary)}
         (work / f"result-{slug(name)}.json").write_text(json.dumps({"name": name, **result}, indent=2))

@@ -20,7 +20,7 @@ from .errors import InputError, OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
 from .quantize import decode, groups
 
-ERROR_SAMPLE_EVERY = 16  # the recorded error against float16 covers every 16th real token of each block
+ERROR_SAMPLE_EVERY = 16  # the recorded encoding error covers every 16th real token of each block
 
 
 def store_fs(path: str):
@@ -92,7 +92,8 @@ class SplitWriter:
     def _encoded(self, block: int, buffer: np.ndarray) -> list[np.ndarray]:
         """buffer [K, block_tokens, D] float16, float32 or ml_dtypes.bfloat16 -> the block's arrays in `self.arrays`
         order: codes per layer, then scales per layer (8-bit). Records the block's squared error and squared norm
-        against float16, over a sample of its real tokens, in `encode_error` (for `pipeline info`)."""
+        against the values it encoded (in float32), over a sample of its real tokens, in `encode_error` (for
+        `pipeline info`)."""
         encoding = self.encoder.encoding
         if encoding.plain:
             return list(buffer)
@@ -104,7 +105,8 @@ class SplitWriter:
             code, scale = self.encoder(layer, values)
             codes.append(code)
             scales.append(scale)
-            reference = torch.from_numpy(values[sample]).to(torch.float16).float()
+            # float32, not float16: a residual stream beyond 65504 (Gemma 3 reaches ~1e5) would make it inf, the error nan
+            reference = torch.from_numpy(values[sample])
             decoded = _decoded(self.encoder, layer, code[sample], None if scale is None else scale[sample])
             error += [float(torch.sum(torch.square(decoded - reference), dtype=torch.float64)),
                       float(torch.sum(torch.square(reference), dtype=torch.float64))]
@@ -162,7 +164,7 @@ def prepare_split(root: zarr.Group, name: str, plan: BlockPlan, meta: dict[str, 
             group.create_array(scale_array_name(index), shape=(rows, groups(width)), dtype="float16",
                                chunks=(chunk_tokens, groups(width)), shards=(plan.block_tokens, groups(width)),
                                compressors=compressors, fill_value=0)
-    if not encoding.plain:  # per block: squared error against float16 and squared norm, over its layers
+    if not encoding.plain:  # per block: squared error against the unencoded values and their squared norm, over its layers
         group.create_array("encode_error", shape=(plan.num_blocks, 2), dtype="float64", chunks=(1, 2), fill_value=0)
     group.attrs.update({"num_samples": len(plan.token_start), "num_blocks": plan.num_blocks,
                         "block_tokens": plan.block_tokens, "ready": True})

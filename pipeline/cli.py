@@ -69,6 +69,9 @@ def data_options(command):
 
 @main.command()
 @data_options
+@click.option("--max-samples", type=int, default=None,
+              help="Extract a seeded sample of this many rows (--split-seed; stratified by split and label, so the "
+                   "splits keep their proportions); recorded in the store's key and shown by `pipeline info`.")
 @click.option("--layers", default="all", show_default=True,
               help="all | last:K | every:K | for:METHOD,... (the layers those methods read) | comma list of hidden_states indices (0 = embeddings).")
 @click.option("--max-length", type=int, default=128, show_default=True,
@@ -104,8 +107,8 @@ def data_options(command):
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
-            split_seed, image_size, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out, overwrite, device,
-            trust_remote_code, block_tokens, chunk_tokens,
+            split_seed, image_size, max_samples, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out,
+            overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
             sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -117,8 +120,8 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 
     state = run_extract(backbone, data, out, log=log, text_column=text_column, image_column=image_column,
                         text_pair_column=text_pair_column, label_column=label_column, delimiter=delimiter_option(delimiter),
-                        split_column=split_column, task=task, split_seed=split_seed, image_size=image_size,
-                        layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype, precision=precision,
+                        split_column=split_column, task=task, split_seed=split_seed, max_samples=max_samples,
+                        image_size=image_size, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype, precision=precision,
                         codec=codec, lossy=lossy, pooling=pooling, overwrite=overwrite, device=device,
                         trust_remote_code=trust_remote_code, block_tokens=block_tokens, chunk_tokens=chunk_tokens,
                         sort_tokens=sort_tokens, workers=workers, scheduler=scheduler)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,12 @@ class Dataset:
     images: Images | None = None
     modality: str = "text"  # "text" or "image"
     origin: "Origin | None" = None  # where each row is in the source files (tables), for messages
+    sample: dict | None = None  # extract --max-samples: {"rows": kept, "of": the data's rows, "seed": ...}
+    data_rows: np.ndarray | None = None  # a sample's rows' positions in the whole data (None: the whole data)
+
+    def data_row(self, rows: np.ndarray) -> np.ndarray:
+        """Positions `rows` of this dataset as rows of the whole data (the store's `row`, also for a sample)."""
+        return rows if self.data_rows is None else self.data_rows[rows]
 
     def __len__(self) -> int:
         return len(self.images) if self.modality == "image" else len(self.texts)
@@ -89,6 +95,14 @@ class Dataset:
             return self.origin.where(rows, limit)
         more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
         return f"row{'s' if len(rows) > 1 else ''} {', '.join(str(r + 1) for r in rows[:limit])}{more}"
+
+    def take(self, rows: np.ndarray, sample: dict | None = None) -> "Dataset":
+        """The rows `rows` (sorted positions), in source order, as their own dataset."""
+        return replace(self, texts=[self.texts[i] for i in rows] if self.texts else [], labels=self.labels[rows],
+                       split=self.split[rows], pairs=None if self.pairs is None else [self.pairs[i] for i in rows],
+                       images=None if self.images is None else self.images.take(rows),
+                       origin=None if self.origin is None else self.origin.take(rows), sample=sample,
+                       data_rows=self.data_row(rows))
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(split))

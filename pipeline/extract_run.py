@@ -10,13 +10,15 @@ from cachetune.stages.extraction.host_memory import check_host_memory
 from cachetune.stages.extraction.preflight import method_support_note, preflight
 
 from .data import load_dataset
+from .data_sample import take_sample
 from .library_errors import library_errors
 
 
 def run_extract(backbone: str, data: str, out: str, log=print, text_column: str = "text",
                 image_column: str | None = None, text_pair_column: str | None = None, label_column: str = "label",
                 delimiter: str | None = None, split_column: str | None = None, task: str = "classification",
-                split_seed: int = 0, image_size: int | None = None, layers: str = "all", max_length: int = 128,
+                split_seed: int = 0, max_samples: int | None = None, image_size: int | None = None,
+                layers: str = "all", max_length: int = 128,
                 batch_size: int | None = None, dtype: str = "fp8", precision: str = "fp32", codec: str = "lz4",
                 lossy: str | None = None, pooling: str | None = None, overwrite: bool = False, device: str = "auto",
                 trust_remote_code: bool = False, block_tokens: int = 8192, chunk_tokens: int = 1024,
@@ -37,6 +39,7 @@ def run_extract(backbone: str, data: str, out: str, log=print, text_column: str 
     notes = []  # said once every check has passed, so that a refused run prints its one error line only
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
                            delimiter, notes.append)
+    dataset = take_sample(dataset, max_samples, split_seed, notes.append)
     model = load_backbone(backbone, trust_remote_code, image_size)
     name = f"at {model.path} ({model.model.config.model_type})"
     with library_errors("extract's checks", name):

@@ -13,7 +13,7 @@ from .cli_options import DEFAULT_CACHE
 @click.argument("path", default=DEFAULT_CACHE)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--stats", is_flag=True,
-              help="Per-layer mean, std, max |x| and share of values beyond float16 over the real tokens (reads every layer).")
+              help="Per-layer mean, std, max |x| and share of values beyond float16 of the decoded values over the real tokens (reads every layer).")
 @user_errors
 def info(path, as_json, stats):
     """What a cache holds: backbone, splits, layers, dtype, codecs, size against padded float32.
@@ -39,6 +39,10 @@ def info(path, as_json, stats):
                    f"{facts['bytes_per_sample'] / 1e3:.0f} kB per image on disk")
     click.echo("splits     " + ("as the data gave them" if facts["split_seed"] is None else
                                 f"seeded and stratified where the data gave none (--split-seed {facts['split_seed']})"))
+    if facts["sample"]:
+        sample = facts["sample"]
+        click.echo(f"sample     {sample['rows']:,} of the data's {sample['of']:,} rows (extract --max-samples, seed "
+                   f"{sample['seed']}); not the whole data")
     for name, split in facts["splits"].items():
         click.echo(f"split      {name}: {split['samples']} samples, {split['tokens']} tokens, blocks {split['blocks_done']}/{split['blocks']}")
     ratio = facts["ratio_to_padded_fp32"]
@@ -59,10 +63,11 @@ def _echo_encoding(facts: dict) -> None:
     """`info`'s lines on a compact store (and bytes per real token and layer for every store)."""
     encoding = facts.get("encoding") or {}
     if encoding.get("reduce") or encoding.get("group"):
-        error = facts["relative_error_vs_float16"]
+        error, note = facts["relative_error"], facts["relative_error_note"]
         click.echo(f"encoding   {encoding['dtype']} (stored as {encoding['storage']}{', scale per token and ' + str(encoding['group']) + ' channels' if encoding.get('group') else ''})"
-                   f"{', ' + encoding['reduce'] if encoding.get('reduce') else ''}; relative error against float16 "
-                   + (f"{error:.4f}" if error is not None else "not known yet (no block written)"))
+                   f"{', ' + encoding['reduce'] if encoding.get('reduce') else ''}; relative error "
+                   + (note or ("not known yet (no block written)" if error is None else
+                               f"{error:.4f} against the values before encoding")))
     if facts.get("derived_from"):
         click.echo(f"source     {facts['derived_from']['path']} (key {facts['derived_from']['key_sha256'][:12]})")
     if facts.get("bytes_per_token_layer") and facts["status"] == "complete":  # unwritten blocks would count as free

@@ -30,6 +30,12 @@ class Images:
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else len(self.array)
 
+    def take(self, rows) -> "Images":
+        """The images at positions `rows`, in that order."""
+        if self.array is not None:
+            return Images(array=self.array[rows])
+        return Images(paths=[self.paths[i] for i in rows])
+
     def load(self, index: int, mode: str = "RGB"):
         from PIL import Image
 

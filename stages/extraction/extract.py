@@ -122,6 +122,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
         "chunk_tokens": settings.chunk_tokens,
     }
     key.update(Encoding(settings.dtype).key_fields())  # nothing for float16/float32: their keys stay as they were
+    if dataset.sample:  # extract --max-samples; absent for the whole data, as before the option
+        key["sample"] = dataset.sample
     if backbone.modality != "text":
         key["modality"] = backbone.modality
     if getattr(backbone, "image_size", None):  # absent: the processor's own size (stores made before --image-size)
@@ -260,7 +262,7 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
                                               backbone.tokenizer)
             lengths = encoded.lengths.astype(np.int32)
         plan = plan_blocks(lengths, settings.block_tokens)
-        meta = {"row": rows.astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
+        meta = {"row": dataset.data_row(rows).astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
         writer = prepare_split(root, split, plan, meta, layers, backbone.hidden_size, settings.dtype,
                                settings.chunk_tokens, filters, compressors)
         work = SplitWork(split, plan, writer.pending_blocks(), layers, writer, settings, backbone.hidden_size,
