@@ -63,6 +63,7 @@ def describe_store(path: str) -> dict:
         "relative_error_vs_float16": float(np.sqrt(error[0] / error[1])) if error[1] else None,
         "modality": attrs["key"].get("modality", "text"), "image_size": attrs["key"].get("image_size"),
         "bytes_per_sample": on_disk / samples if samples else None,
+        "truncation": attrs.get("truncation"),  # what --max-length cut (stages/extraction/tokenizing.py); text only
     }
 
 
