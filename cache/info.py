@@ -71,6 +71,7 @@ def describe_store(path: str) -> dict:
         "relative_error_note": None if np.isfinite(error).all() else LOST_ERROR,
         "modality": attrs["key"].get("modality", "text"), "image_size": attrs["key"].get("image_size"),
         "bytes_per_sample": on_disk / samples if samples else None,
+        "truncation": attrs.get("truncation"),  # what --max-length cut (stages/extraction/tokenizing.py); text only
     }
 
 

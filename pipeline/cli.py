@@ -59,6 +59,9 @@ def data_options(command):
                      help="Classes (cross-entropy, accuracy and macro-F1) or one numeric target (MSE, Pearson, Spearman)."),
         click.option("--split-seed", type=int, default=0, show_default=True,
                      help="Seed of the stratified 80/10/10 split, used when the data gives no splits."),
+        click.option("--decimal-mark", type=click.Choice([".", ","]), default=None,
+                     help="--task regression: the targets' decimal mark; the other one (or a space) groups thousands "
+                          "(',': 1.197,45 is 1197.45) [default: plain numbers only, 4.25]."),
         click.option("--image-size", type=int, default=None,
                      help="Image backbones (DINOv2): pixels per side, a multiple of the patch size [default: the processor's]."),
     ]
@@ -107,8 +110,8 @@ def data_options(command):
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
-            split_seed, image_size, max_samples, layers, max_length, batch_size, dtype, precision, codec, lossy, pooling, out,
-            overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
+            split_seed, decimal_mark, image_size, max_samples, layers, max_length, batch_size, dtype, precision, codec, lossy,
+            pooling, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
             sort_tokens, workers, scheduler):
     """Stage one: run the frozen backbone over the data once and cache its layers.
 
@@ -120,8 +123,9 @@ def extract(backbone, data, text_column, image_column, text_pair_column, label_c
 
     state = run_extract(backbone, data, out, log=log, text_column=text_column, image_column=image_column,
                         text_pair_column=text_pair_column, label_column=label_column, delimiter=delimiter_option(delimiter),
-                        split_column=split_column, task=task, split_seed=split_seed, max_samples=max_samples,
-                        image_size=image_size, layers=layers, max_length=max_length, batch_size=batch_size, dtype=dtype, precision=precision,
+                        split_column=split_column, task=task, split_seed=split_seed, decimal_mark=decimal_mark,
+                        max_samples=max_samples, image_size=image_size, layers=layers, max_length=max_length,
+                        batch_size=batch_size, dtype=dtype, precision=precision,
                         codec=codec, lossy=lossy, pooling=pooling, overwrite=overwrite, device=device,
                         trust_remote_code=trust_remote_code, block_tokens=block_tokens, chunk_tokens=chunk_tokens,
                         sort_tokens=sort_tokens, workers=workers, scheduler=scheduler)
@@ -460,7 +464,7 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
 @runtime_options
 @user_errors
 def baseline(method, backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
-             split_seed, image_size, max_length, epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples,
+             split_seed, decimal_mark, image_size, max_length, epochs, batch_size, lr, weight_decay, warmup_ratio, seed, max_train_samples,
              length_buckets, lora_r, lora_alpha, lora_targets, pooling, gradient_checkpointing, measure_step, out, device,
              precision):
     """Train the backbone itself (LoRA via PEFT, or full fine-tuning) for side-by-side numbers.
@@ -474,7 +478,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
 
     resolve_runtime(device, precision)
     dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
-                           delimiter_option(delimiter), log)
+                           delimiter_option(delimiter), log, decimal_mark)
     settings = BaselineSettings(method=method, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 length_buckets=length_buckets,

@@ -21,7 +21,9 @@ from cachetune.cache.errors import InputError
 from cachetune.stages.image_decode import open_image
 from cachetune.stages.images import IMAGE_SUFFIXES, Images
 
+from .label_text import normal_labels
 from .tables import READABLE_SUFFIXES, read_table
+from .targets import DECIMAL_MARKS, read_targets
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_COLUMN = "split"  # a table's splits when --split-column is not given
@@ -316,7 +318,7 @@ def _stderr(line: str) -> None:
 
 def load_dataset(source: str, text_column="text", label_column="label", text_pair_column=None,
                  task="classification", split_seed=0, split_column=None, image_column=None, delimiter=None,
-                 log=_stderr) -> Dataset:
+                 log=_stderr, decimal_mark: str | None = None) -> Dataset:
     """A built-in name (movies, trec; fashion-mnist, digits), a table file, a folder with one table per split,
     or a folder of images in class subfolders.
 
@@ -324,10 +326,15 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
     image paths are relative to the table's folder (or absolute). Tables are read as written (every cell a
     string, see pipeline/tables.py); rows with an empty text, pair, image or label are dropped and `log` names
     them; labels lose surrounding spaces. Without validation rows, a seeded stratified share of train becomes
-    validation and `log` says so; a class without training rows is refused (pipeline/data_checks.py).
+    validation and `log` says so; a class without training rows is refused (pipeline/data_checks.py). Labels are
+    normalised (pipeline/label_text.py); regression targets are read with `decimal_mark` (pipeline/targets.py).
     """
     from .data_checks import check_splits
 
+    if decimal_mark is not None and decimal_mark not in DECIMAL_MARKS:
+        raise InputError(f"--decimal-mark {decimal_mark!r} is not one of {', '.join(map(repr, DECIMAL_MARKS))}")
+    if decimal_mark is not None and task != "regression":
+        raise InputError("--decimal-mark says how regression targets are written; add --task regression or drop it")
     if source in BUILTIN_DATASETS:
         texts, labels, names = load_movies() if source == "movies" else load_trec()
         return Dataset(source, "classification", texts, labels, stratified_split(labels, split_seed), names, None, split_seed)
@@ -352,7 +359,7 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
     if split_column is None and None in tables:
         split_column, said = _default_split_column(source, tables[None])
     dataset = _table_dataset(source, path, tables, base, text_column, label_column, text_pair_column, task, split_seed,
-                             split_column, image_column, log)
+                             split_column, image_column, log, decimal_mark)
     if said:
         log(said)  # after the table is read, so that a refused table gets its one error line only
     return check_splits(dataset, split_seed, log)
@@ -368,7 +375,7 @@ def _default_split_column(source: str, table) -> tuple[str | None, str]:
 
 
 def _table_dataset(source, path, tables: dict, base, text_column, label_column, text_pair_column, task, split_seed,
-                   split_column, image_column, log) -> Dataset:
+                   split_column, image_column, log, decimal_mark=None) -> Dataset:
     first = next(iter(tables.values()))
     images_column = image_column or "image"
     is_image = image_column is not None or (images_column in first.columns and text_column not in first.columns)
@@ -395,7 +402,7 @@ def _table_dataset(source, path, tables: dict, base, text_column, label_column, 
         split_values = [split for split, t in tables.items() for _ in range(len(t))]
     else:
         split_values = None
-    values[label_column] = [v.strip() for v in values[label_column]]  # "positive " and "positive" are one class
+    values[label_column] = normal_labels(values[label_column], source, log)  # "positive\u200b" is "positive"
     keep = _drop_empty(source, values, columns, origin, log)
     values = {column: [column_values[i] for i in keep] for column, column_values in values.items()}
     origin = origin.take(keep)
@@ -405,7 +412,7 @@ def _table_dataset(source, path, tables: dict, base, text_column, label_column, 
         raise InputError(f"{source}: no rows with {'image' if is_image else 'text'} and label; the data is empty")
     raw = values[label_column]
     if task == "regression":
-        labels, names = _targets(source, label_column, raw, origin), []
+        labels, names = read_targets(source, label_column, raw, origin, decimal_mark, log), []
     else:
         names = _sort_names(raw)
         _refuse_numeric_spellings(source, label_column, names, raw, origin)
@@ -468,22 +475,3 @@ def _drop_empty(source, values: dict, columns: list[str], origin: Origin, log) -
         log(f"warning: {source}: dropped {len(dropped)} of {count} rows ({kinds}): {origin.where(dropped)}; "
             "fill those cells in or remove the rows")
     return np.setdiff1d(np.arange(count), np.asarray(dropped, dtype=np.int64))
-
-
-def _targets(source, column: str, raw: list[str], origin: Origin) -> np.ndarray:
-    """Regression targets as float32; text that is not a number, or a non-finite one (inf, nan, beyond float32),
-    is refused with the lines that hold it."""
-    numbers, not_numbers = np.zeros(len(raw), dtype=np.float64), []
-    for i, value in enumerate(raw):
-        try:
-            numbers[i] = float(value)
-        except ValueError:
-            not_numbers.append(i)
-    if not_numbers:
-        raise InputError(f"{source}: column {column!r} is not numeric ({raw[not_numbers[0]]!r} at "
-                         f"{origin.where(not_numbers)}); regression needs numbers (or use --task classification)")
-    bad = np.flatnonzero(~np.isfinite(numbers) | (np.abs(numbers) > np.finfo(np.float32).max))
-    if bad.size:
-        raise InputError(f"{source}: column {column!r} has non-finite targets ({raw[bad[0]]!r} at {origin.where(bad)}); "
-                         "regression targets must be finite numbers within float32's range: fix or remove those rows")
-    return numbers.astype(np.float32)

@@ -33,6 +33,11 @@ def info(path, as_json, stats):
     click.echo(f"layers     {facts['layers']}")
     click.echo(f"format     {facts['dtype']}, codecs {' + '.join(facts['codecs'])}, max length {facts['max_length']}")
     _echo_encoding(facts)
+    cut = facts.get("truncation")
+    if cut:
+        allows = f"; backbone allows {cut['backbone_allows']}" if cut["backbone_allows"] else ""
+        click.echo(f"truncated  {cut['cut']} of {cut['texts']} texts at {cut['max_length']} tokens "
+                   f"(longest {cut['longest']} tokens{allows})")
     click.echo(f"task       {facts['task']} {facts['label_names'] or ''}")
     if facts["modality"] == "image" and facts["bytes_per_sample"]:
         click.echo(f"image      {facts['image_size'] or 'processor default'} px -> {facts['max_length']} tokens per image; "

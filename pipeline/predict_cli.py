@@ -27,6 +27,7 @@ from .cli_options import delimiter_option, log, resolve_runtime, runtime_options
 def predict(model_dir, texts, images, data, text_column, text_pair_column, delimiter, image_column, out, backbone_path,
             device, precision):
     """Labels and probabilities for raw inputs: runs the frozen backbone and the side network."""
+    from cachetune.stages.extraction.tokenizing import special_token_notes
     from cachetune.stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
     from cachetune.stages.training.side_model import load_side_model
 
@@ -61,7 +62,12 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
         texts = [table.columns[text_column][i] for i in kept]
         pairs = [table.columns[text_pair_column][i] for i in kept] if text_pair_column else None
         lines = [{table.unit: table.lines[i]} for i in kept]
-    logits = predict_texts(side, load_matching_backbone(side), list(texts), pairs, runtime=runtime)
+    backbone = load_matching_backbone(side)
+    where = ((lambda rows: table.where([kept[r] for r in rows])) if data else
+             (lambda rows: "--text " + ", ".join(str(r + 1) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")))
+    for note in special_token_notes(backbone.tokenizer, list(texts), pairs, where):
+        log(note)
+    logits = predict_texts(side, backbone, list(texts), pairs, runtime=runtime)
     records = [{**(where or {}), "text": t, **r} for where, t, r in
                zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
     _write_records(records, out)

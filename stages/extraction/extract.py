@@ -6,6 +6,7 @@ plus DeiT's distillation token), so the mask is all ones and `max_length` in the
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -28,6 +29,7 @@ from ..runtime import Runtime, device_kind
 from .layer_selection import parse_layers
 from ..progress import progress_bar
 from .token_table import TokenTable, ranges
+from .tokenizing import Truncation, backbone_limit, encode, single_prefix
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 128}
@@ -124,6 +126,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
     key.update(Encoding(settings.dtype).key_fields())  # nothing for float16/float32: their keys stay as they were
     if dataset.sample:  # extract --max-samples; absent for the whole data, as before the option
         key["sample"] = dataset.sample
+    if backbone.modality == "text" and single_prefix(backbone.tokenizer, dataset.texts)[1]:
+        key["single_prefix"] = True  # texts that start with the tokenizer's BOS/CLS string: now given it once
     if backbone.modality != "text":
         key["modality"] = backbone.modality
     if getattr(backbone, "image_size", None):  # absent: the processor's own size (stores made before --image-size)
@@ -136,10 +140,12 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
     return key
 
 
-def tokenize(tokenizer, dataset, rows: np.ndarray, max_length: int) -> dict[str, list]:
+def tokenize(tokenizer, dataset, rows: np.ndarray, max_length: int) -> tuple[dict[str, list], np.ndarray]:
+    """(the tokenizer's output for these rows, cut at max_length; [N] tokens of each before the cut): see
+    stages/extraction/tokenizing.py."""
     texts = [dataset.texts[i] for i in rows]
     pairs = [dataset.pairs[i] for i in rows] if dataset.pairs else None
-    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    return encode(tokenizer, texts, pairs, max_length)
 
 
 def image_mode(backbone: Backbone) -> str:
@@ -249,7 +255,8 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         "encoding": Encoding(settings.dtype).attrs(backbone.hidden_size),
     })
     filters, compressors = codec_pipeline(settings.codec, settings.lossy)
-    writes = None
+    truncation = Truncation(settings.max_length, backbone_limit(backbone)) if backbone.modality == "text" else None
+    works = []  # every split tokenized first, so what --max-length cut is said before the forward passes
     for split in SPLITS:
         rows = dataset.rows(split)
         if len(rows) == 0:
@@ -258,8 +265,10 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
         if backbone.modality == "image":
             lengths = np.full(len(rows), tokens_per_image, dtype=np.int32)
         else:
-            encoded = TokenTable.from_encoded(tokenize(backbone.tokenizer, dataset, rows, settings.max_length),
-                                              backbone.tokenizer)
+            tokens, full_lengths = tokenize(backbone.tokenizer, dataset, rows, settings.max_length)
+            truncation.add(full_lengths)
+            encoded = TokenTable.from_encoded(tokens, backbone.tokenizer)
+            del tokens
             lengths = encoded.lengths.astype(np.int32)
         plan = plan_blocks(lengths, settings.block_tokens)
         meta = {"row": dataset.data_row(rows).astype(np.int64), "length": lengths, "label": dataset.labels[rows]}
@@ -267,15 +276,22 @@ def extract(backbone: Backbone, dataset, settings: ExtractSettings, log=print, r
                                settings.chunk_tokens, filters, compressors)
         work = SplitWork(split, plan, writer.pending_blocks(), layers, writer, settings, backbone.hidden_size,
                          backbone.modality, encoded, dataset, rows, tokens_per_image, lengths)
-        if not work.pending:
-            continue
+        if work.pending:
+            works.append(work)
+    if truncation is not None:
+        root.attrs["truncation"] = dataclasses.asdict(truncation)
+        if truncation.line():
+            log(truncation.line())
+    writes = None
+    while works:
+        work = works.pop(0)  # a split's token table is let go once its blocks are run
         if run_split is not None:
             run_split(work)
             continue
         if writes is None:
             writes = Writes(settings, len(layers), backbone.hidden_size, runtime)
         forward = split_forward(backbone, model, work, runtime)
-        _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {split}", unit="sample"),
+        _run_blocks(forward, work, progress_bar(total=work.pending_samples, desc=f"extract {work.split}", unit="sample"),
                     writes)
     if writes is not None:
         writes.background.close()  # every split's writes, then `complete`

@@ -12,6 +12,7 @@ What the model code would otherwise raise deep in a forward pass (a traceback, e
 - the tokenizer's vocabulary against the embedding matrix: ids beyond its rows, or far fewer tokens than rows
   (a model folder without tokenizer files: transformers 5 makes a 5-token stand-in);
 - a tokenizer that turns most of the data into its unknown token.
+It also notes texts that start with the tokenizer's BOS/CLS string or hold special-token strings (tokenizing.py).
 Only text backbones are checked; an image processor has none of these.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 from torch import nn
 
 from cachetune.cache.errors import InputError
+
+from .tokenizing import special_token_notes
 
 SAMPLE_ROWS = 256  # rows tokenized for the vocabulary checks, spread over the data
 MAX_UNKNOWN_SHARE = 0.5  # more unknown tokens than this (of the sample's non-special tokens) is refused
@@ -45,6 +48,9 @@ def preflight(backbone, dataset, settings, log=None) -> None:
     check_token_types(backbone, encoded, pairs is not None)
     check_unknown_share(backbone, encoded)
     check_positions(backbone, dataset, settings.max_length)
+    if log is not None:
+        for note in special_token_notes(backbone.tokenizer, dataset.texts, dataset.pairs, dataset.where):
+            log(note)
 
 
 def sample_rows(count: int, size: int) -> np.ndarray:

@@ -44,7 +44,7 @@ def bytes_still_needed(backbone, dataset, settings: ExtractSettings) -> tuple[in
             blocks += int((root[split]["done"][:] == 0).sum())
             continue
         if backbone.modality == "text":
-            lengths = np.array([len(ids) for ids in tokenize(backbone.tokenizer, dataset, rows, settings.max_length)["input_ids"]])
+            lengths = np.array([len(ids) for ids in tokenize(backbone.tokenizer, dataset, rows, settings.max_length)[0]["input_ids"]])
         elif root is not None and "max_length" in root.attrs:  # tokens per image, known once the store's attributes exist
             lengths = np.full(len(rows), int(root.attrs["max_length"]))
         else:

@@ -22,6 +22,7 @@ from ..atomic_folder import atomic_folder
 from ..backbones import causal_position_ids, check_pooling, load_backbone
 from ..families import family_facts
 from ..extraction.extract import pixel_values
+from ..extraction.tokenizing import single_prefix
 from .checkpoint import Checkpoint
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import pool
@@ -129,7 +130,7 @@ def _batches(backbone, dataset, rows: np.ndarray, settings: BaselineSettings, sh
                    runtime.to_device(torch.from_numpy(dataset.labels[chunk])))
             continue
         tokenizer = backbone.tokenizer
-        texts = [dataset.texts[i] for i in chunk]
+        texts, _ = single_prefix(tokenizer, [dataset.texts[i] for i in chunk])  # as extract tokenizes
         pairs = [dataset.pairs[i] for i in chunk] if dataset.pairs else None
         batch = tokenizer(texts, pairs, truncation=True, max_length=settings.max_length, padding=True, return_tensors="pt")
         yield ({name: runtime.to_device(tensor) for name, tensor in batch.items()},
@@ -181,7 +182,8 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     lengths = None
     if settings.length_buckets and backbone.modality == "text":  # every image gives the same number of tokens
         pairs = [dataset.pairs[i] for i in train_rows] if dataset.pairs else None
-        lengths = np.array([len(ids) for ids in backbone.tokenizer([dataset.texts[i] for i in train_rows], pairs,
+        texts, _ = single_prefix(backbone.tokenizer, [dataset.texts[i] for i in train_rows])
+        lengths = np.array([len(ids) for ids in backbone.tokenizer(texts, pairs,
                                                                    truncation=True, max_length=settings.max_length)["input_ids"]])
     schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
     def evaluate(split):

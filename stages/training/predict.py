@@ -11,6 +11,7 @@ from cachetune.cache.hidden_states import CachedHiddenStates
 
 from ..backbones import causal_position_ids, load_backbone
 from ..extraction.extract import pixel_values, preprocessor_sha256
+from ..extraction.tokenizing import single_prefix
 from ..images import Images
 from ..runtime import CPU, Runtime
 from .side_model import SideModel
@@ -72,7 +73,8 @@ def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | N
 def _text_forward(encoder, backbone, texts, pairs, side: SideModel, runtime: Runtime):
     """(hidden_states, mask [B, T]) of texts, tokenized as at extraction (right padding, the cache's max length)."""
     backbone.tokenizer.padding_side = "right"
-    batch = backbone.tokenizer(list(texts), list(pairs) if pairs else None, truncation=True,
+    texts, _ = single_prefix(backbone.tokenizer, texts)  # a leading BOS/CLS string given once, as at extraction
+    batch = backbone.tokenizer(texts, list(pairs) if pairs else None, truncation=True,
                                max_length=side.info["max_length"], padding=True, return_tensors="pt")
     if backbone.causal:  # positions over real tokens, as in extraction
         batch["position_ids"] = causal_position_ids(batch["attention_mask"])
