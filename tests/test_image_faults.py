@@ -12,9 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from cachetune.cache.errors import InputError
+from cachetune.cache.layout import key_sha256
 from cachetune.stages.image_decode import REDUCED, SIXTEEN_BIT, TRANSPARENT, UPRIGHT, WIDE, decode_image
 from cachetune.stages.images import Images
 from tests.test_extract import assert_one_line_error, cli
@@ -263,3 +265,18 @@ def test_images_count_an_image_decoded_twice_once(tmp_path):
     images.load(0)
     images.load(0)
     assert images.notes("x") == ["note: x: 1 image carried an EXIF orientation tag: turned upright, as viewers show them"]
+
+
+def test_a_store_of_image_files_decoded_before_the_fix_is_not_taken_as_up_to_date(dinov2, tmp_path):
+    """The key digests file bytes, which the decode change leaves equal: `image_decode` in the key tells the stores
+    apart, so a store of Pillow's raw decode (sideways, clipped 16-bit) is refused, not silently reused."""
+    write_pngs(tmp_path / "pets", per_class=4)
+    args = extract_args(dinov2, tmp_path / "pets", tmp_path / "f.zarr")
+    assert cli(*args).exit_code == 0
+    root = zarr.open_group(str(tmp_path / "f.zarr"), mode="r+")
+    key = dict(root.attrs["key"])
+    assert key.pop("image_decode") == "as viewers show them"
+    root.attrs["key"] = key  # as a store written before the decode fix
+    root.attrs["key_sha256"] = key_sha256(key)
+    result = cli(*args)
+    assert result.exit_code == 2 and "image_decode" in result.output, result.output

@@ -130,6 +130,8 @@ def cache_key(backbone: Backbone, dataset, layers: list[int], settings: ExtractS
         key["single_prefix"] = True  # texts that start with the tokenizer's BOS/CLS string: now given it once
     if backbone.modality != "text":
         key["modality"] = backbone.modality
+    if dataset.images is not None and dataset.images.paths is not None:
+        key["image_decode"] = "as viewers show them"  # stages/image_decode.py: a store of Pillow's raw decode is not reused
     if getattr(backbone, "image_size", None):  # absent: the processor's own size (stores made before --image-size)
         key["image_size"] = backbone.image_size
     if settings.precision != "fp32":  # absent means fp32: stores made before the option keep their key
