@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ..layer_config import ffn_width
 from .base import Family, bidirectional_mask, find_key
+from .side_block import side_attention
 
 
 class LayerParts(NamedTuple):
@@ -93,9 +94,7 @@ class SideBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], dropout_p=self.attention_dropout if self.training else 0.0
-        )
+        attended = side_attention(q, k, v, mask[:, None, None, :], self.attention_dropout if self.training else 0.0)
         x = self.norm1(x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, T, H))))
         return self.norm2(x + self.dropout(self.ffn(x)))
 

@@ -12,6 +12,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def side_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, dropout: float,
+                   enable_gqa: bool = False) -> torch.Tensor:
+    """dropout(softmax(q k^T / sqrt(d), over the `allowed` keys)) v: torch's scaled_dot_product_attention.
+
+    q [B, heads, T, d], k and v [B, kv_heads, T, d], allowed: bool, broadcastable to [B, heads, T, T]; dropout: the
+    probability applied to the attention weights (pass 0 outside training). Returns [B, heads, T, d].
+    With dropout on the CPU torch runs its math kernel, which keeps the [B, heads, T, T] weights and their dropout
+    mask for backward (47 of LST's 108 MB step on the main job); there the attention is recomputed in backward
+    instead (torch.utils.checkpoint restores the random state: the same mask, the same numbers). The fused kernels
+    (on the CPU without dropout, on a GPU with it) keep no weights."""
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, enable_gqa=enable_gqa)
+
+    if dropout > 0 and torch.is_grad_enabled() and not q.is_cuda:
+        return checkpoint(attend, q, k, v, use_reentrant=False)
+    return attend(q, k, v)
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +106,8 @@ class PreNormSideBlock(nn.Module):
             allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         # A padded query row whose keys are all masked (left padding, causal) would be NaN: let it see itself.
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.kv_heads != self.heads,
-                                                  dropout_p=self.attention_dropout if self.training else 0.0)
+        attended = side_attention(q, k, v, allowed, self.attention_dropout if self.training else 0.0,
+                                  enable_gqa=self.kv_heads != self.heads)
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, T, H)))
         y = self.norm2(x)
         hidden = self.act(self.gate(y)) * self.up(y) if self.gate is not None else self.act(self.up(y))
