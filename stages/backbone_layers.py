@@ -48,10 +48,12 @@ class FrozenLayers(nn.Module):
         return super().train(False)
 
     def hold_in(self, dtype: torch.dtype) -> "FrozenLayers":
-        """The frozen weights converted to `dtype` (bf16 when training runs in bf16 on a GPU: half the bytes, and
-        autocast would cast them per op anyway). Buffers keep theirs: a rotary table in bf16 would move positions."""
+        """The frozen weight matrices converted to `dtype` (bf16 when training runs in bf16: half the bytes, and
+        autocast casts them per op anyway). Vectors (norm weights, biases) and buffers keep theirs: the CPU's layer
+        norm refuses a bf16 weight on a float32 input, and a rotary table in bf16 would move positions."""
         for parameter in self.parameters():
-            parameter.data = parameter.data.to(dtype)
+            if parameter.ndim >= 2:
+                parameter.data = parameter.data.to(dtype)
         return self
 
     def parameter_names(self) -> list[str]:

@@ -5,13 +5,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cachetune.cache.errors import InputError
-from cachetune.cache.reader import CacheReader
+from cachetune.cache.reader import CacheReader, open_store
 from cachetune.pipeline.data import load_dataset
 from cachetune.stages.training.evaluate import predict_split
 from cachetune.stages.training.fit import FitSettings, fit
-from cachetune.stages.methods import config_from_options
+from cachetune.stages.methods import build_model, config_from_options
 from cachetune.stages.training.predict import load_matching_backbone, predict_texts
 from cachetune.stages.training.side_model import load_side_model
 from tests.test_extract import assert_one_line_error, cli, run_extract
@@ -125,3 +126,22 @@ def test_methods_lists_the_registry():
     result = cli("methods")
     assert result.exit_code == 0
     assert {line.split()[0] for line in result.output.splitlines()} >= set(METHOD_OPTIONS)
+
+
+@pytest.mark.parametrize("method", ["sherl", "synqt"])
+def test_bf16_training_on_the_cpu_holds_frozen_weight_matrices_in_bf16(method, tiny_cache, tmp_path):
+    """--precision bf16 holds the frozen layers' matrices in bf16 (half the resident bytes) and keeps their vectors
+    float32 (the CPU's layer norm refuses a bf16 weight on a float32 input); the run trains and saves."""
+    from cachetune.stages.backbone_layers import FrozenLayers
+    from cachetune.stages.runtime import Runtime
+    from cachetune.stages.training.fit import hold_frozen_layers, spec_from_store
+
+    cache, _ = tiny_cache
+    config = config_from_options(method, METHOD_OPTIONS[method])
+    model = hold_frozen_layers(build_model(config, spec_from_store(open_store(str(cache)))), Runtime.resolve("cpu", "bf16"))
+    frozen = [p for m in model.modules() if isinstance(m, FrozenLayers) for p in m.parameters()]
+    assert frozen and {p.dtype for p in frozen if p.ndim >= 2} == {torch.bfloat16}
+    assert {p.dtype for p in frozen if p.ndim < 2} == {torch.float32}
+    settings = FitSettings(epochs=1, batch_size=16, lr=3e-3, precision="bf16", device="cpu")
+    metrics = fit(str(cache), config, settings, tmp_path / "m", show_progress=False)
+    assert np.isfinite(metrics["history"][0]["train_loss"]) and (tmp_path / "m" / "model.safetensors").exists()

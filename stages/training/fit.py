@@ -119,9 +119,10 @@ def device_batches(reader: CacheReader, settings: FitSettings, epoch: int, runti
 
 
 def hold_frozen_layers(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """On a GPU training in bf16 or fp16, a side network's frozen backbone layers (SHERL's late layers, SynQT's) are
-    held in that precision. On the CPU they stay float32: training runs in fp32 there."""
-    if runtime.is_cuda and runtime.precision != "fp32":
+    """When training runs in bf16 or fp16 (autocast; a GPU's default, `--precision bf16` on a CPU), a side network's
+    frozen backbone layers (SHERL's late layers, SynQT's) are held in that precision: half the bytes, and autocast
+    casts their weights to it per op anyway. In fp32 (the CPU's default) they stay float32."""
+    if runtime.precision != "fp32":
         from ..backbone_layers import FrozenLayers
 
         for module in model.modules():
