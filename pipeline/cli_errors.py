@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from functools import wraps
 
 import click
@@ -45,12 +46,14 @@ class Terminated(KeyboardInterrupt):
 
 
 def stop_on_sigterm():
-    """SIGTERM (docker stop, Kubernetes, Slurm) ends a command as Ctrl-C does, with exit 143."""
+    """SIGTERM (docker stop, Kubernetes, Slurm) ends a command as Ctrl-C does, with exit 143. Only Python's main
+    thread may set a handler (a command invoked from another thread keeps SIGTERM's default)."""
 
     def terminate(signum, frame):
         raise Terminated
 
-    signal.signal(signal.SIGTERM, terminate)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def interrupted(error: KeyboardInterrupt):
