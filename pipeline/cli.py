@@ -476,21 +476,20 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
     from cachetune.stages.training.baseline import BaselineSettings, train_baseline
 
     resolve_runtime(device, precision)
-    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
+    dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column, image_column,
+                           delimiter_option(delimiter), log)
     settings = BaselineSettings(method=method, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 warmup_ratio=warmup_ratio, seed=seed, max_length=max_length, max_train_samples=max_train_samples,
                                 length_buckets=length_buckets,
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")] if lora_targets else None,
                                 pooling=pooling, device=device, precision=precision,
                                 gradient_checkpointing=gradient_checkpointing, measure_step=measure_step)
-    with model_folder_lock(out_dir):
-        dataset = load_dataset(data, text_column, label_column, text_pair_column, task, split_seed, split_column,
-                               image_column, delimiter_option(delimiter), log)
-        try:
-            with library_errors(f"baseline --method {method}", backbone):
-                metrics = train_baseline(backbone, dataset, settings, out_dir)
-        except OSError as error:
-            raise StorageError(_training_error(error, out_dir)) from None
+    out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
+    try:
+        with model_folder_lock(out_dir), library_errors(f"baseline --method {method}", backbone):
+            metrics = train_baseline(backbone, dataset, settings, out_dir)
+    except OSError as error:
+        raise StorageError(_training_error(error, out_dir)) from None
     if measure_step:
         click.echo(f"{method}{' with gradient checkpointing' if gradient_checkpointing else ''}: one step measured, "
                    f"no training; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
