@@ -7,6 +7,7 @@ import os
 EXIT_INPUT = 2  # bad input: the message names the problem and the fix
 EXIT_STORAGE = 3  # an OS error (full disk, permissions, I/O) on the store or a model folder; rerun resumes
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15: docker stop, Kubernetes, Slurm), as shells and schedulers report it
 
 
 class CachetuneError(Exception):

@@ -19,6 +19,7 @@ from .encoding import Decoder, Encoding, check_scales, read_projections, scale_a
 from .errors import InputError
 from .hidden_states import CachedHiddenStates
 from .layout import layer_array_name
+from .store_lock import writer_of
 
 
 @dataclass
@@ -44,6 +45,9 @@ def open_store(path: str) -> zarr.Group:
     except Exception:
         raise InputError(f"no cache at {path}; run `pipeline extract` first, or give the path of an existing store") from None
     if root.attrs.get("status") != "complete":
+        writer = writer_of(path)
+        if writer:
+            raise InputError(f"the cache at {path} is being written by {writer}; wait for that run to end, then rerun")
         stopped_by = root.attrs.get("stopped_by")  # written by `pipeline extract` when a check or the model failed
         if stopped_by:
             raise InputError(f"the cache at {path} is unfinished: its `pipeline extract` stopped with: {stopped_by} "

@@ -19,6 +19,7 @@ from .encoding import BlockEncoder, Encoding, scale_array_name
 from .errors import InputError, OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
 from .quantize import decode, groups
+from .store_lock import readers_excluded
 
 ERROR_SAMPLE_EVERY = 16  # the recorded encoding error covers every 16th real token of each block
 
@@ -58,10 +59,16 @@ def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Gr
             differing = _differing_settings(root.attrs.get("key", {}) if root is not None else {}, key)
             raise OtherStoreError(f"{path} holds a cache made with other settings ({differing}); "
                              "pass --overwrite to replace it, or --out for a new store")
-        fs.rm(fs_path, recursive=True)
+        with readers_excluded(path):  # from here on, a reader finds an incomplete store and who writes it
+            fs.rm(fs_path, recursive=True)
+            return _new_store(path, key, sha), "new"
+    return _new_store(path, key, sha), "new"
+
+
+def _new_store(path: str, key: dict, sha: str) -> zarr.Group:
     root = open_group(path, mode="w")
     root.attrs.update({"key": key, "key_sha256": sha, "status": "incomplete"})
-    return root, "new"
+    return root
 
 
 def _differing_settings(old: dict, new: dict) -> str:

@@ -8,8 +8,9 @@ import shutil
 import click
 
 from cachetune.cache.errors import InputError, StorageError, describe_os_error
+from cachetune.cache.store_lock import model_folder_lock, store_reading
 
-from .cli_errors import PipelineGroup, user_errors
+from .cli_errors import PipelineGroup, stop_on_sigterm, user_errors
 from .cli_options import DEFAULT_CACHE, DEFAULT_MODELS, delimiter_option, log, resolve_runtime, runtime_options
 from .library_errors import library_errors
 
@@ -31,6 +32,7 @@ def main():
       pipeline fit --method sherl          # stage two: train a side network on it
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stop_on_sigterm()
 
 
 def data_options(command):
@@ -253,14 +255,16 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
         if pairs or config_file:
             raise InputError("--method auto trains every method at its defaults; drop --set/--config, or run "
                              "`pipeline sweep --methods ... --set KEY=V1,V2`")
-        return _fit_auto(cache_path, settings, out_dir, backbone_path)
+        with store_reading(cache_path), model_folder_lock(out_dir):
+            return _fit_auto(cache_path, settings, out_dir, backbone_path)
     try:
         config = config_from_options(method, collect_options(pairs, config_file))
     except ValueError as error:
         raise InputError(str(error)) from None
     try:
-        with library_errors(f"fit --method {method}", _cache_backbone(cache_path, backbone_path)):
-            metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
+        with store_reading(cache_path), model_folder_lock(out_dir):
+            with library_errors(f"fit --method {method}", _cache_backbone(cache_path, backbone_path)):
+                metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
@@ -318,16 +322,17 @@ def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path,
     from cachetune.stages.methods import method_names
     from cachetune.stages.training.sweep_grid import make_grid, read_grid_file
 
-    file = read_grid_file(grid_file) if grid_file else {}
-    if methods is None and "methods" not in file:  # every method that can run on this cache's backbone
-        methods = ",".join(_runnable_methods(method_names(), cache_path, backbone_path))
-    grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
-    runs = grid.runs()
-    settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets,
-                             max_train_samples, device, precision, static_shapes=static_shapes, compile_=compile_)
-    if any(run.lr <= 0 for run in runs):
-        raise InputError("--lr values must be positive")
-    _run_sweep(cache_path, runs, settings, Path(out), backbone_path)
+    with store_reading(cache_path), model_folder_lock(out):
+        file = read_grid_file(grid_file) if grid_file else {}
+        if methods is None and "methods" not in file:  # every method that can run on this cache's backbone
+            methods = ",".join(_runnable_methods(method_names(), cache_path, backbone_path))
+        grid = make_grid(file, methods=methods, pairs=pairs, lrs=lrs, weight_decays=weight_decays, seeds=seeds)
+        runs = grid.runs()
+        settings = _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length_buckets,
+                                 max_train_samples, device, precision, static_shapes=static_shapes, compile_=compile_)
+        if any(run.lr <= 0 for run in runs):
+            raise InputError("--lr values must be positive")
+        _run_sweep(cache_path, runs, settings, Path(out), backbone_path)
 
 
 def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
@@ -417,20 +422,21 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
         cache_path = side.info.get("cache_path") or DEFAULT_CACHE  # models saved before cache_path was recorded
         log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
              if side.info.get("cache_path") else f"evaluate: scoring the cache at {cache_path} (--cache for another)")
-    key = open_store(cache_path).attrs["key"]
-    trained = side.info["cache_key"]
-    for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length", "precision"):  # precision: absent = fp32
-        if key.get(field) != trained.get(field):
-            raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than the one "
-                             f"{model_dir} was trained on; extract with the same backbone and settings")
-    encoding = lambda k: (k.get("dtype", "float16"), k.get("reduce"))  # noqa: E731
-    if encoding(key) != encoding(trained):
-        log(f"evaluate: note: {model_dir} was trained on {'+'.join(filter(None, encoding(trained)))} features and this "
-             f"cache holds {'+'.join(filter(None, encoding(key)))}: the side network sees another approximation of "
-             "the same hidden states, so its metrics can differ from those on its own cache")
-    reader = CacheReader(cache_path, split, side.layers)
-    metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels, batch_size,
-                             runtime)
+    with store_reading(cache_path):
+        key = open_store(cache_path).attrs["key"]
+        trained = side.info["cache_key"]
+        for field in ("backbone_weights_sha256", "tokenizer_sha256", "max_length", "precision"):  # absent = fp32
+            if key.get(field) != trained.get(field):
+                raise InputError(f"the cache at {cache_path} was made with another {field.replace('_sha256', '')} than "
+                                 f"the one {model_dir} was trained on; extract with the same backbone and settings")
+        encoding = lambda k: (k.get("dtype", "float16"), k.get("reduce"))  # noqa: E731
+        if encoding(key) != encoding(trained):
+            log(f"evaluate: note: {model_dir} was trained on {'+'.join(filter(None, encoding(trained)))} features and "
+                f"this cache holds {'+'.join(filter(None, encoding(key)))}: the side network sees another approximation "
+                "of the same hidden states, so its metrics can differ from those on its own cache")
+        reader = CacheReader(cache_path, split, side.layers)
+        metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels,
+                                 batch_size, runtime)
     click.echo(json.dumps({"split": split, "samples": len(reader), **metrics}, indent=2))
 
 
@@ -487,7 +493,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
                                 gradient_checkpointing=gradient_checkpointing, measure_step=measure_step)
     out_dir = Path(out or os.path.join(DEFAULT_MODELS, method))
     try:
-        with library_errors(f"baseline --method {method}", backbone):
+        with model_folder_lock(out_dir), library_errors(f"baseline --method {method}", backbone):
             metrics = train_baseline(backbone, dataset, settings, out_dir)
     except OSError as error:
         raise StorageError(_training_error(error, out_dir)) from None

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from functools import wraps
 
 import click
 
-from cachetune.cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, StorageError, describe_os_error
+from cachetune.cache.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, EXIT_TERMINATED, InputError, StorageError,
+                                    describe_os_error)
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def user_errors(function):
     """Faults end in one line on stderr and a documented exit code, never a traceback: bad input 2, an OS
-    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130. A closed stdout (the reader of
+    error on the store or a model folder (full disk, permissions) 3, Ctrl-C 130, SIGTERM 143. A closed stdout (the reader of
     a pipe quit: `pipeline info | head -1`) is no fault: a quiet exit 0."""
 
     @wraps(function)
@@ -29,10 +34,31 @@ def user_errors(function):
         except OSError as error:
             fail(f"error: {describe_os_error(error)}; fix that (free space, permissions), then rerun the same command",
                   EXIT_STORAGE)
-        except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as error:
+            interrupted(error)
 
     return run
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same unwinding (locks released, partial
+    files removed) and the same line."""
+
+
+def stop_on_sigterm():
+    """SIGTERM (docker stop, Kubernetes, Slurm) ends a command as Ctrl-C does, with exit 143. Only Python's main
+    thread may set a handler (a command invoked from another thread keeps SIGTERM's default)."""
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def interrupted(error: KeyboardInterrupt):
+    """The line of Ctrl-C and SIGTERM; the exit code says which (130 or 143)."""
+    fail(INTERRUPTED, EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED)
 
 
 def quiet_exit():

@@ -1,7 +1,7 @@
 """The `pipeline compact` command; pipeline/cli.py registers it with `main.add_command(compact)`.
 
 Kept apart from cli.py (and not importing it) so either module can be imported first; faults end as cli.py's do:
-one line on stderr, exit 2 (bad input), 3 (an OS error on the store) or 130 (Ctrl-C).
+one line on stderr, exit 2 (bad input), 3 (an OS error on the store), 130 (Ctrl-C) or 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 
 import click
 
-from cachetune.cache.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, InputError, describe_os_error
+from cachetune.cache.errors import EXIT_INPUT, EXIT_STORAGE, InputError, describe_os_error
+
+from .cli_errors import interrupted
 
 
 @click.command()
@@ -33,24 +35,25 @@ def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     key records that it derives from SOURCE's.
     """
     from cachetune.cache.compact import check_request, compact as run_compact
-    from cachetune.cache.store_lock import store_lock
+    from cachetune.cache.store_lock import store_lock, store_reading
     from cachetune.cache.layout import LOSSY_REMOVED
     from cachetune.stages.progress import progress_bar
 
     if lossy:
         _fail(f"error: {LOSSY_REMOVED}", EXIT_INPUT)
     try:
-        check_request(source, out, dtype, reduce)  # before the lock: a refused request leaves nothing at --out
-        with store_lock(out, log=lambda line: click.echo(line, err=True)):
-            state = run_compact(source, out, dtype, reduce, codec, overwrite,
-                                log=lambda line: click.echo(line, err=True), progress=progress_bar)
+        with store_reading(source):
+            check_request(source, out, dtype, reduce)  # before the lock: a refused request leaves nothing at --out
+            with store_lock(out, log=lambda line: click.echo(line, err=True)):
+                state = run_compact(source, out, dtype, reduce, codec, overwrite,
+                                    log=lambda line: click.echo(line, err=True), progress=progress_bar)
     except InputError as error:
         _fail(f"error: {error}", EXIT_INPUT)
     except OSError as error:
         _fail(f"error: writing {out} failed: {describe_os_error(error)}; fix that, then rerun the same command: it "
               "resumes where it stopped", EXIT_STORAGE)
-    except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as error:
+        interrupted(error)
     click.echo(f"{out} is up to date (same source and settings); nothing to do" if state == "complete" else f"wrote {out}")
 
 

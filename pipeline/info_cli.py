@@ -21,10 +21,12 @@ def info(path, as_json, stats):
     PATH may be an fsspec URL (s3://bucket/features.zarr).
     """
     from cachetune.cache.info import describe_store, layer_stats
+    from cachetune.cache.store_lock import store_reading
 
-    facts = describe_store(path)
-    if stats:
-        facts["stats"] = layer_stats(path)
+    with store_reading(path):
+        facts = describe_store(path)
+        if stats:
+            facts["stats"] = layer_stats(path)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -32,6 +33,8 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
     from cachetune.stages.training.side_model import load_side_model
 
     side = load_side_model(model_dir, backbone_path)
+    if out:  # made before any prediction is computed, as the other commands make their outputs' folders
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if images or image_column or side.info["cache_key"].get("modality") == "image":
         return _predict_images(side, model_dir, texts, images, data, image_column, out, resolve_runtime(device, precision))
     if bool(texts) == bool(data):
@@ -41,8 +44,6 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
     runtime = resolve_runtime(device, precision)
     pairs, lines = None, None
     if data:
-        from pathlib import Path
-
         from cachetune.pipeline.tables import read_table
 
         if not Path(data).exists():
@@ -74,8 +75,6 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
 
 
 def _predict_images(side, model_dir, texts, images, data, image_column, out, runtime) -> None:
-    from pathlib import Path
-
     from cachetune.pipeline.tables import read_table
     from cachetune.stages.images import image_paths
     from cachetune.stages.training.predict import load_matching_backbone, logits_to_records, predict_images
