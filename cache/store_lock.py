@@ -58,9 +58,11 @@ def _waiting(store: str, owner: dict, log, or_when: str = "") -> None:
 def store_lock(store: str, log=print):
     """Hold the store's lock while the block runs; if another run holds it, say which one and wait for it.
     A store at a URL that cannot be locked (no conditional writes) gets a warning line and no lock."""
+    from .remote_access import check_reachable
     from .storage_options import url_protocol
 
     protocol = url_protocol(store)
+    check_reachable(store)
     if protocol is None:
         with _local_lock(store, log):
             yield
