@@ -13,6 +13,7 @@ import zarr
 from .encoding import Decoder, Encoding, check_scales, read_projections, scale_array_name
 from .errors import InputError
 from .layout import layer_array_name
+from .remote_access import check_reachable
 from .writer import store_fs
 
 FLOAT16_MAX = 65504.0
@@ -29,6 +30,7 @@ def bytes_on_disk(path) -> int:
 
 
 def describe_store(path: str) -> dict:
+    check_reachable(path)
     try:
         root = zarr.open_group(path, mode="r", zarr_format=3)
     except Exception:

@@ -17,6 +17,7 @@ import zarr
 
 from .encoding import Decoder, Encoding, check_scales, read_projections, scale_array_name
 from .errors import InputError
+from .remote_access import check_reachable
 from .hidden_states import CachedHiddenStates
 from .layout import layer_array_name
 from .store_lock import writer_of
@@ -40,6 +41,7 @@ class Batch:
 
 
 def open_store(path: str) -> zarr.Group:
+    check_reachable(path)
     try:
         root = zarr.open_group(path, mode="r", zarr_format=3)
     except Exception:

@@ -8,8 +8,10 @@
   shared; replacing a store (`--overwrite`) takes it exclusively, so it is refused while a reader runs, naming it.
 
 The kernel releases a lock when its process dies, even by `kill -9`. A writer's `.lock.owner` and each reader's
-`.read.lock.PID@HOST` record name the holder (pid, host, command, start time). Stores at object-store URLs
-(s3://...) are not locked.
+`.read.lock.PID@HOST` record name the holder (pid, host, command, start time).
+A store on S3 has one writer too: a lease object `features.zarr.lock` beside it (cache/lease_lock.py), which a dead
+writer's successor takes over once it has not been renewed for its length. Any other URL cannot be locked: a warning
+line says so. Readers of remote stores take no lock.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
@@ -51,10 +53,8 @@ def read_lock_path(store: str) -> Path | None:
 
 def describe_owner(owner_file: Path) -> str:
     try:
-        owner = json.loads(owner_file.read_text())
-        return (f"process {owner['pid']} on {owner['host']} (`{owner['command']}`, started "
-                f"{time.strftime('%H:%M:%S', time.localtime(owner['started']))})")
-    except (OSError, ValueError, KeyError):
+        return _owner_text(json.loads(owner_file.read_text()))
+    except (OSError, ValueError):
         return "another process"
 
 
@@ -101,15 +101,52 @@ def _exclusive(target: str, when_held):
         os.close(fd)
 
 
+def _owner_text(owner: dict) -> str:
+    """describe_owner for an owner record already read (a lease's)."""
+    try:
+        return (f"process {owner['pid']} on {owner['host']} (`{owner['command']}`, started "
+                f"{time.strftime('%H:%M:%S', time.localtime(owner['started']))})")
+    except (KeyError, TypeError, ValueError):
+        return "another process"
+
+
 @contextmanager
 def store_lock(store: str, log=print):
-    """Hold the store's writer lock while the block runs; if another run holds it, say which one and wait for it."""
+    """Hold the store's writer lock while the block runs; if another run holds it, say which one and wait for it.
+    A store at a URL that cannot be locked (no conditional writes) gets a warning line and no lock."""
+    from .remote_access import check_reachable
+    from .storage_options import url_protocol
 
-    def wait(holder: str):
-        log(f"waiting: {store} is being written by {holder}; this run goes on when that one ends (Ctrl-C to stop)")
+    def wait(holder: str, or_when: str = ""):
+        log(f"waiting: {store} is being written by {holder}; this run goes on when that one ends{or_when} "
+            "(Ctrl-C to stop)")
 
-    with _exclusive(store, wait):
+    protocol = url_protocol(store)
+    check_reachable(store)
+    if protocol is None:
+        with _exclusive(store, wait):
+            yield
+    elif protocol in ("s3", "s3a"):
+        from .lease_lock import LEASE_SECONDS, ConditionalWritesUnsupported, lease_lock
+
+        def on_wait(owner: dict) -> None:
+            lease = float(owner.get("lease_seconds", LEASE_SECONDS))
+            wait(_owner_text(owner), f" or its lease on the lock runs out ({lease:g} s unrenewed)")
+
+        with ExitStack() as held:
+            try:
+                held.enter_context(lease_lock(store, json.loads(_owner_record()), on_wait, log))
+            except ConditionalWritesUnsupported:
+                _cannot_lock(store, "its server refuses conditional writes (If-None-Match)", log)
+            yield
+    else:
+        _cannot_lock(store, f"{protocol}:// offers cachetune no conditional write", log)
         yield
+
+
+def _cannot_lock(store: str, why: str, log) -> None:
+    log(f"warning: cannot lock {store} ({why}): a second run writing it at the same time would interleave its blocks "
+        "with this run's; make sure this run is its only writer")
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from .encoding import BlockEncoder, Encoding, scale_array_name
 from .errors import InputError, OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
 from .quantize import decode, groups
+from .remote_access import check_reachable
 from .store_lock import readers_excluded
 
 ERROR_SAMPLE_EVERY = 16  # the recorded encoding error covers every 16th real token of each block
@@ -46,6 +47,7 @@ def open_group(path: str, mode: str) -> zarr.Group:
 def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Group, str]:
     """Returns (root group, state) with state 'complete', 'resume' or 'new'."""
     sha = key_sha256(key)
+    check_reachable(path)
     fs, fs_path = store_fs(path)
     if fs.exists(fs_path):
         try:

@@ -11,7 +11,8 @@ from cachetune.cache.errors import InputError, StorageError, describe_os_error
 from cachetune.cache.store_lock import model_folder_lock, store_reading
 
 from .cli_errors import PipelineGroup, stop_on_sigterm, user_errors
-from .cli_options import DEFAULT_CACHE, DEFAULT_MODELS, delimiter_option, log, resolve_runtime, runtime_options
+from .cli_options import (DEFAULT_CACHE, DEFAULT_MODELS, delimiter_option, log, resolve_runtime, runtime_options,
+                          storage_option)
 from .library_errors import library_errors
 
 
@@ -111,6 +112,7 @@ def data_options(command):
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run the forward passes on an existing dask cluster (tcp://HOST:8786); --out must be reachable from its workers.")
 @user_errors
+@storage_option("out")
 def extract(backbone, data, text_column, image_column, text_pair_column, label_column, delimiter, split_column, task,
             split_seed, decimal_mark, image_size, max_samples, layers, max_length, batch_size, dtype, precision, codec, lossy,
             pooling, out, overwrite, device, trust_remote_code, block_tokens, chunk_tokens,
@@ -230,6 +232,7 @@ def _fit_settings(epochs, batch_size, warmup_ratio, buffer_mb, in_memory, length
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights, dropout and batch order.")
 @training_options
 @user_errors
+@storage_option("cache_path")
 def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epochs, batch_size, warmup_ratio,
         buffer_mb, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
         compile_):
@@ -306,6 +309,7 @@ def _fit_auto(cache_path, settings, out_dir, backbone_path):
               help="Folder of the tables (sweep.json, sweep.csv) and of each run's model folder (runs/NAME).")
 @training_options
 @user_errors
+@storage_option("cache_path")
 def sweep(methods, grid_file, pairs, lrs, weight_decays, seeds, out, cache_path, epochs, batch_size, warmup_ratio,
           buffer_mb, in_memory, length_buckets, max_train_samples, backbone_path, device, precision, static_shapes,
         compile_):
@@ -410,10 +414,10 @@ def _format_metrics(metrics: dict) -> str:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per forward pass.")
 @runtime_options
 @user_errors
-def evaluate(model_dir, cache_path, split, batch_size, device, precision):
+@storage_option()
+def evaluate(model_dir, cache_path, split, batch_size, device, precision, storage_options):
     """Metrics of a saved side network on a cached split (printed as JSON)."""
-    from cachetune.cache.reader import CacheReader, open_store
-    from cachetune.stages.training.evaluate import evaluate_split
+    from cachetune.cache.storage_options import storage_options as use_storage_options
     from cachetune.stages.training.side_model import load_side_model
 
     runtime = resolve_runtime(device, precision)
@@ -422,6 +426,14 @@ def evaluate(model_dir, cache_path, split, batch_size, device, precision):
         cache_path = side.info.get("cache_path") or DEFAULT_CACHE  # models saved before cache_path was recorded
         log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
              if side.info.get("cache_path") else f"evaluate: scoring the cache at {cache_path} (--cache for another)")
+    with use_storage_options([cache_path], storage_options):
+        _evaluate(model_dir, side, cache_path, split, batch_size, runtime)
+
+
+def _evaluate(model_dir, side, cache_path, split, batch_size, runtime) -> None:
+    from cachetune.cache.reader import CacheReader, open_store
+    from cachetune.stages.training.evaluate import evaluate_split
+
     with store_reading(cache_path):
         key = open_store(cache_path).attrs["key"]
         trained = side.info["cache_key"]

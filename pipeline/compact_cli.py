@@ -13,6 +13,8 @@ from cachetune.cache.errors import EXIT_INPUT, EXIT_STORAGE, InputError, describ
 
 from .cli_errors import interrupted
 
+from .cli_options import storage_option
+
 
 @click.command()
 @click.argument("source")
@@ -28,25 +30,21 @@ from .cli_errors import interrupted
 @click.option("--out", required=True, help="The new store (never SOURCE itself).")
 @click.option("--overwrite", is_flag=True, help="Replace a store at --out made from another source or with other settings.")
 @click.option("--lossy", default=None, hidden=True, help="Removed: use --dtype int8 or fp8 (an error says so).")
-def compact(source, dtype, reduce, codec, out, overwrite, lossy):
+@storage_option()
+def compact(source, dtype, reduce, codec, out, overwrite, lossy, storage_options):
     """Re-encode the float16/float32 store SOURCE as a compact store at --out, without running the backbone.
 
     Block by block and resumable (rerun the same command after a kill); every chunk is checksummed; the new store's
     key records that it derives from SOURCE's.
     """
-    from cachetune.cache.compact import check_request, compact as run_compact
-    from cachetune.cache.store_lock import store_lock, store_reading
     from cachetune.cache.layout import LOSSY_REMOVED
-    from cachetune.stages.progress import progress_bar
+    from cachetune.cache.storage_options import storage_options as use_storage_options
 
     if lossy:
         _fail(f"error: {LOSSY_REMOVED}", EXIT_INPUT)
     try:
-        with store_reading(source):
-            check_request(source, out, dtype, reduce)  # before the lock: a refused request leaves nothing at --out
-            with store_lock(out, log=lambda line: click.echo(line, err=True)):
-                state = run_compact(source, out, dtype, reduce, codec, overwrite,
-                                    log=lambda line: click.echo(line, err=True), progress=progress_bar)
+        with use_storage_options([source, out], storage_options):
+            state = _compact(source, dtype, reduce, codec, out, overwrite)
     except InputError as error:
         _fail(f"error: {error}", EXIT_INPUT)
     except OSError as error:
@@ -55,6 +53,18 @@ def compact(source, dtype, reduce, codec, out, overwrite, lossy):
     except KeyboardInterrupt as error:
         interrupted(error)
     click.echo(f"{out} is up to date (same source and settings); nothing to do" if state == "complete" else f"wrote {out}")
+
+
+def _compact(source, dtype, reduce, codec, out, overwrite) -> str:
+    from cachetune.cache.compact import check_request, compact as run_compact
+    from cachetune.cache.store_lock import store_lock, store_reading
+    from cachetune.stages.progress import progress_bar
+
+    with store_reading(source):
+        check_request(source, out, dtype, reduce)  # before the lock: a refused request leaves nothing at --out
+        with store_lock(out, log=lambda line: click.echo(line, err=True)):
+            return run_compact(source, out, dtype, reduce, codec, overwrite,
+                               log=lambda line: click.echo(line, err=True), progress=progress_bar)
 
 
 def _fail(line: str, code: int):

@@ -6,7 +6,7 @@ import json
 import click
 
 from .cli_errors import user_errors
-from .cli_options import DEFAULT_CACHE
+from .cli_options import DEFAULT_CACHE, storage_option
 
 
 @click.command()
@@ -15,6 +15,7 @@ from .cli_options import DEFAULT_CACHE
 @click.option("--stats", is_flag=True,
               help="Per-layer mean, std, max |x| and share of values beyond float16 of the decoded values over the real tokens (reads every layer).")
 @user_errors
+@storage_option("path")
 def info(path, as_json, stats):
     """What a cache holds: backbone, splits, layers, dtype, codecs, size against padded float32.
 
