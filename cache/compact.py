@@ -17,7 +17,7 @@ import zarr
 
 from .encoding import BlockEncoder, Encoding, read_projections
 from .errors import InputError
-from .layout import BlockPlan, codec_pipeline, key_sha256, layer_array_name
+from .layout import BlockPlan, codec_pipeline, layer_array_name
 from .projection import SAMPLE_TOKENS, fit_pca, parse_reduce, sample_rows
 from .reader import open_store, read_checked
 from .writer import open_group, open_store_for_write, prepare_split, store_fs

@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from .encoding import BlockEncoder, Encoding, scale_array_name
-from .errors import InputError, OtherStoreError
+from .errors import OtherStoreError
 from .layout import BlockPlan, key_sha256, layer_array_name
 from .quantize import decode, groups
 from .remote_access import check_reachable

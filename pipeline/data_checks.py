@@ -43,7 +43,7 @@ def carve_validation(dataset, seed: int, log, fraction: float = VALIDATION_FRACT
         groups = [train[dataset.labels[train] == c] for c in np.unique(dataset.labels[train])]
     chosen = [rng.permutation(rows)[:max(1, int(round(fraction * len(rows))))] for rows in groups if len(rows) >= 2]
     why = ("the given splits have none" if dataset.split_seed is None else
-           f"the seeded 80/10/10 split drew none from classes this small")
+           "the seeded 80/10/10 split drew none from classes this small")
     if not chosen:
         raise InputError(f"{dataset.name}: no validation rows ({why}) and no class has two training rows to spare; "
                          "add a validation file (validation.csv) or more rows")
