@@ -37,5 +37,19 @@ def describe_os_error(error: OSError) -> str:
     return f"{reason}{code}{where}"
 
 
+def file_in_the_way(error: OSError) -> InputError | None:
+    """InputError (one line, the fix) when `error` came from a plain file standing where a folder is needed:
+    'File exists' from making a folder FILE over it, 'Not a directory' from a path FILE/out.jsonl through it."""
+    if error.errno not in (errno.EEXIST, errno.ENOTDIR) or not error.filename:
+        return None
+    wanted = path = os.fspath(error.filename)
+    while path and not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not path or not os.path.isfile(path):
+        return None
+    within = f" (in the path {wanted})" if path != wanted else ""
+    return InputError(f"{path} is a file, not a folder{within}; give a path through folders, or move that file")
+
+
 def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -269,7 +269,7 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
             with library_errors(f"fit --method {method}", _cache_backbone(cache_path, backbone_path)):
                 metrics = run_fit(cache_path, config, settings, out_dir, backbone_path)
     except OSError as error:
-        raise StorageError(_training_error(error, out_dir)) from None
+        raise _training_error(error, out_dir) from None
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
@@ -346,7 +346,7 @@ def _run_sweep(cache_path, runs, settings, out_dir, backbone_path) -> dict:
         with library_errors("sweep", _cache_backbone(cache_path, backbone_path)):
             summary = run_sweep(cache_path, runs, settings, out_dir, backbone_path)
     except OSError as error:
-        raise StorageError(_training_error(error, out_dir)) from None
+        raise _training_error(error, out_dir) from None
     metric = summary["metric"]
     click.echo(f"{len(runs)} runs ({summary['trained_now']} trained now) in {summary['wall_seconds']:.0f} s; "
                f"{_format_memory(summary)}; {summary['device_name']}, {summary['precision']}")
@@ -393,13 +393,15 @@ def _format_memory(metrics: dict) -> str:
     return f"peak memory {metrics['peak_memory_mb']:.0f} MB above start"
 
 
-def _training_error(error: OSError, out_dir) -> str:
-    """One line for an OS error while training writes its checkpoint or model folder."""
-    from cachetune.cache.errors import is_disk_full
+def _training_error(error: OSError, out_dir) -> InputError | StorageError:
+    """One line for an OS error while training writes its checkpoint or model folder: bad input when a file
+    stands where --out needs a folder."""
+    from cachetune.cache.errors import file_in_the_way, is_disk_full
 
     where = "" if error.filename else f" writing {out_dir} or its checkpoint {out_dir}.checkpoint.pt"
-    return (f"{describe_os_error(error)}{where}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the "
-            "same command: it resumes after the last finished epoch")
+    return file_in_the_way(error) or StorageError(
+        f"{describe_os_error(error)}{where}; {'free room' if is_disk_full(error) else 'fix that'}, then rerun the "
+        "same command: it resumes after the last finished epoch")
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -412,16 +414,18 @@ def _format_metrics(metrics: dict) -> str:
               help="The cache to score [default: the one the model was trained on, else artifacts/features.zarr].")
 @click.option("--split", default="test", show_default=True, help="train, validation or test.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per forward pass.")
+@click.option("--backbone", "backbone_path", default=None,
+              help="Backbone folder, if it moved since extraction (methods with frozen layers).")
 @runtime_options
 @user_errors
 @storage_option()
-def evaluate(model_dir, cache_path, split, batch_size, device, precision, storage_options):
+def evaluate(model_dir, cache_path, split, batch_size, backbone_path, device, precision, storage_options):
     """Metrics of a saved side network on a cached split (printed as JSON)."""
     from cachetune.cache.storage_options import storage_options as use_storage_options
     from cachetune.stages.training.side_model import load_side_model
 
     runtime = resolve_runtime(device, precision)
-    side = load_side_model(model_dir)
+    side = load_side_model(model_dir, backbone_path)
     if cache_path is None:
         cache_path = side.info.get("cache_path") or DEFAULT_CACHE  # models saved before cache_path was recorded
         log(f"evaluate: scoring the cache at {cache_path} (the one {model_dir} was trained on; --cache for another)"
@@ -508,7 +512,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
         with model_folder_lock(out_dir), library_errors(f"baseline --method {method}", backbone):
             metrics = train_baseline(backbone, dataset, settings, out_dir)
     except OSError as error:
-        raise StorageError(_training_error(error, out_dir)) from None
+        raise _training_error(error, out_dir) from None
     if measure_step:
         click.echo(f"{method}{' with gradient checkpointing' if gradient_checkpointing else ''}: one step measured, "
                    f"no training; {_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")

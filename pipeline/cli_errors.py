@@ -11,7 +11,7 @@ from functools import wraps
 import click
 
 from cachetune.cache.errors import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, EXIT_TERMINATED, InputError, StorageError,
-                                    describe_os_error)
+                                    describe_os_error, file_in_the_way)
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 
@@ -32,6 +32,9 @@ def user_errors(function):
         except StorageError as error:
             fail(f"error: {error}", EXIT_STORAGE)
         except OSError as error:
+            blocked = file_in_the_way(error)
+            if blocked:
+                fail(f"error: {blocked}", EXIT_INPUT)
             fail(f"error: {describe_os_error(error)}; fix that (free space, permissions), then rerun the same command",
                   EXIT_STORAGE)
         except KeyboardInterrupt as error:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 from cachetune.cache.errors import InputError
 
 from ..methods import FeatureSpec, MethodConfig, build_model, config_from_dict
+from ..methods.support import unsupported_reason
 
 FROZEN_PREFIX = "frozen."
 
@@ -59,7 +60,9 @@ INFO_KEYS = ("task", "label_names", "cache_key", "max_length", "dtype")
 
 
 def load_side_model(folder: str | Path, backbone_path: str | None = None) -> SideModel:
-    """A damaged or edited config.json or model.safetensors is an InputError that names the file."""
+    """The side network saved in `folder`; `backbone_path` replaces the backbone folder it recorded (moved since).
+    A damaged or edited config.json or model.safetensors is an InputError that names the file, and so is a
+    recorded backbone folder the method needs but cannot read (the fix: pass --backbone DIR)."""
     folder = Path(folder)
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
     if not config_file.exists() or not weights_file.exists():
@@ -78,6 +81,9 @@ def load_side_model(folder: str | Path, backbone_path: str | None = None) -> Sid
         missing_info = [key for key in INFO_KEYS if key not in payload]
         if missing_info:
             raise KeyError(", ".join(missing_info))
+        cannot = unsupported_reason(config.method, spec.backbone_path)
+        if cannot:  # the check `fit` makes, before the frozen layers are read from a folder that may have moved
+            raise InputError(f"{folder} (method {config.method!r}) cannot be loaded: {cannot}")
         model = build_model(config, spec)
     except (InputError, OSError):  # an unreadable file is an OS error (exit 3), not a damaged one
         raise
