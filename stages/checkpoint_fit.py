@@ -21,7 +21,8 @@ def check_checkpoint_fits(model, loading: dict, folder) -> None:
     """Raises InputError when the checkpoint at `folder` does not fit `model`, which from_pretrained built from it
     (with `output_loading_info=True, ignore_mismatched_sizes=True`; `loading` is that report: sets of
     missing_keys, unexpected_keys, and (name, checkpoint shape, model shape) mismatched_keys). One line: how many
-    tensors, an example, and the fix (strip a wrapper's key prefix, or use the config.json saved with the weights)."""
+    tensors, an example, and the fix (strip a wrapper's key prefix, re-save an incomplete checkpoint, or use the
+    config.json saved with the weights)."""
     where = f"the checkpoint at {folder} does not fit config.json's {type(model).__name__}"
     mismatched = sorted(loading.get("mismatched_keys") or (), key=lambda entry: entry[0])
     if mismatched:
@@ -38,9 +39,13 @@ def check_checkpoint_fits(model, loading: dict, folder) -> None:
         example = next(key for key in unexpected if key.startswith(prefix) and key.endswith(missing[0]))
         raise InputError(f"{lacks}; the checkpoint's keys carry a prefix {prefix!r} (e.g. {example}): re-save the "
                          f"weights with {prefix!r} stripped from every key")
-    instead = f", and it has {len(unexpected)} the model does not use (e.g. {unexpected[0]})" if unexpected else ""
-    raise InputError(f"{lacks}{instead}; the weights belong to another architecture: use the config.json saved with "
-                     "them, or re-save the model with save_pretrained")
+    if not unexpected:  # nothing in their place: the save itself is incomplete
+        raise InputError(f"the checkpoint at {folder} lacks {_count(missing)} the model uses (e.g. {missing[0]}), "
+                         "which would be random weights: an incomplete or truncated save; re-save or re-download the "
+                         "complete checkpoint")
+    raise InputError(f"{lacks}, and it has {len(unexpected)} the model does not use (e.g. {unexpected[0]}); the "
+                     "weights belong to another architecture: use the config.json saved with them, or re-save the "
+                     "model with save_pretrained")
 
 
 def _count(tensors) -> str:

@@ -51,7 +51,7 @@ def with_config(folder, **changes):
 MISFITS = {
     "DataParallel prefix": (dict(rename=lambda key: "module." + key), "prefix 'module.' (e.g. module.embeddings."),
     "Lightning wrapper prefix": (dict(rename=lambda key: "model.bert." + key), "prefix 'model.' (e.g. model.bert.embeddings."),
-    "a layer left out": (dict(keep=lambda key: not key.startswith("encoder.layer.1.")), "16 tensors missing (e.g. encoder.layer.1."),
+    "a layer left out": (dict(keep=lambda key: not key.startswith("encoder.layer.1.")), "lacks 16 tensors the model uses (e.g. encoder.layer.1."),
     "renamed tensors": (dict(rename=lambda key: key.replace("attention.self.", "attn.")),
                         "12 tensors missing (e.g. encoder.layer.0.attention.self.key.bias), which would be random "
                         "weights, and it has 12 the model does not use (e.g. encoder.layer.0.attn.key.bias)"),
