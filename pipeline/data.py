@@ -19,7 +19,7 @@ import numpy as np
 from cachetune.cache.errors import InputError
 
 from cachetune.stages.image_decode import open_image
-from cachetune.stages.images import IMAGE_SUFFIXES, Images
+from cachetune.stages.images import IMAGE_SUFFIXES, Images, image_files, skipped_files_note
 
 from .label_text import normal_labels
 from .tables import READABLE_SUFFIXES, read_table
@@ -253,9 +253,8 @@ def load_digits(split_seed: int = 0) -> Dataset:
                    [str(name) for name in bunch.target_names], None, split_seed, Images(array=pixels), "image")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _check_image(path: Path, where: str) -> None:
@@ -274,9 +273,10 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def load_image_folder(folder: Path, split_seed: int = 0) -> Dataset:
+def load_image_folder(folder: Path, split_seed: int = 0, log=_stderr) -> Dataset:
     """One subfolder per class (`folder/CLASS/*.png`), or per split and class (`folder/train/CLASS/*.png`,
-    with validation/test beside it). Without split folders a seeded stratified 80/10/10 split is made."""
+    with validation/test beside it). Without split folders a seeded stratified 80/10/10 split is made. `log` gets
+    one line saying which, and one naming the files in class folders that are not images (skipped)."""
     subfolders = _subfolders(folder)
     lookup = {stem: split for split, stems in SPLIT_FILE_NAMES.items() for stem in stems}
     by_split = {lookup[d.name.lower()]: d for d in subfolders if d.name.lower() in lookup}
@@ -284,13 +284,14 @@ def load_image_folder(folder: Path, split_seed: int = 0) -> Dataset:
     if given_splits and "train" not in by_split:
         raise InputError(f"{folder}: split folders without a train folder; add {folder}/train/CLASS/ images")
     roots = by_split if given_splits else {None: folder}
-    entries = []  # (path, class name, split or None)
+    entries, skipped = [], []  # (path, class name, split or None); files that are not images
     for split, root in roots.items():
         classes = _subfolders(root)
         if not classes:
             raise InputError(f"{root}: no class subfolders; put images in one subfolder per class ({root}/CLASS/image.png)")
         for class_folder in classes:
-            files = _image_files(class_folder)
+            files, others = image_files(class_folder)
+            skipped += others
             if not files:
                 raise InputError(f"{class_folder}: no images ({', '.join(IMAGE_SUFFIXES)}); remove the folder or add images")
             entries += [(path, class_folder.name, split) for path in files]
@@ -301,19 +302,20 @@ def load_image_folder(folder: Path, split_seed: int = 0) -> Dataset:
         _check_image(path, str(folder))
     labels = np.array([names.index(name) for _, name, _ in entries], dtype=np.int64)
     images = Images(paths=[path for path, _, _ in entries])
+    if skipped:
+        log(skipped_files_note(folder, skipped))
     if given_splits:
+        log(f"{folder}: splits from its {', '.join(s for s in SPLITS if s in by_split)} folders")
         split = np.array([SPLITS.index(s) for _, _, s in entries], dtype=np.int8)
         return Dataset(folder.name, "classification", [], labels, split, names, None, None, images, "image")
+    log(f"{folder}: no split folders, so a seeded stratified 80/10/10 split is made (--split-seed); put the class "
+        "folders in train/, validation/ and test/ folders to choose the split")
     return Dataset(folder.name, "classification", [], labels, stratified_split(labels, split_seed), names, None,
                    split_seed, images, "image")
 
 
 def _has_split_tables(folder: Path) -> bool:
     return any(p.suffix.lower() in READABLE_SUFFIXES and p.stem.lower() in SPLIT_FILE_NAMES["train"] for p in folder.iterdir())
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def load_dataset(source: str, text_column="text", label_column="label", text_pair_column=None,
@@ -349,7 +351,7 @@ def load_dataset(source: str, text_column="text", label_column="label", text_pai
     if path.is_dir() and not _has_split_tables(path) and _subfolders(path):
         if task == "regression":
             raise InputError(f"{source}: an image folder is labelled by its class subfolders; regression needs a table")
-        return check_splits(load_image_folder(path, split_seed), split_seed, log)
+        return check_splits(load_image_folder(path, split_seed, log), split_seed, log)
     if path.is_dir():
         tables = {split: read_table(file, delimiter, log) for split, file in _split_files(path).items()}
         base, split_column = path, None  # the files are the splits

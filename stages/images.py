@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,34 @@ class Images:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what a folder is searched for
 
 
-def image_paths(images: list[str]) -> list[Path]:
-    """The images to predict: each file, and every image file under each folder (sorted). Raises InputError for a
-    missing path or a folder without images."""
+def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the image files under `folder`, the other files there); hidden ones (.DS_Store, .git/) are in neither."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES], [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def skipped_files_note(source, skipped: list[Path]) -> str:
+    """'note: SOURCE: skipped 3 files that are not images (.heic 2, no suffix 1): ...', suffixes most frequent first."""
+    counts = Counter(p.suffix.lower() or "no suffix" for p in skipped)
+    kinds = ", ".join(f"{suffix} {count}" for suffix, count in counts.most_common())
+    files = f"{len(skipped)} files that are not images" if len(skipped) > 1 else "1 file that is not an image"
+    return (f"note: {source}: skipped {files} ({kinds}): cachetune reads {' '.join(IMAGE_SUFFIXES)}; convert the "
+            "others (e.g. HEIC to JPEG) to use them")
+
+
+def image_paths(images: list[str], log=None) -> list[Path]:
+    """The images to predict: each file, and every image file under each folder (sorted; `log` gets a note on the
+    folder's other files, skipped). Raises InputError for a missing path or a folder without images."""
     paths: list[Path] = []
     for name in images:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found, others = image_files(path)
             if not found:
                 raise InputError(f"--image {name}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+            if others and log is not None:
+                log(skipped_files_note(path, others))
             paths += found
         elif path.exists():
             paths.append(path)
