@@ -32,9 +32,10 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
     from cachetune.stages.training.predict import load_matching_backbone, logits_to_records, predict_texts
     from cachetune.stages.training.side_model import load_side_model
 
-    side = load_side_model(model_dir, backbone_path)
-    if out:  # made before any prediction is computed, as the other commands make their outputs' folders
+    if out:  # checked and its folder made before anything is loaded or computed, as the other commands do
+        _require_record_format(out)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+    side = load_side_model(model_dir, backbone_path)
     if images or image_column or side.info["cache_key"].get("modality") == "image":
         return _predict_images(side, model_dir, texts, images, data, image_column, out, resolve_runtime(device, precision))
     if bool(texts) == bool(data):
@@ -68,7 +69,7 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
              (lambda rows: "--text " + ", ".join(str(r + 1) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")))
     for note in special_token_notes(backbone.tokenizer, list(texts), pairs, where):
         log(note)
-    logits = predict_texts(side, backbone, list(texts), pairs, runtime=runtime)
+    logits = predict_texts(side, backbone, list(texts), pairs, runtime=runtime, log=log)
     records = [{**(where or {}), "text": t, **r} for where, t, r in
                zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
     _write_records(records, out)
@@ -85,7 +86,7 @@ def _predict_images(side, model_dir, texts, images, data, image_column, out, run
         raise InputError(f"{model_dir} is an image model: give --image FILE|FOLDER or --data TABLE of image paths, not --text")
     if not images and not data:
         raise InputError("give --image FILE|FOLDER (one or more) or --data TABLE of image paths")
-    paths = image_paths(list(images))
+    paths = image_paths(list(images), log)
     if data:  # a table's column of image paths, relative to the table's folder
         if not Path(data).exists():
             raise InputError(f"--data {data}: file not found")
@@ -99,8 +100,18 @@ def _predict_images(side, model_dir, texts, images, data, image_column, out, run
                                                                                       side.info["label_names"]))], out)
 
 
+RECORD_FORMATS = (".jsonl", ".csv")
+
+
+def _require_record_format(out: str) -> None:
+    suffix = Path(out).suffix.lower()
+    if suffix not in RECORD_FORMATS:
+        raise InputError(f"--out {out}: predict writes {' or '.join(RECORD_FORMATS)}, not "
+                         f"{suffix or 'a file without a suffix'}; name the file .jsonl or .csv")
+
+
 def _write_records(records: list[dict], out: str | None) -> None:
-    if out and out.endswith(".csv"):
+    if out and Path(out).suffix.lower() == ".csv":
         import csv
 
         with open(out, "w", newline="") as stream:

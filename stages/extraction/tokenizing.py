@@ -117,6 +117,19 @@ class Truncation:
                 f"(longest {self.longest} tokens{allows}): their ends are not in the store; --max-length {whole} {keeps}")
 
 
+def trained_length_note(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int) -> str | None:
+    """For predictions on raw texts: one note line when texts are longer than the `max_length` tokens a model was
+    trained at (its store's), which cuts them as extraction did; None when none is."""
+    truncation = Truncation(max_length, None)
+    truncation.add(encode(tokenizer, texts, pairs, max_length)[1])
+    if not truncation.cut:
+        return None
+    were, their = ("was", "its") if truncation.cut == 1 else ("were", "their")
+    return (f"note: {truncation.cut} of {_texts(truncation.texts)} {were} cut at {max_length} tokens, the max length "
+            f"the model was trained at (longest {truncation.longest} tokens): only {their} first {max_length} tokens "
+            "were scored")
+
+
 def special_token_notes(tokenizer, texts: list[str], pairs: list[str] | None, where) -> list[str]:
     """Note lines (none when there is nothing to say) on texts that start with the tokenizer's own prefix (taken off:
     single_prefix) and on texts holding special-token strings; where(positions) names those texts' rows."""

@@ -11,7 +11,7 @@ from cachetune.cache.hidden_states import CachedHiddenStates
 
 from ..backbones import causal_position_ids, load_backbone
 from ..extraction.extract import pixel_values, preprocessor_sha256
-from ..extraction.tokenizing import single_prefix
+from ..extraction.tokenizing import single_prefix, trained_length_note
 from ..images import Images
 from ..runtime import CPU, Runtime
 from .side_model import SideModel
@@ -40,7 +40,8 @@ def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | N
     for an image model. One path for both: the backbone runs at the precision stage one ran it in (the store key's
     `precision`: fp32 unless extracted in bf16 or fp16), at the cache's max length or image size, and its hidden
     states reach the side network in the cache's encoding (CachedHiddenStates.encode: the rounding it was trained on).
-    Image files decode as at extraction (Images.load); `log` gets one note per decode correction they needed.
+    Image files decode as at extraction (Images.load); `log` gets one note per decode correction they needed, or
+    one on texts cut at the max length the model was trained at.
     InputError when this device cannot run that precision (fp16 on a CPU) or an image cannot be read."""
     runtime = runtime or CPU
     precision = side.info["cache_key"].get("precision", "fp32")
@@ -52,6 +53,11 @@ def predict_logits(side: SideModel, backbone, inputs: list, pairs: list[str] | N
     side.model.eval().to(runtime.device)
     encoder = backbone.model.to(runtime.device)
     images = Images(paths=[str(p) for p in inputs]) if backbone.modality == "image" else None
+    if images is None and log is not None:
+        note = trained_length_note(backbone.tokenizer, list(inputs), list(pairs) if pairs else None,
+                                   side.info["max_length"])
+        if note:
+            log(note)
     outputs = []
     for first in range(0, len(inputs), batch_size):
         chunk = slice(first, first + batch_size)
@@ -90,9 +96,9 @@ def _image_forward(encoder, backbone, images: Images, rows, runtime: Runtime):
 
 
 def predict_texts(side: SideModel, backbone, texts: list[str], pairs: list[str] | None = None,
-                  batch_size: int = 32, runtime: Runtime | None = None) -> np.ndarray:
-    """Logits [N, C] for N texts (predict_logits)."""
-    return predict_logits(side, backbone, texts, pairs, batch_size, runtime)
+                  batch_size: int = 32, runtime: Runtime | None = None, log=None) -> np.ndarray:
+    """Logits [N, C] for N texts (predict_logits; `log` gets a note on texts cut at the trained max length)."""
+    return predict_logits(side, backbone, texts, pairs, batch_size, runtime, log)
 
 
 def predict_images(side: SideModel, backbone, paths: list, batch_size: int = 32,

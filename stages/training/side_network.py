@@ -83,8 +83,8 @@ class SideNetwork(torch.nn.Module):
         optional second texts `pairs`) or image files, through the frozen backbone the cache was extracted with
         (loaded once, and checked to be that backbone) and this network: the same path `pipeline predict` takes.
         A single string or path is one input. Runs on the device the network is on; image decode notes (EXIF
-        orientation, 16-bit, transparency: stages/image_decode.py) go to standard error. Raises InputError for no
-        input, the wrong kind of input or backbone."""
+        orientation, 16-bit, transparency: stages/image_decode.py) and a note on texts cut at the trained max length
+        go to standard error. Raises InputError for no input, the wrong kind of input or backbone."""
         if (texts is None) == (images is None):
             raise InputError("give texts=[...] or images=[...], one of the two")
         texts, images, pairs = ([x] if isinstance(x, (str, Path)) else x for x in (texts, images, pairs))
@@ -101,6 +101,7 @@ class SideNetwork(torch.nn.Module):
             logits = predict_images(side, self._backbone, list(images), batch_size, runtime,
                                     log=lambda line: print(line, file=sys.stderr))  # decode notes, as the CLI
         else:
-            logits = predict_texts(side, self._backbone, list(texts), pairs, batch_size, runtime)
+            logits = predict_texts(side, self._backbone, list(texts), pairs, batch_size, runtime,
+                                   log=lambda line: print(line, file=sys.stderr))  # as the CLI
         self.model.train(training)  # predict runs in eval mode; a network being trained goes on training
         return logits_to_records(logits, self.info["task"], self.info["label_names"])
