@@ -273,7 +273,16 @@ def fit(method, out, pairs, config_file, lr, weight_decay, seed, cache_path, epo
     click.echo(f"{method}: test {_format_metrics(metrics['test'])}; best epoch {metrics['best_epoch']}; "
                f"{metrics['trainable_parameters']:,} trainable parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; "
                f"{_format_memory(metrics)}; {metrics['device_name']}, {metrics['precision']}")
+    _echo_target_scale(metrics)
     click.echo(f"saved to {out_dir}")
+
+
+def _echo_target_scale(metrics: dict) -> None:
+    """One line when regression targets were standardised for training (stages/training/target_scale.py)."""
+    from cachetune.stages.training.target_scale import INFO_KEY, TargetScale
+
+    if INFO_KEY in metrics:
+        click.echo(TargetScale.of_info(metrics).describe())
 
 
 def _fit_auto(cache_path, settings, out_dir, backbone_path):
@@ -437,6 +446,7 @@ def evaluate(model_dir, cache_path, split, batch_size, backbone_path, device, pr
 def _evaluate(model_dir, side, cache_path, split, batch_size, runtime) -> None:
     from cachetune.cache.reader import CacheReader, open_store
     from cachetune.stages.training.evaluate import evaluate_split
+    from cachetune.stages.training.target_scale import TargetScale
 
     with store_reading(cache_path):
         key = open_store(cache_path).attrs["key"]
@@ -452,7 +462,7 @@ def _evaluate(model_dir, side, cache_path, split, batch_size, runtime) -> None:
                 "of the same hidden states, so its metrics can differ from those on its own cache")
         reader = CacheReader(cache_path, split, side.layers)
         metrics = evaluate_split(side.model.to(runtime.device), reader, side.info["task"], side.spec.num_labels,
-                                 batch_size, runtime)
+                                 batch_size, runtime, scale=TargetScale.of_info(side.info))
     click.echo(json.dumps({"split": split, "samples": len(reader), **metrics}, indent=2))
 
 
@@ -520,6 +530,7 @@ def baseline(method, backbone, data, text_column, image_column, text_pair_column
         click.echo(f"{method}: test {_format_metrics(metrics['test'])}; {metrics['trainable_parameters']:,} trainable "
                    f"parameters; {metrics['seconds_per_epoch']:.1f} s/epoch; {_format_memory(metrics)}; "
                    f"{metrics['device_name']}, {metrics['precision']}")
+        _echo_target_scale(metrics)
     click.echo(f"saved to {out_dir}")
 
 

@@ -71,7 +71,7 @@ def predict(model_dir, texts, images, data, text_column, text_pair_column, delim
         log(note)
     logits = predict_texts(side, backbone, list(texts), pairs, runtime=runtime, log=log)
     records = [{**(where or {}), "text": t, **r} for where, t, r in
-               zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info["task"], side.info["label_names"]))]
+               zip(lines or [None] * len(texts), texts, logits_to_records(logits, side.info))]
     _write_records(records, out)
 
 
@@ -96,8 +96,7 @@ def _predict_images(side, model_dir, texts, images, data, image_column, out, run
                              f"{', '.join(map(str, table.columns))}; name it with --image-column")
         paths += [Path(data).parent / str(p) for p in table.columns[column]]
     logits = predict_images(side, load_matching_backbone(side), paths, runtime=runtime, log=log)
-    _write_records([{"image": str(p), **r} for p, r in zip(paths, logits_to_records(logits, side.info["task"],
-                                                                                      side.info["label_names"]))], out)
+    _write_records([{"image": str(p), **r} for p, r in zip(paths, logits_to_records(logits, side.info))], out)
 
 
 RECORD_FORMATS = (".jsonl", ".csv")

@@ -24,6 +24,7 @@ from ..families import family_facts
 from ..extraction.extract import pixel_values
 from ..extraction.tokenizing import single_prefix
 from .checkpoint import Checkpoint
+from .target_scale import TargetScale
 from ..memory import current_rss_mb, limit_allocator_slack, reset_peak
 from ..methods import pool
 from ..runtime import Runtime
@@ -138,14 +139,14 @@ def _batches(backbone, dataset, rows: np.ndarray, settings: BaselineSettings, sh
 
 
 @torch.no_grad()
-def _evaluate(model, backbone, dataset, rows, settings, task, num_labels, runtime: Runtime) -> dict:
+def _evaluate(model, backbone, dataset, rows, settings, task, num_labels, runtime: Runtime, scale: TargetScale) -> dict:
     model.eval()
     logits, labels = [], []
     for batch, y in _batches(backbone, dataset, rows, settings, False, 0, runtime):
         with runtime.autocast():
             logits.append(model(batch).float().cpu().numpy())
         labels.append(y.cpu().numpy())
-    return task_metrics(np.concatenate(logits), np.concatenate(labels), task, num_labels)
+    return task_metrics(scale.restore(np.concatenate(logits)), np.concatenate(labels), task, num_labels)
 
 
 def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_dir: Path, show_progress=True) -> dict:
@@ -179,6 +180,7 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
     lr = settings.lr or (5e-4 if settings.method == "lora" else 5e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_rows = dataset.rows("train")[subset_positions(len(dataset.rows("train")), settings.max_train_samples)]
+    scale = TargetScale.of_targets(dataset.task, dataset.labels[train_rows])
     lengths = None
     if settings.length_buckets and backbone.modality == "text":  # every image gives the same number of tokens
         pairs = [dataset.pairs[i] for i in train_rows] if dataset.pairs else None
@@ -187,7 +189,8 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
                                                                    truncation=True, max_length=settings.max_length)["input_ids"]])
     schedule = Schedule(settings.epochs, settings.batch_size, lr, settings.weight_decay, settings.warmup_ratio, settings.seed)
     def evaluate(split):
-        return _evaluate(model, backbone, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime)
+        return _evaluate(model, backbone, dataset, dataset.rows(split), settings, dataset.task, num_labels, runtime,
+                         scale)
 
     checkpoint = Checkpoint.beside(out_dir, {"baseline": asdict(settings), "lr": lr, "data": dataset.fingerprint(),
                                              "backbone_weights_sha256": backbone.weights_sha256})
@@ -197,11 +200,12 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
 
     snapshot = lambda: {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
     if settings.measure_step:
-        run, test = measured_step(model, trainable, snapshot, batches, schedule, len(train_rows), dataset.task, runtime), {}
+        run, test = measured_step(model, trainable, snapshot, batches, schedule, len(train_rows), dataset.task, runtime,
+                                  scale), {}
     else:
         run = train_epochs(settings.method, model, trainable, model, batches, len(train_rows),
                            lambda: evaluate("validation"), snapshot, schedule, dataset.task, show_progress, runtime,
-                           checkpoint)
+                           checkpoint, target_scale=scale)
         model.load_state_dict(run.best_state, strict=False)
         test = evaluate("test")
     metrics = run_metrics(settings.method, run, test, trainable, len(train_rows), dataset.task, rss_at_start,
@@ -210,20 +214,22 @@ def train_baseline(backbone_name: str, dataset, settings: BaselineSettings, out_
                           {**asdict(settings), "lr": lr, "backbone": str(backbone.path)}, runtime,
                           runtime.peak_memory())
     metrics.update(baseline=True, wall_seconds=time.perf_counter() - started,  # backbone loaded, epochs, evaluation
-                   gradient_checkpointing=settings.gradient_checkpointing, measured_step_only=settings.measure_step)
+                   gradient_checkpointing=settings.gradient_checkpointing, measured_step_only=settings.measure_step,
+                   **scale.to_info())
     with atomic_folder(out_dir) as folder:
         (folder / "model.safetensors").write_bytes(save({n: t.contiguous() for n, t in run.best_state.items()}))
-        (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"]}, indent=2))
+        (folder / "config.json").write_text(json.dumps({"baseline": settings.method, **metrics["settings"],
+                                                        **scale.to_info()}, indent=2))
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     checkpoint.remove()
     return metrics
 
 
 def measured_step(model, trainable, snapshot, batches, schedule: Schedule, train_size: int, task: str,
-                  runtime: Runtime) -> TrainingRun:
+                  runtime: Runtime, scale: TargetScale) -> TrainingRun:
     """No training: the memory of one step on the first epoch's largest batch (most padded tokens), measured as a
     trained run measures its own (Learner.step_memory). For a setting whose arithmetic equals a trained run's (LoRA
     with gradient checkpointing computes what LoRA computes), so its accuracy is that run's."""
     largest = max(batches(0), key=lambda batch: batch_elements(batch[0]))
-    learner = Learner(model, trainable, model, snapshot, schedule, train_size, task, runtime)
+    learner = Learner(model, trainable, model, snapshot, schedule, train_size, task, runtime, target_scale=scale)
     return TrainingRun([], 0, None, {}, None, learner.step_memory(*largest))

@@ -9,6 +9,7 @@ from cachetune.cache.reader import CacheReader
 
 from ..metrics import task_metrics
 from ..runtime import CPU, Runtime
+from .target_scale import TargetScale
 
 
 def side_inputs(batch, runtime: Runtime) -> tuple[CachedHiddenStates, torch.Tensor]:
@@ -56,6 +57,8 @@ def predict_split(model: torch.nn.Module, reader: CacheReader, batch_size: int =
 
 
 def evaluate_split(model, reader: CacheReader, task: str, num_classes: int, batch_size: int = 64,
-                   runtime: Runtime | None = None) -> dict:
+                   runtime: Runtime | None = None, *, scale: TargetScale) -> dict:
+    """The task's metrics over the reader's samples; scale: the model's target scale (regression outputs are
+    restored to the data's units before they are scored)."""
     logits, labels = predict_split(model, reader, batch_size, runtime)
-    return task_metrics(logits, labels, task, num_classes)
+    return task_metrics(scale.restore(logits), labels, task, num_classes)

@@ -23,6 +23,7 @@ from ..methods.support import require_support
 from ..runtime import PRECISIONS, Runtime
 from .side_model import SideModel, save_side_model, trainable_state
 from .static_shapes import pad_batch
+from .target_scale import TargetScale
 from .training_loop import Schedule, run_metrics, train_epochs
 
 
@@ -192,6 +193,7 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
     layers = required_layers(config, spec, cache_path)
     runtime.reset_peak_memory()  # from here: the --in-memory cache is measured, then counted apart
     readers = open_readers(cache_path, root, layers, settings, runtime)
+    scale = training_scale(readers["train"], task)
     model = hold_frozen_layers(build_model(config, spec).to(runtime.device), runtime)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = Schedule(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay,
@@ -205,13 +207,13 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
 
     def evaluate(split):
         # batches of the training size: evaluation never needs more memory than a training step
-        return evaluate_split(model, readers[split], task, spec.num_labels, settings.batch_size, runtime)
+        return evaluate_split(model, readers[split], task, spec.num_labels, settings.batch_size, runtime, scale=scale)
 
     forward, cuda_graphs = network_forward(model, settings, runtime)
     learners = []
     run = train_epochs(config.method, forward, trainable, model, batches,
                        len(readers["train"]), lambda: evaluate("validation"), lambda: trainable_state(model),
-                       schedule, task, show_progress, runtime, checkpoint, cuda_graphs, learners)
+                       schedule, task, show_progress, runtime, checkpoint, cuda_graphs, learners, scale)
     model.load_state_dict(run.best_state, strict=False)
     test = evaluate("test") if "test" in readers else {}
     metrics = run_metrics(config.method, run, test, trainable, len(readers["train"]), task, rss_at_start,
@@ -220,14 +222,19 @@ def fit(cache_path: str, config: MethodConfig, settings: FitSettings, out_dir: P
                           asdict(settings), runtime,
                           gpu_memory_figures(runtime, learners[0], resident_bytes(readers), alone=True),
                           reader_buffer_mb(readers["train"]))
-    metrics["data_path"] = data_path(readers["train"])
-    metrics["identity_sha256"] = key_sha256(identity)
+    metrics.update(data_path=data_path(readers["train"]), identity_sha256=key_sha256(identity), **scale.to_info())
     # wall seconds of this fit (the cache opened, every epoch, validation, test), and of the extraction that wrote
     # the cache: the report's amortised cost
     metrics.update(wall_seconds=time.perf_counter() - started, extract_seconds=attrs.get("extract_seconds"))
-    write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs, cache_path)), run.best_state, metrics)
+    write_model_folder(out_dir, SideModel(model, config, spec, model_info(attrs, cache_path, scale)), run.best_state,
+                       metrics)
     checkpoint.remove()
     return metrics
+
+
+def training_scale(reader: CacheReader, task: str) -> TargetScale:
+    """The target scale of the rows the reader serves for training (after --max-train-samples)."""
+    return TargetScale.of_targets(task, reader.labels[reader.samples])
 
 
 def data_path(reader: CacheReader) -> str:
@@ -237,13 +244,14 @@ def data_path(reader: CacheReader) -> str:
     return "resident on the GPU" if reader.memory.is_cuda else "in RAM"
 
 
-def model_info(attrs: dict, cache_path: str) -> dict:
+def model_info(attrs: dict, cache_path: str, scale: TargetScale = TargetScale()) -> dict:
     """The facts of the cache a model folder records (see stages/training/side_model.py); cache_path is where that
-    cache was (made absolute when local: `pipeline evaluate MODEL` reads it by default)."""
+    cache was (made absolute when local: `pipeline evaluate MODEL` reads it by default); scale: the regression
+    targets' standardisation the network learnt (recorded unless the identity)."""
     local = "://" not in cache_path
     return {"cache_path": os.path.abspath(cache_path) if local else cache_path, "task": attrs["task"], "label_names": attrs["label_names"], "cache_key": attrs["key"],
             "cache_key_sha256": attrs["key_sha256"], "max_length": attrs["max_length"], "dtype": attrs["dtype"],
-            "model_type": attrs["model_type"]}
+            "model_type": attrs["model_type"], **scale.to_info()}
 
 
 def write_model_folder(out_dir: Path, side: SideModel, best_state: dict, metrics: dict) -> None:

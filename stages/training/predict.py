@@ -15,6 +15,7 @@ from ..extraction.tokenizing import single_prefix, trained_length_note
 from ..images import Images
 from ..runtime import CPU, Runtime
 from .side_model import SideModel
+from .target_scale import TargetScale
 
 
 def load_matching_backbone(side: SideModel):
@@ -107,9 +108,12 @@ def predict_images(side: SideModel, backbone, paths: list, batch_size: int = 32,
     return predict_logits(side, backbone, paths, None, batch_size, runtime, log)
 
 
-def logits_to_records(logits: np.ndarray, task: str, label_names: list[str]) -> list[dict]:
+def logits_to_records(logits: np.ndarray, info: dict) -> list[dict]:
+    """One record per row of logits [N, C] from a model whose info (SideModel.info) gives its task, label names and
+    target scale: {"prediction"} in the data's units for regression, {"label", "probabilities"} for classes."""
+    task, label_names = info["task"], info["label_names"]
     if task == "regression":
-        return [{"prediction": float(v)} for v in logits.reshape(-1)]
+        return [{"prediction": float(v)} for v in TargetScale.of_info(info).restore(logits).reshape(-1)]
     probabilities = torch.softmax(torch.from_numpy(logits), -1).numpy()
     return [{"label": label_names[int(p.argmax())], "probabilities": dict(zip(label_names, map(float, p)))}
             for p in probabilities]

@@ -17,6 +17,7 @@ from cachetune.cache.errors import InputError
 
 from ..methods import FeatureSpec, MethodConfig, build_model, config_from_dict
 from ..methods.support import unsupported_reason
+from .target_scale import TargetScale
 
 FROZEN_PREFIX = "frozen."
 
@@ -26,7 +27,7 @@ class SideModel:
     model: torch.nn.Module
     config: MethodConfig
     spec: FeatureSpec
-    info: dict  # task, label names, cache key and extraction facts
+    info: dict  # task, label names, cache key and extraction facts; regression: the target scale (target_scale.py)
 
     @property
     def layers(self) -> list[int]:
@@ -81,6 +82,7 @@ def load_side_model(folder: str | Path, backbone_path: str | None = None) -> Sid
         missing_info = [key for key in INFO_KEYS if key not in payload]
         if missing_info:
             raise KeyError(", ".join(missing_info))
+        TargetScale.of_info(payload)  # absent (saved before it was recorded): the identity
         cannot = unsupported_reason(config.method, spec.backbone_path)
         if cannot:  # the check `fit` makes, before the frozen layers are read from a folder that may have moved
             raise InputError(f"{folder} (method {config.method!r}) cannot be loaded: {cannot}")

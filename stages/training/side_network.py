@@ -20,6 +20,7 @@ from ..methods import FeatureSpec, MethodConfig, build_model, config_from_option
 from .fit import model_info, required_layers, spec_from_store
 from .predict import load_matching_backbone, logits_to_records, predict_images, predict_texts
 from .side_model import SideModel, load_side_model, save_side_model
+from .target_scale import TargetScale
 
 
 class SideNetwork(torch.nn.Module):
@@ -56,9 +57,16 @@ class SideNetwork(torch.nn.Module):
         """The class names, in the order of the logits' columns (empty for regression)."""
         return list(self.info["label_names"] or [])
 
+    @property
+    def target_scale(self) -> TargetScale:
+        """How regression targets were standardised for training (the identity for a network from `for_cache`, which
+        learns targets as given, and for classification): `target_scale.restore(outputs)` is in the data's units."""
+        return TargetScale.of_info(self.info)
+
     def forward(self, hidden_states: CachedHiddenStates | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: a cache batch ([B, K, T, W] codes, K = len(self.layers)), or float values [B, K, T, D];
-        mask [B, T] bool (default: the batch's own) -> logits [B, num_labels]."""
+        mask [B, T] bool (default: the batch's own) -> logits [B, num_labels] (regression: standardised predictions,
+        see `target_scale`; `predict` restores them)."""
         if mask is None:
             if not isinstance(hidden_states, CachedHiddenStates):
                 raise ValueError("give the mask [B, T] with a float tensor of hidden states")
@@ -104,4 +112,4 @@ class SideNetwork(torch.nn.Module):
             logits = predict_texts(side, self._backbone, list(texts), pairs, batch_size, runtime,
                                    log=lambda line: print(line, file=sys.stderr))  # as the CLI
         self.model.train(training)  # predict runs in eval mode; a network being trained goes on training
-        return logits_to_records(logits, self.info["task"], self.info["label_names"])
+        return logits_to_records(logits, self.info)

@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint
 from .evaluate import layer_subsets, predict_split_many
 from .fit import (FitSettings, data_path, device_batches, gpu_memory_figures, hold_frozen_layers, model_info, network_forward,
                   open_readers, reader_buffer_mb, require_training_splits, required_layers, resident_bytes, run_identity, spec_from_store,
-                  write_model_folder)
+                  training_scale, write_model_folder)
 from ..memory import current_rss_mb, limit_allocator_slack, peak_rss_mb, reset_peak
 from ..methods import build_model
 from ..metrics import primary_metric, task_metrics
@@ -38,6 +38,7 @@ from ..progress import progress_bar
 from ..runtime import Runtime
 from .side_model import SideModel, trainable_state
 from .sweep_grid import SweepRun
+from .target_scale import TargetScale
 from .training_loop import Learner, Schedule, run_metrics, train_together
 
 SWEEP_JSON, SWEEP_CSV, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
@@ -133,8 +134,9 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
     readers = open_readers(cache_path, root, union, settings, runtime)
     resident[0] = max(resident[0], resident_bytes(readers))
     train_size, task = len(readers["train"]), attrs["task"]
+    scale = training_scale(readers["train"], task)  # every run of the group trains on the same rows
     members = [_member(run, settings_of[run.name], identity_of[run.name], layers[run.name], union, spec, train_size,
-                       task, runtime, out_dir, bar) for run in group]
+                       task, runtime, out_dir, bar, scale) for run in group]
     first = min(member.learner.epochs_done for member in members)
     bar.update(first * train_size)  # epochs every run of the group finished before a resume
 
@@ -147,14 +149,14 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
 
     def validate(active):
         return _evaluate([members[i] for i in active], readers["validation"], task, spec.num_labels, runtime,
-                         settings.batch_size)
+                         settings.batch_size, scale)
 
     step_memory = train_together([member.learner for member in members], batches, settings.epochs, validate,
                                  SweepBar(bar, train_size, settings.seed, settings.epochs, runs, results, members),
                                  inputs_for, lambda index: members[index].stream.active())
     for member in members:
         member.model.load_state_dict(member.learner.best_state, strict=False)
-    tests = (_evaluate(members, readers["test"], task, spec.num_labels, runtime, settings.batch_size)
+    tests = (_evaluate(members, readers["test"], task, spec.num_labels, runtime, settings.batch_size, scale)
              if "test" in readers else [{}] * len(members))
     for member, test, memory in zip(members, tests, step_memory):
         run = member.learner.result(memory)
@@ -166,8 +168,8 @@ def _train_group(cache_path, root, group, layers, settings_of, identity_of, spec
                               gpu_memory_figures(runtime, member.learner, resident_bytes(readers), alone=False),
                               reader_buffer_mb(readers["train"]))
         metrics.update(identity_sha256=key_sha256(member.identity), sweep_run=member.run.name,
-                       sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]))
-        side = SideModel(member.model, member.run.config, spec, model_info(attrs, cache_path))
+                       sweep_runs_sharing_batches=len(members), data_path=data_path(readers["train"]), **scale.to_info())
+        side = SideModel(member.model, member.run.config, spec, model_info(attrs, cache_path, scale))
         write_model_folder(run_folder(out_dir, member.run), side, run.best_state, metrics)
         member.learner.checkpoint.remove()
         yield member.run, metrics
@@ -198,7 +200,8 @@ class SweepBar:
                            f"{self.members[0].learner.metric} {best[1]:.4f}")
 
 
-def _member(run, settings, identity, layers, union, spec, train_size, task, runtime, out_dir, bar) -> Member:
+def _member(run, settings, identity, layers, union, spec, train_size, task, runtime, out_dir, bar,
+            scale: TargetScale) -> Member:
     """Built as `fit` builds it: the same seed, then the model, so the initial weights are the same."""
     torch.manual_seed(run.seed)
     model = hold_frozen_layers(build_model(run.config, spec).to(runtime.device), runtime)
@@ -209,17 +212,17 @@ def _member(run, settings, identity, layers, union, spec, train_size, task, runt
     forward, cuda_graphs = network_forward(model, settings, runtime)
     with stream.active():  # a resumed checkpoint restores the run's random state into its stream
         learner = Learner(forward, trainable, model, lambda: trainable_state(model), schedule,
-                          train_size, task, runtime, checkpoint, cuda_graphs)
+                          train_size, task, runtime, checkpoint, cuda_graphs, scale)
     subset = tuple(union.index(layer) for layer in layers)
     return Member(run, settings, identity, model, subset, stream, learner)
 
 
 def _evaluate(members: list[Member], reader: CacheReader, task: str, num_labels: int, runtime: Runtime,
-              batch_size: int) -> list[dict]:
-    """Batches of the training size, as `fit` evaluates."""
+              batch_size: int, scale: TargetScale) -> list[dict]:
+    """Batches of the training size, as `fit` evaluates (regression outputs restored to the data's units)."""
     logits, labels = predict_split_many([m.model for m in members], reader, batch_size, runtime=runtime,
                                         subsets=[m.subset for m in members])
-    return [task_metrics(each, labels, task, num_labels) for each in logits]
+    return [task_metrics(scale.restore(each), labels, task, num_labels) for each in logits]
 
 
 def _best(runs: list[SweepRun], results: dict, metric: str, members: list[Member] = ()) -> tuple[str, float] | None:

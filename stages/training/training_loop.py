@@ -18,6 +18,7 @@ from ..memory import peak_allocated_mb, peak_rss_mb, tensor_mb
 from ..metrics import primary_metric
 from ..progress import progress_bar
 from ..runtime import CPU, Runtime
+from .target_scale import TargetScale
 
 
 LOSS_SHOWN_EVERY_S = 2.0  # the progress bar's running loss reads the device: at most this often, never per step
@@ -77,14 +78,16 @@ class Learner:
     checkpoint (stages.training.checkpoint.Checkpoint): resume after its last epoch, and write one after every epoch.
     On a GPU AdamW is fused (one kernel for every tensor, and the gradient scaler's inf check stays on the device);
     nothing in a step waits for the device. compiled: `forward` is a torch.compile'd module in reduce-overhead mode
-    (CUDA graphs), so each step marks a new graph step first."""
+    (CUDA graphs), so each step marks a new graph step first. target_scale: regression targets are learnt
+    standardised (stages/training/target_scale.py); validation restores the outputs itself."""
 
     def __init__(self, forward: Callable, trainable: list[torch.nn.Parameter], modules: torch.nn.Module,
                  snapshot: Callable[[], dict], schedule: Schedule, train_size: int, task: str,
-                 runtime: Runtime | None = None, checkpoint=None, cuda_graphs: bool = False):
+                 runtime: Runtime | None = None, checkpoint=None, cuda_graphs: bool = False,
+                 target_scale: TargetScale = TargetScale()):
         self.forward, self.trainable, self.modules, self.snapshot = forward, trainable, modules, snapshot
         self.schedule, self.task, self.runtime, self.checkpoint = schedule, task, runtime or CPU, checkpoint
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.target_scale = cuda_graphs, target_scale
         self.optimizer = torch.optim.AdamW(parameter_groups(trainable, schedule.weight_decay), lr=schedule.lr,
                                            fused=True if self.runtime.is_cuda else None)
         self.step_peak, self.batch_bytes = [0], 0  # GPU bytes: a step's transient peak, the largest batch
@@ -118,7 +121,7 @@ class Learner:
                 torch.compiler.cudagraph_mark_step_begin()
             with self.runtime.autocast():
                 logits = self.forward(inputs)
-            loss = loss_of(logits.float(), labels, self.task, rows)
+            loss = loss_of(logits.float(), self.target_scale.standardise(labels), self.task, rows)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -295,12 +298,13 @@ def train_epochs(name: str, forward: Callable, trainable: list[torch.nn.Paramete
                  batches: Callable[[int], Iterable[tuple]], train_size: int,
                  validate: Callable[[], dict], snapshot: Callable[[], dict], schedule: Schedule, task: str,
                  show_progress: bool = True, runtime: Runtime | None = None, checkpoint=None,
-                 cuda_graphs: bool = False, learner_out: list | None = None) -> TrainingRun:
+                 cuda_graphs: bool = False, learner_out: list | None = None,
+                 target_scale: TargetScale = TargetScale()) -> TrainingRun:
     """One network trained by `train_together`: batches(epoch) yields (inputs, labels) or (inputs, labels, real rows)
     already on the runtime's device; see `Learner` for the rest. learner_out: the learner is appended to it (for its
     GPU memory figures)."""
     learner = Learner(forward, trainable, modules, snapshot, schedule, train_size, task, runtime, checkpoint,
-                      cuda_graphs)
+                      cuda_graphs, target_scale)
     if learner_out is not None:
         learner_out.append(learner)
     [step_memory] = train_together([learner], batches, schedule.epochs, lambda active: [validate()],
