@@ -141,9 +141,7 @@ class RotaryDecoder(Family):
         return a + hh, h, hh
 
     def head_norm(self, frozen) -> nn.Module | None:
-        """The final norm, except with wide_stream: its gains (Gemma 3 270M: up to 301, where AdamW moves a gain by
-        ~1e-3 a step) would fix which few channels a head reads, so SynQT gets a fresh norm."""
-        return None if self.wide_stream else getattr(frozen, "norm", None)
+        return getattr(frozen, "norm", None)
 
     def stream_scale(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """wide_stream: per-token RMS [B, T, 1] (no gradient). A pre-norm layer adds its branches to a raw residual

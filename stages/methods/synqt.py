@@ -41,9 +41,8 @@ post-LN outputs they were designed around, but a Gemma 3 layer adds its branches
 grows with depth (real Gemma 3 270M: 1 at H_0, ~1,350 at H_17). Fed in as they are, the queries vanish beside the
 layer's own branches and the head's 3L + 1 features range over two orders of magnitude. So each layer's queries
 enter multiplied by the RMS of H_{i-1} at the last real token (no gradient) and Q_i, h_i, hh_i are divided by it:
-the layer sees a token at its stream's scale, the side network works at unit scale. The head's norm is a fresh LayerNorm
-there, not a copy of the final norm (its gains reach 301: they would fix which channels the head reads), and the
-head reads it through the family's `head_input`. Measured:
+the layer sees a token at its stream's scale, the side network works at unit scale. The head reads the normed z
+through the family's `head_input` (unit RMS there: the copied final norm's gains reach 301). Measured:
 BENCHMARKS.md, "Gemma 3 270M".
 
 T5 encoder: the same pre-norm pass with T5's unscaled scores plus its relative position bias for (token position
@@ -165,7 +164,7 @@ class SynQT(nn.Module):
         self.weights = nn.Linear(D, 3 * L)
         self.weights_dropout = nn.Dropout(config.dropout)
         backbone_norm = self.frozen.head_norm()  # the norm after the last layer in the backbone, if it is loaded
-        if backbone_norm is None:  # pre-LN vision (the final norm is outside the layers), Gemma 3: a fresh one
+        if backbone_norm is None:  # pre-LN vision: the final norm is outside the layers; a fresh trainable one
             self.head_norm = nn.LayerNorm(D, eps=getattr(self.frozen.config, "layer_norm_eps", 1e-6))
         else:
             self.head_norm = copy.deepcopy(backbone_norm).requires_grad_(True)  # a trainable copy
