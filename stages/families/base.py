@@ -76,6 +76,17 @@ class Family:
         """The norm that follows the last layer in the backbone, if loaded (SynQT copies it); None: a fresh one."""
         return None
 
+    def stream_scale(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The scale [B, T, 1] of the residual stream hidden [B, T, D] that a frozen layer expects its input at, which
+        whatever a side network feeds into the layer (SHERL's E', SynQT's queries) must match; no gradient. None:
+        the layers' input is already normalised (post-LN encoders: unit scale)."""
+        return None
+
+    def head_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled final state [B, D] as a side network's linear head reads it: as it is, unless the family's final
+        state is far from unit scale (see RotaryDecoder)."""
+        return pooled
+
     def side_block(self, config, width: int, r: int, dropout: float) -> nn.Module:
         """LST's side block: this family's layer shrunk to `width` (ffn / r); forward(x [B, T, h], mask [B, T])."""
         raise NotImplementedError

@@ -42,8 +42,10 @@ class RotaryDecoder(Family):
     pooling = "last"  # only the last real token has seen the whole text
     lora_targets = ("q_proj", "v_proj")
 
-    def __init__(self, model_types: tuple[str, ...], module: str, prefix: str, sandwich_norms: bool = False):
+    def __init__(self, model_types: tuple[str, ...], module: str, prefix: str, sandwich_norms: bool = False,
+                 wide_stream: bool = False):
         self.model_types, self.module, self.prefix = model_types, module, prefix
+        self.wide_stream = wide_stream  # scales far from 1 in the stream and the final state: see stream_scale
         self.sandwich_norms = sandwich_norms  # Gemma-3: a norm after each branch too
         self.per_type_rotary = sandwich_norms  # Gemma-3's rotary embedding takes the layer type
 
@@ -141,6 +143,18 @@ class RotaryDecoder(Family):
     def head_norm(self, frozen) -> nn.Module | None:
         return getattr(frozen, "norm", None)
 
+    def stream_scale(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """wide_stream: per-token RMS [B, T, 1] (no gradient). A pre-norm layer adds its branches to a raw residual
+        stream whose scale grows with depth (real Gemma 3 270M: median RMS 1 at H_0, 1,348 at H_17, its post-branch
+        norms' gains up to 1,649), so what is fed in beside it at unit scale is a rounding error next to the branches."""
+        return hidden.detach().pow(2).mean(-1, keepdim=True).sqrt() if self.wide_stream else None
+
+    def head_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        """wide_stream: the pooled final state at unit RMS (no parameters). The final norm's gains (Gemma 3 270M: up to
+        301) set the scale of H_L, and of the last layer's output on anything but the stream it was trained on (SHERL's
+        E': pooled RMS 47 against H_L's 3.9), so a fresh head starts with logits of +-20."""
+        return F.rms_norm(pooled, pooled.shape[-1:]) if self.wide_stream else pooled
+
     def side_block(self, config, width: int, r: int, dropout: float) -> nn.Module:
         heads, kv_heads = side_heads(width, config.num_attention_heads,
                                      getattr(config, "num_key_value_heads", None) or config.num_attention_heads, True)
@@ -153,4 +167,5 @@ class RotaryDecoder(Family):
 LLAMA = RotaryDecoder(("llama",), "transformers.models.llama.modeling_llama", "Llama")
 MISTRAL = RotaryDecoder(("mistral",), "transformers.models.mistral.modeling_mistral", "Mistral")
 QWEN2 = RotaryDecoder(("qwen2",), "transformers.models.qwen2.modeling_qwen2", "Qwen2")
-GEMMA3 = RotaryDecoder(("gemma3_text",), "transformers.models.gemma3.modeling_gemma3", "Gemma3", sandwich_norms=True)
+GEMMA3 = RotaryDecoder(("gemma3_text",), "transformers.models.gemma3.modeling_gemma3", "Gemma3", sandwich_norms=True,
+                       wide_stream=True)

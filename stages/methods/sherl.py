@@ -7,6 +7,11 @@ Side width: the authors' BERT form (VSE-infinity's text encoder) uses h = embed_
 1024 / 2, halving the 1024-wide joint embedding it projects into. Without a joint space here, the default halves
 the backbone's own width instead: r = 2, h = D / 2 (384 on a BERT-base-sized model, 192 on MiniLM).
 
+Families whose adapter gives a `stream_scale` (Gemma 3): Out's LayerNorm gives E' unit scale, right for a post-LN
+encoder's layer input, but a Gemma 3 layer adds its branches to a raw residual stream at per-token RMS ~1,350
+(H_17 of the real 270M), so E' = Out(ê) * rms(H_{L-1}) + tanh(γ / 0.1) H_{L-1} there, and the head reads the pooled
+output through the family's `head_input` (unit RMS). Measured: BENCHMARKS.md, "Gemma 3 270M".
+
 Decoder backbones: `rms_norm=true` (default off) puts every cached layer at unit RMS per token first, against the
 massive activations of decoders' residual streams; what it was measured to do: `base.rms_normalize`.
 """
@@ -111,8 +116,12 @@ class SHERL(nn.Module):
         """features: H_0 .. H_{L-k} [B, L-k+1, T, D] (values or CachedHiddenStates), mask [B, T] bool -> logits [B, C]."""
         states = CachedHiddenStates.wrap(features, mask)
         last = states.layer(-1)  # H_{L-k}: the gate's input, and the merge's guide
-        restored = self.out(self.merge(states, last)) + torch.tanh(self.gate / 0.1) * last
-        return self.head(pool(self.frozen(restored, mask), mask, self.spec.pooling))
+        restored = self.out(self.merge(states, last))
+        scale = self.frozen.stream_scale(last)  # Gemma 3: at the residual stream's own scale
+        if scale is not None:
+            restored = restored * scale
+        restored = restored + torch.tanh(self.gate / 0.1) * last
+        return self.head(self.frozen.head_input(pool(self.frozen(restored, mask), mask, self.spec.pooling)))
 
 
 register_method(SHERLConfig, SHERL, "SHERL: redundancy-aware merge of early layers, then the frozen last layer(s)")

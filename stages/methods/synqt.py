@@ -36,6 +36,15 @@ q/k norms and a norm after each branch (h = N(W_o Attn), hh = N(MLP(N a))). GPT-
 layers (they are in H_0), so its queries take none. The head's norm is a trainable copy of the model's final norm,
 which the last decoder layer's output passes through in the backbone (hidden_states[L] is after it).
 
+Scale (families whose adapter gives a `stream_scale`: Gemma 3): the synthesised queries are unit-scale, like the
+post-LN outputs they were designed around, but a Gemma 3 layer adds its branches to a raw residual stream whose RMS
+grows with depth (real Gemma 3 270M: 1 at H_0, ~1,350 at H_17). Fed in as they are, the queries vanish beside the
+layer's own branches and the head's 3L + 1 features range over two orders of magnitude. So each layer's queries
+enter multiplied by the RMS of H_{i-1} at the last real token (no gradient) and Q_i, h_i, hh_i are divided by it:
+the layer sees a token at its stream's scale, the side network works at unit scale. The head reads the normed z
+through the family's `head_input` (unit RMS there: the copied final norm's gains reach 301). Measured:
+BENCHMARKS.md, "Gemma 3 270M".
+
 T5 encoder: the same pre-norm pass with T5's unscaled scores plus its relative position bias for (token position
 - query position), the queries again after the last real token.
 """
@@ -49,7 +58,7 @@ from torch.nn import functional as F
 
 from cachetune.cache.hidden_states import CachedHiddenStates
 
-from .base import FeatureSpec, MethodConfig
+from .base import FeatureSpec, MethodConfig, pool
 from .registry import register_method
 from .support import needs_frozen_layers
 
@@ -188,13 +197,19 @@ class SynQT(nn.Module):
         qs, hs, hhs = [], [], []
         for i, synthesis in enumerate(self.synthesis):
             seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
-            q, h, hh = self.frozen.query_pass(i, synthesis(seed), states.layer(i), mask)  # layer i + 1 on H_i
+            hidden = states.layer(i)
+            scale = self.frozen.stream_scale(hidden)
+            if scale is None:
+                q, h, hh = self.frozen.query_pass(i, synthesis(seed), hidden, mask)  # layer i + 1 on H_i
+            else:  # in at the stream's scale (its last real token's, where the queries follow), out at unit scale
+                scale = pool(scale, mask, "last")[:, None]  # [B, 1, 1]
+                q, h, hh = (x / scale for x in self.frozen.query_pass(i, synthesis(seed) * scale, hidden, mask))
             previous = q.mean(1)
             qs.append(previous)
             hs.append(h.mean(1))
             hhs.append(hh.mean(1))
         z = self.combine(torch.stack([qs[-1], *qs, *hs, *hhs], 1))
-        return self.head(self.head_norm(z))
+        return self.head(self.frozen.head_input(self.head_norm(z)))
 
 
 register_method(SynQTConfig, SynQT, "SynQT: synthesised queries extract knowledge through the frozen layers' own weights")
