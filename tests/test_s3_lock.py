@@ -87,16 +87,22 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+KILLED_LEASE_SECONDS = 15
+
+
 def test_a_killed_writers_lease_runs_out_and_the_rerun_resumes(tiny_bert, table, tmp_path, s3_server, s3_bucket,
                                                                short_lease):
     url = f"{s3_bucket}/features.zarr"
+    # The killed writer's lease is long enough that the rerun surely meets it unexpired on a loaded machine (the
+    # lease's own length decides when it expires); the rerun then waits for it to run out.
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, *extract_command(tiny_bert, table, url, s3_server)[3:]],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CACHETUNE_LOCK_LEASE_SECONDS": str(KILLED_LEASE_SECONDS)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     lease = lease_object(s3_bucket, s3_server)
     assert lease is not None  # a kill -9 leaves its lease behind
     holder = json.loads(lease["Metadata"]["owner"])
-    assert holder["lease_seconds"] == 2 and "extract" in holder["command"]
+    assert holder["lease_seconds"] == KILLED_LEASE_SECONDS and "extract" in holder["command"]
 
     resumed = cli("extract", "--backbone", tiny_bert, "--data", table, "--out", url, *SMALL, *s3_options(s3_server))
     assert resumed.exit_code == 0 and f"wrote {url}" in resumed.output, resumed.output
