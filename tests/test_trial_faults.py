@@ -4,7 +4,6 @@ a tensor blamed on another architecture, and texts or image files that predict a
 without a word. Each is now one line naming the fix (exit 2), or handled with a one-line note."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
