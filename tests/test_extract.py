@@ -69,26 +69,33 @@ def test_rerun_is_a_no_op(tiny_bert, tiny_table, tmp_path):
     assert run_extract(tiny_bert, tiny_table, tmp_path / "f.zarr") == "complete"
 
 
-def test_crash_then_rerun_gives_identical_contents(tiny_bert, tiny_table, tmp_path, monkeypatch):
-    run_extract(tiny_bert, tiny_table, tmp_path / "clean.zarr")
+def crash_on_third_block(monkeypatch):
+    """Make the third block's write stop after its first layer's shard (a kill between the shards of one block);
+    returns a function that puts the real write back."""
     from cachetune.cache import writer
 
     original, calls = writer.SplitWriter.write_block, []
 
-    def crash_on_third_block(self, block, buffer):
+    def crashing(self, block, buffer):
         calls.append(block)
         if len(calls) == 3:
             self.arrays[0][block * self.plan.block_tokens:(block + 1) * self.plan.block_tokens] = buffer[0]
             raise KeyboardInterrupt("simulated kill between the shards of one block")
         original(self, block, buffer)
 
-    monkeypatch.setattr(writer.SplitWriter, "write_block", crash_on_third_block)
+    monkeypatch.setattr(writer.SplitWriter, "write_block", crashing)
+    return lambda: monkeypatch.setattr(writer.SplitWriter, "write_block", original)
+
+
+def test_crash_then_rerun_gives_identical_contents(tiny_bert, tiny_table, tmp_path, monkeypatch):
+    run_extract(tiny_bert, tiny_table, tmp_path / "clean.zarr")
+    restore = crash_on_third_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_extract(tiny_bert, tiny_table, tmp_path / "crashed.zarr")
     assert zarr.open_group(str(tmp_path / "crashed.zarr")).attrs["status"] == "incomplete"
     with pytest.raises(InputError, match="incomplete"):
         CacheReader(str(tmp_path / "crashed.zarr"), "train")
-    monkeypatch.setattr(writer.SplitWriter, "write_block", original)
+    restore()
     assert run_extract(tiny_bert, tiny_table, tmp_path / "crashed.zarr") == "written"
     clean, resumed = store_arrays(tmp_path / "clean.zarr"), store_arrays(tmp_path / "crashed.zarr")
     assert clean.keys() == resumed.keys()

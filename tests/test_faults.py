@@ -123,15 +123,18 @@ def test_full_disk_is_one_line_with_the_room_needed_and_the_same_command_resumes
         assert_same_store(clean, store)
 
 
-def test_ctrl_c_during_extract_is_one_line_exit_130_and_resumes(extraction, tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_extract_is_one_line_and_resumes(stop, code, extraction, tmp_path):
+    """SIGTERM (docker stop, Kubernetes, Slurm) ends a run as Ctrl-C does, with 128 + 15 as schedulers report it."""
     args, clean = extraction
     store = tmp_path / "f.zarr"
     victim = start(*args, "--out", store)
     wait_for(lambda: done_blocks(store) >= 3, victim, "three blocks were written")
-    victim.send_signal(signal.SIGINT)
+    victim.send_signal(stop)
     _, stderr = victim.communicate(timeout=60)
-    assert victim.returncode == 130, stderr
+    assert victim.returncode == code, stderr
     assert "Traceback" not in stderr and last_line(stderr) == INTERRUPTED, stderr
+    assert not (tmp_path / "f.zarr.lock.owner").exists()
     assert zarr.open_group(str(store), mode="r").attrs["status"] == "incomplete"
     resumed = run(*args, "--out", store)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr

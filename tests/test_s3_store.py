@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import sentiment_rows, write_table
 from tests.s3_server import s3_bucket, s3_options, s3_server  # noqa: F401  (fixtures)
-from tests.test_extract import cli
+from tests.test_extract import cli, crash_on_third_block
 
 SMALL = ["--block-tokens", 128, "--chunk-tokens", 32, "--batch-size", 8, "--max-length", 24, "--sort-tokens", 256,
          "--dtype", "float16"]
@@ -81,25 +81,14 @@ def test_every_store_command_runs_on_s3_and_the_store_equals_a_local_one(tiny_be
 
 def test_a_crash_mid_extract_on_s3_resumes_to_the_same_store(tiny_bert, table, tmp_path, s3_server, s3_bucket,
                                                               monkeypatch):
-    from cachetune.cache import writer
-
     url, options = f"{s3_bucket}/features.zarr", s3_options(s3_server)
-    original, calls = writer.SplitWriter.write_block, []
-
-    def crash_on_third_block(self, block, buffer):
-        calls.append(block)
-        if len(calls) == 3:
-            self.arrays[0][block * self.plan.block_tokens:(block + 1) * self.plan.block_tokens] = buffer[0]
-            raise KeyboardInterrupt("simulated kill between the shards of one block")
-        original(self, block, buffer)
-
-    monkeypatch.setattr(writer.SplitWriter, "write_block", crash_on_third_block)
+    restore = crash_on_third_block(monkeypatch)
     crashed = extract(tiny_bert, table, url, *options)
     assert crashed.exit_code == 130, crashed.output
     assert json.loads(store_objects(url, s3_server)["zarr.json"])["attributes"]["status"] == "incomplete"
     refused = cli("fit", "--method", "lst", "--cache", url, "--out", tmp_path / "m", *options)
     assert refused.exit_code == 2 and "incomplete" in refused.output
-    monkeypatch.setattr(writer.SplitWriter, "write_block", original)
+    restore()
     resumed = extract(tiny_bert, table, url, *options)
     assert resumed.exit_code == 0 and f"wrote {url}" in resumed.output, resumed.output
     assert extract(tiny_bert, table, tmp_path / "local.zarr").exit_code == 0

@@ -18,8 +18,7 @@ import zarr
 
 from cachetune.cache.store_lock import model_folder_lock, readers_excluded, store_lock, store_reading
 from tests.conftest import sentiment_rows, write_table
-from tests.test_faults import (INTERRUPTED, assert_same_store, done_blocks, extraction, last_line, run,  # noqa: F401
-                               start, wait_for)
+from tests.test_faults import INTERRUPTED, extraction, last_line, run, start, wait_for  # noqa: F401
 
 EXIT_TERMINATED = 143
 
@@ -124,22 +123,6 @@ def test_fit_on_a_store_still_being_written_names_the_writer(store, tmp_path):
         fit = run("fit", "--method", "lst", "--cache", store, "--epochs", 1, "--out", tmp_path / "m")
     line = assert_refused(fit, f"error: the cache at {store} is being written by {me()}")
     assert "rerun the same `pipeline extract`" not in line  # that run is still going
-
-
-def test_sigterm_ends_extract_as_ctrl_c_does_and_the_rerun_resumes(extraction, tmp_path):  # noqa: F811
-    args, clean = extraction
-    store = tmp_path / "f.zarr"
-    victim = start(*args, "--out", store)
-    wait_for(lambda: done_blocks(store) >= 3, victim, "three blocks were written")
-    victim.send_signal(signal.SIGTERM)
-    _, stderr = victim.communicate(timeout=60)
-    assert victim.returncode == EXIT_TERMINATED, stderr
-    assert "Traceback" not in stderr and last_line(stderr) == INTERRUPTED, stderr
-    assert not (tmp_path / "f.zarr.lock.owner").exists()
-    assert zarr.open_group(str(store), mode="r").attrs["status"] == "incomplete"
-    resumed = run(*args, "--out", store)
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr, resumed.stderr
-    assert_same_store(clean, store)
 
 
 def test_sigterm_ends_fit_as_ctrl_c_does_and_releases_its_locks(store, tmp_path):
