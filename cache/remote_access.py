@@ -12,15 +12,15 @@ CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROF
                    "--storage-option secret=...; --storage-option anon=true for a public bucket")
 
 
-def check_reachable(url: str) -> None:
-    """Lists at most one key under an s3:// store's prefix (does nothing for other stores). Raises InputError naming
-    `url`, the endpoint and the failure: the endpoint unreachable or timing out, no or wrong credentials, access
-    denied, no such bucket."""
+def check_reachable(url: str, storage_options: dict | None = None) -> None:
+    """Lists at most one key under an s3:// store's prefix (does nothing for other stores), with fsspec's configuration
+    plus `storage_options`. Raises InputError naming `url`, the endpoint and the failure: the endpoint unreachable or
+    timing out, no or wrong credentials, access denied, no such bucket."""
     if url_protocol(url) not in ("s3", "s3a"):
         return
     from .writer import store_fs
 
-    fs, path = store_fs(url)
+    fs, path = store_fs(url, storage_options)
     options = {**fs.storage_options, "skip_instance_cache": True}
     options["config_kwargs"] = {**options.get("config_kwargs", {}), **PROBE_CONFIG}
     probe = type(fs)(**options)

@@ -3,7 +3,8 @@ given on the command line as `--storage-option KEY=VALUE`.
 
 They are set as fsspec's configuration for the URL's protocol while one command runs, so every filesystem of that
 protocol the command opens (zarr's included) gets them, and in the FSSPEC_<PROTOCOL> environment variable, which
-worker processes the command starts read. They are never written into a store's key, a report or a log line.
+worker processes the command starts read; workers started elsewhere (`--scheduler`) get them with each task
+(`options_for`). They are never written into a store's key, a report or a log line.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def url_protocol(url) -> str | None:
         return None
     protocol = url.split("://", 1)[0].split("::")[-1].lower()
     return None if protocol in LOCAL_PROTOCOLS else protocol
+
+
+def options_for(url) -> dict:
+    """The filesystem options this process uses for `url` (from --storage-option, or fsspec's own configuration);
+    {} for a local path."""
+    import fsspec.config
+
+    protocol = url_protocol(url)
+    return dict(fsspec.config.conf.get(protocol, {})) if protocol else {}
 
 
 @contextmanager

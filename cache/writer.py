@@ -25,23 +25,24 @@ from .store_lock import readers_excluded
 ERROR_SAMPLE_EVERY = 16  # the recorded encoding error covers every 16th real token of each block
 
 
-def store_fs(path: str):
-    """(fsspec filesystem, path within it) for a local path or an fsspec URL."""
+def store_fs(path: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path within it) for a local path or an fsspec URL (with these options added to fsspec's
+    configuration)."""
     from fsspec.core import url_to_fs
 
-    return url_to_fs(str(path))
+    return url_to_fs(str(path), **(storage_options or {}))
 
 
-def open_group(path: str, mode: str) -> zarr.Group:
-    """The root group of a store at a local path or an fsspec URL. A local file:// URL gets `auto_mkdir`
-    (object stores such as s3 have no folders to make)."""
+def open_group(path: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    """The root group of a store at a local path or an fsspec URL; `storage_options` (a URL's only) add to fsspec's
+    configuration. A local file:// URL gets `auto_mkdir` (object stores such as s3 have no folders to make)."""
     path = str(path)
-    options = {}
+    options = dict(storage_options or {})
     if "://" in path:
         protocol = store_fs(path)[0].protocol
         if {"file", "local"} & set(protocol if isinstance(protocol, tuple) else (protocol,)):
-            options["storage_options"] = {"auto_mkdir": True}
-    return zarr.open_group(path, mode=mode, zarr_format=3, **options)
+            options["auto_mkdir"] = True
+    return zarr.open_group(path, mode=mode, zarr_format=3, **({"storage_options": options} if options else {}))
 
 
 def open_store_for_write(path: str, key: dict, overwrite: bool) -> tuple[zarr.Group, str]:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cachetune.cache.errors import InputError
+from cachetune.cache.remote_access import check_reachable
+from cachetune.cache.storage_options import options_for
 from cachetune.cache.writer import SplitWriter, open_group
 
 from ..backbones import Backbone, load_backbone
@@ -77,6 +79,7 @@ class BlockTask:
     tokens_per_image: int | None = None
     before_write: object = None  # callable(split, block) run on the worker before a block is written (tests)
     torch_threads: int | None = None  # None: this host's CPUs shared among its workers
+    storage_options: dict | None = None  # the command's --storage-option for the store: a worker started elsewhere lacks them
 
 
 class RowImages:
@@ -126,10 +129,34 @@ def _torch_threads(workers_per_host: dict[str, int]) -> int:
     return max(1, available_cpus() // max(1, sharing))
 
 
+def worker_name() -> str:
+    """'the dask worker at tcp://HOST:PORT', for errors that only this worker meets."""
+    try:
+        from distributed import get_worker
+
+        return f"the dask worker at {get_worker().address}"
+    except Exception:  # not on a worker
+        return "this process"
+
+
+def open_store_on_worker(store: str, storage_options: dict | None):
+    """The store's root group for writing; InputError naming this worker when it cannot reach the store (its own
+    credentials, network or shared file system differ from the main process's)."""
+    try:
+        check_reachable(store, storage_options)
+    except InputError as error:
+        raise InputError(f"{worker_name()}: {error} (each worker needs this access in its own environment)") from None
+    return open_group(store, mode="r+", storage_options=storage_options)
+
+
 def worker_backbone(spec: BackboneSpec, workers_per_host: dict[str, int], torch_threads: int | None = None) -> Backbone:
-    """The backbone, loaded once per worker process (and per folder + settings)."""
+    """The backbone, loaded once per worker process (and per folder + settings). InputError when the folder is
+    missing on this worker."""
     with _BACKBONES_LOCK:
         if spec not in _BACKBONES:
+            if not os.path.exists(spec.path):
+                raise InputError(f"{worker_name()} has no backbone at {spec.path}; put the same model folder at that "
+                                 "path on every worker machine (or on a file system they share)")
             import torch
 
             torch.set_num_threads(torch_threads or _torch_threads(workers_per_host))
@@ -157,6 +184,7 @@ def worker_device(device: str) -> str:
 
 def run_block_task(task: BlockTask) -> dict:
     """Runs on a worker: forward passes for the task's blocks, then each block's shards and done flag."""
+    root = open_store_on_worker(task.store, task.storage_options)
     backbone = worker_backbone(task.backbone, task.workers_per_host, task.torch_threads)
     runtime = Runtime.resolve(worker_device(task.backbone.device), task.precision)
     if task.modality == "image":
@@ -164,7 +192,7 @@ def run_block_task(task: BlockTask) -> dict:
                                  task.tokens_per_image, runtime)
     else:
         forward = text_forward(backbone.model, task.encoded, runtime)
-    writer = SplitWriter.for_existing(open_group(task.store, mode="r+")[task.split], task.layers)
+    writer = SplitWriter.for_existing(root[task.split], task.layers)
     written = []
     group_size = max(1, task.sort_tokens // task.block_tokens)
     for _, members in itertools.groupby(zip(task.blocks, task.samples), key=lambda member: member[0] // group_size):
@@ -236,6 +264,7 @@ class DaskSplitRunner:
     def __init__(self, connection: Connection, store: str, backbone: BackboneSpec, blocks_per_task: int | None = None,
                  before_write=None, torch_threads: int | None = None):
         self.connection, self.store, self.backbone = connection, store, backbone
+        self.storage_options = options_for(store)
         self.blocks_per_task, self.before_write, self.torch_threads = blocks_per_task, before_write, torch_threads
 
     def __call__(self, work: SplitWork) -> None:
@@ -286,7 +315,8 @@ class DaskSplitRunner:
         task = BlockTask(self.store, work.split, list(blocks), samples, work.layers, work.plan.block_tokens,
                          work.hidden_size, work.settings.dtype, work.settings.batch_size, self.backbone, work.modality,
                          workers_per_host, before_write=self.before_write, torch_threads=self.torch_threads,
-                         precision=work.settings.precision, lengths=work.lengths, sort_tokens=work.settings.sort_tokens)
+                         precision=work.settings.precision, lengths=work.lengths, sort_tokens=work.settings.sort_tokens,
+                         storage_options=self.storage_options)
         if work.modality == "image":
             task.rows = {i: int(work.rows[i]) for i in positions}
             task.images = RowImages(work.dataset.images, sorted(set(task.rows.values())))
