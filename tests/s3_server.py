@@ -23,31 +23,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_server(timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """(process, endpoint URL) of a moto S3 server started on a free port of 127.0.0.1 (also used by
+    bench/remote_read.py); RuntimeError when it does not answer within timeout_s. The caller stops the process."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """The endpoint URL of a moto S3 server (a separate process), with dummy credentials in the environment."""
     pytest.importorskip("s3fs")
     pytest.importorskip("flask", reason="moto's server needs moto[server]")
     pytest.importorskip("moto.server")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"moto's S3 server did not start on port {port}")
-            time.sleep(0.1)
+    try:
+        process, endpoint = start_server()
+    except RuntimeError as error:
+        pytest.fail(str(error))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in CREDENTIALS.items():
             patch.setenv(name, value)
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             patch.delenv(name, raising=False)
-        yield f"http://127.0.0.1:{port}"
+        yield endpoint
     process.terminate()
     process.wait(10)
 
