@@ -1,7 +1,8 @@
 """Reading a split for stage two: padded batches of selected layers, streamed piece by piece.
 
 Memory is bounded in bytes: `buffer_bytes` of served rows (codes and scales of the selected layers: the buffer
-served and the one read ahead, half each) plus one batch, not by the store's size. Only the rows of the samples
+served and the one read ahead, half each) plus one batch, not by the store's size (while a piece is read, its
+layers' spans are fetched at once, one request each, and held until copied into place). Only the rows of the samples
 served are kept (a `--max-train-samples` subset keeps its own rows, not whole blocks). Shuffling is chunk-aligned:
 block order is shuffled, each block's served samples are cut into pieces of at most half the budget, and samples are
 shuffled within a buffer of consecutive pieces; a larger budget means more randomness and more memory.
@@ -86,6 +87,17 @@ def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
     return scales
 
 
+def read_each(arrays: list[zarr.Array], read, rows: slice) -> list[np.ndarray]:
+    """`read(array, rows)` of every array at once: on an object store each is a request of its own, and one round
+    trip per piece instead of one per layer keeps a far bucket's link busy (bench/remote_read.py). The arrays' rows
+    are held at once until gathered, as a piece's served rows are."""
+    if len(arrays) < 2:
+        return [read(array, rows) for array in arrays]
+    with ThreadPoolExecutor(min(len(arrays), MAX_REQUESTS), thread_name_prefix="cache-read") as pool:
+        return list(pool.map(lambda array: read(array, rows), arrays))
+
+
+MAX_REQUESTS = 16  # arrays read at once (zarr decodes on its own single thread; these threads wait on requests)
 BUFFER_BYTES = 48 << 20  # the default read-ahead budget's cap: served rows held, the buffer served and the one ahead
 
 
@@ -197,8 +209,7 @@ class CacheReader:
 
         def gather(arrays, read):  # [K, count, width], each layer's served rows copied once into place
             out = np.empty((len(arrays), count, arrays[0].shape[1]), arrays[0].dtype)
-            for k, array in enumerate(arrays):
-                values = read(array, span)
+            for k, values in enumerate(read_each(arrays, read, span)):
                 if rows is None:
                     out[k] = values
                 else:

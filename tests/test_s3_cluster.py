@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +193,23 @@ def test_a_worker_without_the_backbone_folder_names_it(tmp_path):
     missing = tmp_path / "model"
     with pytest.raises(InputError, match=f"has no backbone at {missing}; put the same model folder"):
         worker_backbone(BackboneSpec(str(missing), False, "cpu", "0" * 64), {})
+
+
+def test_the_reader_requests_the_layers_of_a_piece_at_once(tiny_bert, table, tmp_path, monkeypatch):
+    """On an object store each layer's rows are a request of their own: one round trip per piece, not per layer."""
+    from cachetune.cache import reader as reader_module
+
+    out = tmp_path / "f.zarr"
+    assert cli("extract", "--backbone", tiny_bert, "--data", table, "--out", out, *SMALL).exit_code == 0
+    reader = reader_module.CacheReader(str(out), "train")
+    assert len(reader.arrays) == 3
+    started = threading.Barrier(len(reader.arrays), timeout=5)
+    original = reader_module.read_checked
+
+    def read_with_the_others(array, rows):
+        started.wait()  # BrokenBarrierError unless every layer's read has begun before any one returns
+        return original(array, rows)
+
+    monkeypatch.setattr(reader_module, "read_checked", read_with_the_others)
+    served = np.concatenate([batch.index for batch in reader.batches(16)])
+    assert sorted(served) == list(range(len(reader)))
