@@ -1,8 +1,8 @@
 """Reading a split for stage two: padded batches of selected layers, streamed piece by piece.
 
 Memory is bounded in bytes: `buffer_bytes` of served rows (codes and scales of the selected layers: the buffer
-served and the one read ahead, half each) plus one batch, not by the store's size (while a piece is read, its
-layers' spans are fetched at once, one request each, and held until copied into place). Only the rows of the samples
+served and the one read ahead, half each) plus one batch, not by the store's size (on object storage, while a piece
+is read, its layers' spans are fetched at once, one request each, and held until copied into place). Only the rows of the samples
 served are kept (a `--max-train-samples` subset keeps its own rows, not whole blocks). Shuffling is chunk-aligned:
 block order is shuffled, each block's served samples are cut into pieces of at most half the budget, and samples are
 shuffled within a buffer of consecutive pieces; a larger budget means more randomness and more memory.
@@ -87,11 +87,12 @@ def read_scales(array: zarr.Array, rows: slice) -> np.ndarray:
     return scales
 
 
-def read_each(arrays: list[zarr.Array], read, rows: slice) -> list[np.ndarray]:
-    """`read(array, rows)` of every array at once: on an object store each is a request of its own, and one round
-    trip per piece instead of one per layer keeps a far bucket's link busy (bench/remote_read.py). The arrays' rows
-    are held at once until gathered, as a piece's served rows are."""
-    if len(arrays) < 2:
+def read_each(arrays: list[zarr.Array], read, rows: slice, at_once: bool) -> list[np.ndarray]:
+    """`read(array, rows)` of every array, all at once when `at_once` (stores on object storage): there each is a
+    request of its own, and one round trip per piece instead of one per layer keeps a far bucket's link busy
+    (bench/remote_read.py); the arrays' rows are then held at once until gathered. On local disk one after another:
+    each extra reading thread costs a malloc arena (~35 MB of RSS here) and gains nothing."""
+    if len(arrays) < 2 or not at_once:
         return [read(array, rows) for array in arrays]
     with ThreadPoolExecutor(min(len(arrays), MAX_REQUESTS), thread_name_prefix="cache-read") as pool:
         return list(pool.map(lambda array: read(array, rows), arrays))
@@ -110,6 +111,7 @@ class CacheReader:
         # and gains nothing for shard-at-a-time reads.
         zarr.config.set({"threading.max_workers": 1})
         self.root = open_store(path)
+        self.remote = "://" in path and not path.startswith("file://")  # layers read at once: see read_each
         if split not in self.root:
             raise InputError(f"the cache at {path} has no {split!r} split; it has: {', '.join(sorted(self.root.group_keys()))}")
         self.group = self.root[split]
@@ -209,7 +211,7 @@ class CacheReader:
 
         def gather(arrays, read):  # [K, count, width], each layer's served rows copied once into place
             out = np.empty((len(arrays), count, arrays[0].shape[1]), arrays[0].dtype)
-            for k, values in enumerate(read_each(arrays, read, span)):
+            for k, values in enumerate(read_each(arrays, read, span, self.remote)):
                 if rows is None:
                     out[k] = values
                 else:

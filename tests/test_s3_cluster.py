@@ -203,6 +203,8 @@ def test_the_reader_requests_the_layers_of_a_piece_at_once(tiny_bert, table, tmp
     assert cli("extract", "--backbone", tiny_bert, "--data", table, "--out", out, *SMALL).exit_code == 0
     reader = reader_module.CacheReader(str(out), "train")
     assert len(reader.arrays) == 3
+    assert not reader.remote  # on local disk one layer after another (a thread each would cost a malloc arena)
+    reader.remote = True  # as for an s3:// store
     started = threading.Barrier(len(reader.arrays), timeout=5)
     original = reader_module.read_checked
 
