@@ -44,6 +44,7 @@ class Family:
     lora_targets: tuple[str, ...] = ("query", "value")  # the LoRA baseline's attention query and value projections
     lora_fan_in_fan_out = False  # the targets are Conv1D ([in, out] weights: GPT-2)
     frozen_layers = True  # the layers load as FrozenLayers (SHERL, SynQT); False: a record of facts only
+    wide_stream = False  # the residual stream is far from unit scale at every token (Gemma 3): see RotaryDecoder
 
     def build_layer(self, config, index: int) -> nn.Module:
         """Backbone layer `index` (0-based) with random weights; called on the meta device."""
@@ -78,7 +79,7 @@ class Family:
 
     def stream_scale(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The scale [B, T, 1] of the residual stream hidden [B, T, D] that a frozen layer expects its input at, which
-        whatever a side network feeds into the layer (SHERL's E', SynQT's queries) must match; no gradient. None:
+        whatever a side network feeds into the layer (SHERL's E') must match; no gradient. None:
         the layers' input is already normalised (post-LN encoders: unit scale)."""
         return None
 

@@ -19,6 +19,7 @@ class FeatureSpec:
     pooling: str  # "cls", "mean" or "last" (the last real token: causal decoders)
     backbone_path: str  # local folder of the backbone, for methods that load frozen layers
     cached_layers: tuple[int, ...]  # hidden_states indices present in the cache
+    model_type: str = ""  # the backbone's config.model_type (its family: stages/families), "" when not known
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ def _parse_value(text, kind):
     if not isinstance(text, str):
         return text
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # `bool | None`: None is a default's "not set", never typed
+        (kind,) = set(typing.get_args(kind)) - {type(None)}
+        origin = typing.get_origin(kind)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True

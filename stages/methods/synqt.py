@@ -36,14 +36,13 @@ q/k norms and a norm after each branch (h = N(W_o Attn), hh = N(MLP(N a))). GPT-
 layers (they are in H_0), so its queries take none. The head's norm is a trainable copy of the model's final norm,
 which the last decoder layer's output passes through in the backbone (hidden_states[L] is after it).
 
-Scale (families whose adapter gives a `stream_scale`: Gemma 3): the synthesised queries are unit-scale, like the
-post-LN outputs they were designed around, but a Gemma 3 layer adds its branches to a raw residual stream whose RMS
-grows with depth (real Gemma 3 270M: 1 at H_0, ~1,350 at H_17). Fed in as they are, the queries vanish beside the
-layer's own branches and the head's 3L + 1 features range over two orders of magnitude. So each layer's queries
-enter multiplied by the RMS of H_{i-1} at the last real token (no gradient) and Q_i, h_i, hh_i are divided by it:
-the layer sees a token at its stream's scale, the side network works at unit scale. The head reads the normed z
-through the family's `head_input` (unit RMS there: the copied final norm's gains reach 301). Measured:
-BENCHMARKS.md, "Gemma 3 270M".
+Scale: the head reads the normed z through the family's `head_input` (Gemma 3: at unit RMS, since the copied final
+norm's gains reach 301 and a fresh head would start with logits of +-20; the identity elsewhere). The queries enter
+every layer at their own (unit) scale on every family. Feeding them at the residual stream's scale instead (the
+stream's RMS at the last token, ~1,300 deep in Gemma 3 270M) was tried and reverted: a random unit direction at that
+scale is a token unlike any the layer saw (Gemma's stream holds ~90% of its energy in one channel), and on 2,000
+training rows synqt stopped learning (validation 53% after 60 steps, against 72-75% without it; BENCHMARKS.md,
+"Gemma 3 270M").
 
 T5 encoder: the same pre-norm pass with T5's unscaled scores plus its relative position bias for (token position
 - query position), the queries again after the last real token.
@@ -58,7 +57,7 @@ from torch.nn import functional as F
 
 from cachetune.cache.hidden_states import CachedHiddenStates
 
-from .base import FeatureSpec, MethodConfig, pool
+from .base import FeatureSpec, MethodConfig
 from .registry import register_method
 from .support import needs_frozen_layers
 
@@ -197,13 +196,7 @@ class SynQT(nn.Module):
         qs, hs, hhs = [], [], []
         for i, synthesis in enumerate(self.synthesis):
             seed = self.queries[i].expand(B, -1, -1) + self.feature_scale * previous[:, None]
-            hidden = states.layer(i)
-            scale = self.frozen.stream_scale(hidden)
-            if scale is None:
-                q, h, hh = self.frozen.query_pass(i, synthesis(seed), hidden, mask)  # layer i + 1 on H_i
-            else:  # in at the stream's scale (its last real token's, where the queries follow), out at unit scale
-                scale = pool(scale, mask, "last")[:, None]  # [B, 1, 1]
-                q, h, hh = (x / scale for x in self.frozen.query_pass(i, synthesis(seed) * scale, hidden, mask))
+            q, h, hh = self.frozen.query_pass(i, synthesis(seed), states.layer(i), mask)  # layer i + 1 on H_i
             previous = q.mean(1)
             qs.append(previous)
             hs.append(h.mean(1))

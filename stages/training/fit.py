@@ -51,7 +51,7 @@ def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
     num_labels = len(attrs["label_names"]) if attrs["task"] == "classification" else 1
     return FeatureSpec(hidden_size=attrs["hidden_size"], num_layers=attrs["num_layers"], num_labels=num_labels,
                        pooling=attrs["pooling"], backbone_path=backbone_path or attrs["backbone_path"],
-                       cached_layers=tuple(attrs["layers"]))
+                       cached_layers=tuple(attrs["layers"]), model_type=attrs.get("model_type", ""))
 
 
 def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) -> list[int]:
