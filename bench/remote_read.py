@@ -5,7 +5,10 @@ moto's S3 server, started here on 127.0.0.1 (tests/s3_server.py). Then, for the 
 each --buffer-mb, one epoch of the training split is read with the reader `pipeline fit` uses
 (`stages.training.fit.train_batches`: shuffled, batch 32) from local disk and from S3, alternating, best of --repeats
 each. Printed per budget: samples/s of each and the ratio remote/local (goal: >= 0.8 at the default on loopback),
-on loopback and with each --latency-ms added before every S3 request (a simulated far bucket).
+on loopback and with each --latency-ms added before every S3 request (a simulated far bucket). Reading alone is the
+worst case: a training step costs far more than reading its batch, and the read-ahead runs on a thread of its own.
+So last, for each of --fit-methods, one epoch of `pipeline fit` at the default budget from each place (a process
+each, the S3 one with --storage-option endpoint_url=...): training samples/s and their ratio.
 
 What a real network needs: to keep a link busy, the bytes in flight must cover latency x throughput, e.g.
 20 ms x 100 MB/s = 2 MB. The reader's budget (`--buffer-mb`; default min(48 MB, two blocks of the selected layers),
@@ -90,6 +93,20 @@ def epoch_seconds(reader, buffer_mb: float | None, epoch: int) -> float:
     return time.perf_counter() - started
 
 
+def fit_rate(cache: str, method: str, options: list[str], work: Path) -> float:
+    """Training samples/s of one epoch of `pipeline fit --method METHOD` on `cache` (its metrics.json)."""
+    import json
+
+    out = work / f"{method}-{'s3' if '://' in cache else 'local'}"
+    command = [sys.executable, "-m", "cachetune.pipeline.cli", "fit", "--cache", cache, "--method", method,
+               "--epochs", "1", "--out", str(out), *options]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"fit failed:\n{result.stderr[-2000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["train_samples"] / metrics["seconds_per_epoch"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, help="copy this store instead of building one (it is not modified)")
@@ -97,6 +114,8 @@ def main() -> None:
     parser.add_argument("--buffer-mb", default="8,24,48,96", help="read-ahead budgets to measure beside the default")
     parser.add_argument("--repeats", type=int, default=3, help="epochs per budget and place; the fastest counts")
     parser.add_argument("--latency-ms", default="0,20", help="delays added before each S3 request (0: loopback)")
+    parser.add_argument("--fit-methods", default="linear,unipt",
+                        help="methods to train one epoch each from local disk and from S3 (comma list; none: skip)")
     args = parser.parse_args()
     os.environ.update({**CREDENTIALS, "HF_HUB_OFFLINE": "1"})
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -137,6 +156,14 @@ def main() -> None:
                             label = f"{default_mb:.0f} (default)" if budget is None else f"{budget:g}"
                             print(f"{latency_ms:10g} {label:>12} {local_rate:16.0f} {remote_rate:13.0f} "
                                   f"{remote_rate / local_rate:9.2f}", flush=True)
+            methods = [m for m in args.fit_methods.split(",") if m and m != "none"]
+            if methods:
+                print(f"\n{'pipeline fit':>12} {'local samples/s':>16} {'s3 samples/s':>13} {'s3/local':>9}  "
+                      "(one epoch each, default read-ahead, loopback)")
+            for method in methods:
+                local_rate = fit_rate(str(local), method, [], Path(folder))
+                remote_rate = fit_rate(url, method, ["--storage-option", f"endpoint_url={endpoint}"], Path(folder))
+                print(f"{method:>12} {local_rate:16.1f} {remote_rate:13.1f} {remote_rate / local_rate:9.2f}", flush=True)
         finally:
             server.terminate()
             server.wait(10)
