@@ -381,7 +381,9 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
     """The methods that can run on the cache's backbone (stages/methods/support.py); the others are named on
     stderr. A missing cache is left for the training code to report."""
     from cachetune.cache.reader import open_store
+    from cachetune.stages.methods import get_method
     from cachetune.stages.methods.support import split_supported
+    from cachetune.stages.training.fit import spec_from_store
 
     try:
         attrs = open_store(cache_path).attrs
@@ -391,6 +393,17 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
     if reasons:
         log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
              f"({next(iter(reasons.values()))})")
+    spec = spec_from_store(open_store(cache_path), backbone_path)
+    lacking = {name: sorted(set(get_method(name).model_class.required_layers(get_method(name).config_class(), spec))
+                            - set(spec.cached_layers)) for name in runnable}
+    lacking = {name: missing for name, missing in lacking.items() if missing}
+    if lacking:
+        log(f"note: leaving out {', '.join(lacking)}: the cache lacks layers they need "
+            f"({', '.join(f'{name}: {missing}' for name, missing in lacking.items())}); extract with --layers all for them")
+    runnable = [name for name in runnable if name not in lacking]
+    if not runnable:
+        raise InputError(f"no method can run on the cache at {cache_path} (it has layers {list(spec.cached_layers)}); "
+                         "re-extract with --layers all")
     return runnable
 
 

@@ -148,3 +148,21 @@ def test_sweep_cli_and_fit_auto(tiny_cache, tmp_path):
                                "--out", str(tmp_path / "bad")]), "lr")
     assert_one_line_error(cli(*["sweep", "--cache", str(cache), "--grid", str(tmp_path / "missing.yaml"),
                                "--out", str(tmp_path / "bad")]), "file not found")
+
+
+def test_fit_auto_leaves_out_the_methods_whose_layers_the_cache_lacks(tiny_bert, tmp_path):
+    """A cache of the last layer only: `fit --method auto` trains the probe and names the others and the fix (it
+    failed on the first method that needed a layer the cache lacks)."""
+    from tests.conftest import sentiment_rows, write_table
+    from tests.test_extract import run_extract
+
+    table = write_table(tmp_path / "data.csv", sentiment_rows(80))
+    cache = tmp_path / "last.zarr"
+    run_extract(tiny_bert, table, cache, layers="for:linear")  # the last hidden state only
+    result = cli(*["fit", "--method", "auto", "--cache", str(cache), "--epochs", "1", "--batch-size", "16",
+                   "--out", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    assert "leaving out lst, sherl, synqt, unipt, utuning: the cache lacks layers they need" in result.output
+    assert "extract with --layers all" in result.output
+    table_ = json.loads((tmp_path / "auto" / SWEEP_JSON).read_text())
+    assert {row["method"] for row in table_["runs"]} == {"linear"}
