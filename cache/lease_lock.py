@@ -5,9 +5,13 @@ metadata (pid, host, command, start time, lease length). A thread renews it ever
 only if it is still the holder's version (`If-Match: ETag`). A lease not renewed for its length, judged by the
 server's own clock (its Date header against the object's Last-Modified), belongs to a writer that died: the next run
 takes it over, again with `If-Match`, so two waiting runs cannot both win. The lease is deleted when the run ends.
+A run stalled past its lease (a suspended process, a network partition) finds at its next renewal that another run
+took the lease over: it says so in one line and stops as Ctrl-C would (blocks already flagged done stay; a rerun
+after the other run ends resumes), rather than write beside the new holder.
 """
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import threading
@@ -114,8 +118,9 @@ def lease_lock(store: str, owner: dict, on_wait, log=print):
             try:
                 if not lease.renew():
                     lost.append(True)
-                    log(f"warning: the lock on {store} was taken over by another run while this one was stalled; "
-                        "stop one of them and rerun it")
+                    log(f"error: the lock on {store} was taken over by another run while this one was stalled; "
+                        "this run stops (rerun it after the other ends)")
+                    _thread.interrupt_main()  # KeyboardInterrupt in the main thread: Ctrl-C's clean-up and exit
                     return
             except Exception as error:  # a failed renewal is retried; the lease lasts three renewals
                 log(f"warning: renewing the lock on {store} failed ({error}); retrying")

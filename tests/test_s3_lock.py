@@ -164,3 +164,22 @@ def test_a_store_at_a_url_that_cannot_be_locked_says_so_in_one_line():
         pass
     assert len(lines) == 1 and lines[0].startswith("warning: cannot lock memory://bucket/features.zarr")
     assert "make sure this run is its only writer" in lines[0]
+
+
+def test_a_stalled_writer_whose_lease_was_taken_over_stops(s3_server, s3_bucket, short_lease):
+    """Another run takes the lease while this one is stalled: at its next renewal this run says so in one line and
+    stops as Ctrl-C would (KeyboardInterrupt in the main thread), instead of writing beside the new holder."""
+    from cachetune.cache.lease_lock import Lease
+    from cachetune.cache.writer import store_fs
+
+    url, lines = f"{s3_bucket}/features.zarr", []
+    with storage_options([url], {"endpoint_url": s3_server}):
+        fs, path = store_fs(url)
+        bucket, key, _ = fs.split_path(path + ".lock")
+        rival = Lease(fs, bucket, key, {"pid": 1, "host": "elsewhere", "command": "rival", "started": 0})
+        with pytest.raises(KeyboardInterrupt):
+            with store_lock(url, log=lines.append):
+                assert rival._put()  # the takeover a successor makes once this run's lease looked expired
+                time.sleep(10)  # renewals every 2/3 s: the first one after the takeover stops the run
+        assert len(lines) == 1 and "was taken over by another run while this one was stalled" in lines[0]
+        assert rival.holder()[0]["pid"] == 1  # the new holder's lease is left alone
