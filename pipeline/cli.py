@@ -386,14 +386,15 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
     from cachetune.stages.training.fit import spec_from_store
 
     try:
-        attrs = open_store(cache_path).attrs
+        root = open_store(cache_path)
     except InputError:
         return methods
+    attrs = root.attrs
     runnable, reasons = split_supported(methods, backbone_path or attrs["backbone_path"])
     if reasons:
         log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
              f"({next(iter(reasons.values()))})")
-    spec = spec_from_store(open_store(cache_path), backbone_path)
+    spec = spec_from_store(root, backbone_path)
     lacking = {name: sorted(set(get_method(name).model_class.required_layers(get_method(name).config_class(), spec))
                             - set(spec.cached_layers)) for name in runnable}
     lacking = {name: missing for name, missing in lacking.items() if missing}
