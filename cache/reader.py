@@ -19,6 +19,7 @@ import zarr
 from .encoding import Decoder, Encoding, check_scales, read_projections, scale_array_name
 from .errors import InputError
 from .remote_access import check_reachable
+from .storage_options import url_protocol
 from .hidden_states import CachedHiddenStates
 from .layout import layer_array_name
 from .store_lock import writer_of
@@ -111,7 +112,7 @@ class CacheReader:
         # and gains nothing for shard-at-a-time reads.
         zarr.config.set({"threading.max_workers": 1})
         self.root = open_store(path)
-        self.remote = "://" in path and not path.startswith("file://")  # layers read at once: see read_each
+        self.remote = url_protocol(path) is not None  # layers read at once: see read_each
         if split not in self.root:
             raise InputError(f"the cache at {path} has no {split!r} split; it has: {', '.join(sorted(self.root.group_keys()))}")
         self.group = self.root[split]

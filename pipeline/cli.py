@@ -383,7 +383,7 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
     from cachetune.cache.reader import open_store
     from cachetune.stages.methods import get_method
     from cachetune.stages.methods.support import split_supported
-    from cachetune.stages.training.fit import spec_from_store
+    from cachetune.stages.training.fit import missing_layers, spec_from_store
 
     try:
         root = open_store(cache_path)
@@ -395,8 +395,7 @@ def _runnable_methods(methods: list[str], cache_path: str, backbone_path: str | 
         log(f"note: leaving out {', '.join(reasons)}: they cannot run on this {attrs.get('model_type')} cache "
              f"({next(iter(reasons.values()))})")
     spec = spec_from_store(root, backbone_path)
-    lacking = {name: sorted(set(get_method(name).model_class.required_layers(get_method(name).config_class(), spec))
-                            - set(spec.cached_layers)) for name in runnable}
+    lacking = {name: missing_layers(get_method(name).config_class(), spec)[1] for name in runnable}
     lacking = {name: missing for name, missing in lacking.items() if missing}
     if lacking:
         log(f"note: leaving out {', '.join(lacking)}: the cache lacks layers they need "

@@ -54,10 +54,15 @@ def spec_from_store(root, backbone_path: str | None = None) -> FeatureSpec:
                        cached_layers=tuple(attrs["layers"]), model_type=attrs.get("model_type", ""))
 
 
+def missing_layers(config: MethodConfig, spec: FeatureSpec) -> tuple[list[int], list[int]]:
+    """(the hidden_states indices the method reads, those of them the cache lacks)."""
+    layers = get_method(config.method).model_class.required_layers(config, spec)
+    return layers, [i for i in layers if i not in spec.cached_layers]
+
+
 def required_layers(config: MethodConfig, spec: FeatureSpec, cache_path: str) -> list[int]:
     require_support(config.method, spec.backbone_path)  # before anything is built: one line naming the fix
-    layers = get_method(config.method).model_class.required_layers(config, spec)
-    missing = [i for i in layers if i not in spec.cached_layers]
+    layers, missing = missing_layers(config, spec)
     if missing:
         raise InputError(f"method {config.method!r} needs layers {layers} but the cache at {cache_path} lacks {missing} "
                          f"(it has {list(spec.cached_layers)}); re-extract with --layers for:{config.method} "
