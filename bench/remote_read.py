@@ -11,8 +11,8 @@ So last, for each of --fit-methods, `pipeline fit` (the fastest of 3 epochs) at 
 each, the S3 one with --storage-option endpoint_url=...): training samples/s and their ratio.
 
 What a real network needs: to keep a link busy, the bytes in flight must cover latency x throughput, e.g.
-20 ms x 100 MB/s = 2 MB. The reader's budget (`--buffer-mb`; default min(48 MB, two blocks of the selected layers),
-both buffers) is half served, half read ahead on a background thread while the current half is served; the read
+20 ms x 100 MB/s = 2 MB. The reader's budget (`--buffer-mb`; default min(48 MB, two buffers of two blocks of the
+selected layers)) is half served, half read ahead on a background thread while the current half is served; the read
 ahead sends one request per selected layer (and scale array) of a piece's span, all at once. So the bytes in flight
 are about half the budget: give --buffer-mb >= 2 x latency x throughput (4 MB for 20 ms x 100 MB/s; 20 MB for
 100 ms x 100 MB/s). A smaller budget also cuts a block into pieces smaller than a shard, and each piece then costs
@@ -109,14 +109,18 @@ def fit_rate(cache: str, method: str, options: list[str], work: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, help="copy this store instead of building one (it is not modified)")
-    parser.add_argument("--rows", type=int, default=1500, help="movie rows of the store built without --store")
-    parser.add_argument("--buffer-mb", default="8,24,48,96", help="read-ahead budgets to measure beside the default")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs per budget and place; the fastest counts")
-    parser.add_argument("--latency-ms", default="0,20", help="delays added before each S3 request (0: loopback)")
+    parser.add_argument("--rows", type=int, default=1500,
+                        help="movie rows of the store built without --store [default: 1500]")
+    parser.add_argument("--buffer-mb", default="8,24,48,96",
+                        help="comma list of read-ahead budgets (MB) to measure beside the default [default: 8,24,48,96]")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="epochs per budget and place; the fastest counts [default: 3]")
+    parser.add_argument("--latency-ms", default="0,20",
+                        help="comma list of delays (ms) added before each S3 request (0: loopback) [default: 0,20]")
     parser.add_argument("--fit-methods", default="linear,unipt",
-                        help="methods to train 3 epochs each from local disk and from S3 (comma list; none: skip)")
+                        help="methods to train 3 epochs each from local disk and from S3 (comma list; none: skip) [default: linear,unipt]")
     args = parser.parse_args()
     os.environ.update({**CREDENTIALS, "HF_HUB_OFFLINE": "1"})
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
