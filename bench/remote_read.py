@@ -114,13 +114,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1500,
                         help="movie rows of the store built without --store [default: 1500]")
     parser.add_argument("--buffer-mb", default="8,24,48,96",
-                        help="comma list of read-ahead budgets (MB) to measure beside the default [default: 8,24,48,96]")
+                        help="comma list of read-ahead budgets (MB) measured beside the default [default: 8,24,48,96]")
     parser.add_argument("--repeats", type=int, default=3,
                         help="epochs per budget and place; the fastest counts [default: 3]")
     parser.add_argument("--latency-ms", default="0,20",
                         help="comma list of delays (ms) added before each S3 request (0: loopback) [default: 0,20]")
     parser.add_argument("--fit-methods", default="linear,unipt",
-                        help="methods to train 3 epochs each from local disk and from S3 (comma list; none: skip) [default: linear,unipt]")
+                        help="methods to train 3 epochs each from local disk and from S3 (comma list; none: skip) "
+                             "[default: linear,unipt]")
     args = parser.parse_args()
     os.environ.update({**CREDENTIALS, "HF_HUB_OFFLINE": "1"})
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
